@@ -48,7 +48,8 @@ impl ModelConfig {
 
     /// Reads `config.json` of a Hugging Face checkpoint; only the Mixtral architecture is accepted.
     pub fn from_hf_config_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_hf_config(&json).with_context(|| format!("in {}", path.display()))
@@ -68,7 +69,10 @@ impl ModelConfig {
         let float = |key: &str, default: f64| -> Result<f32> {
             match json.get(key) {
                 None | Some(serde_json::Value::Null) => Ok(default as f32),
-                Some(v) => v.as_f64().map(|v| v as f32).with_context(|| format!("config key {key:?} is not a number")),
+                Some(v) => v
+                    .as_f64()
+                    .map(|v| v as f32)
+                    .with_context(|| format!("config key {key:?} is not a number")),
             }
         };
         let hidden_size = int("hidden_size")?;
@@ -102,7 +106,9 @@ impl ModelConfig {
     pub fn from_gguf(meta: &Metadata) -> Result<ModelConfig> {
         let arch = meta.get_str("general.architecture").unwrap_or("");
         if arch != "llama" {
-            bail!("general.architecture is {arch:?}; only Mixtral in llama.cpp's \"llama\" layout is supported");
+            bail!(
+                "general.architecture is {arch:?}; only Mixtral in llama.cpp's \"llama\" layout is supported"
+            );
         }
         let int = |key: &str| -> Result<usize> {
             meta.get_u64(key)
@@ -146,7 +152,7 @@ impl ModelConfig {
 
     /// The `llama.*` metadata for this config (what `from_gguf` reads back).
     pub fn to_gguf(&self, meta: &mut Metadata) {
-        use crate::format::gguf::MetaValue::{F32, String as S, U32};
+        use crate::format::gguf::MetaValue::{String as S, F32, U32};
         meta.set("general.architecture", S("llama".into()));
         meta.set("llama.vocab_size", U32(self.vocab_size as u32));
         meta.set("llama.context_length", U32(self.context_length as u32));
@@ -193,7 +199,8 @@ impl ModelConfig {
             bail!("{} experts per token but only {} experts", self.n_experts_used, self.n_experts);
         }
         // Guards against hostile files: every size must stay well inside usize arithmetic.
-        let limits = [self.vocab_size, self.hidden_size, self.ffn_size, self.n_layers, self.n_heads, self.head_dim];
+        let limits =
+            [self.vocab_size, self.hidden_size, self.ffn_size, self.n_layers, self.n_heads, self.head_dim];
         if limits.iter().any(|&v| v > 1 << 20) || self.n_experts > 1024 {
             bail!("implausible model size ({self:?})");
         }

@@ -70,10 +70,7 @@ impl LayerTensor {
     }
 
     pub fn is_expert(self) -> bool {
-        matches!(
-            self,
-            LayerTensor::FfnGateExps | LayerTensor::FfnUpExps | LayerTensor::FfnDownExps
-        )
+        matches!(self, LayerTensor::FfnGateExps | LayerTensor::FfnUpExps | LayerTensor::FfnDownExps)
     }
 
     /// Hugging Face name of this tensor (for experts: of expert `expert`).

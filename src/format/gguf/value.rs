@@ -119,11 +119,17 @@ impl MetaValue {
     }
 
     pub fn f32_array(items: impl IntoIterator<Item = f32>) -> MetaValue {
-        MetaValue::Array { elem_type: value_type::F32, values: items.into_iter().map(MetaValue::F32).collect() }
+        MetaValue::Array {
+            elem_type: value_type::F32,
+            values: items.into_iter().map(MetaValue::F32).collect(),
+        }
     }
 
     pub fn i32_array(items: impl IntoIterator<Item = i32>) -> MetaValue {
-        MetaValue::Array { elem_type: value_type::I32, values: items.into_iter().map(MetaValue::I32).collect() }
+        MetaValue::Array {
+            elem_type: value_type::I32,
+            values: items.into_iter().map(MetaValue::I32).collect(),
+        }
     }
 }
 
