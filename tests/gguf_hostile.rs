@@ -135,6 +135,19 @@ fn round_trips_metadata_and_tensors() {
 }
 
 #[test]
+fn version_2_files_are_read() {
+    // v2 has the same layout as v3 (64-bit counts); only the version field differs.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut bytes) = valid_file(dir.path());
+    bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let path = dir.path().join("v2.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.version, 2);
+    assert_eq!(f.tensors.len(), tensors().len());
+}
+
+#[test]
 fn custom_alignment_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.gguf");

@@ -144,7 +144,7 @@ struct Header {
 fn parse(bytes: &[u8]) -> Result<Header> {
     let mut r = Cursor { bytes, pos: 0 };
     let magic = r.take(4, "magic").context("not a GGUF file")?;
-    ensure!(magic == MAGIC, "not a GGUF file (magic {:02x?}, expected \"GGUF\")", magic);
+    ensure!(magic == MAGIC, "not a GGUF file (starts with \"{}\", not \"GGUF\")", magic.escape_ascii());
     let version = r.u32("version")?;
     if !(1..=3).contains(&version) && (1..=3).contains(&version.swap_bytes()) {
         bail!("big-endian GGUF (version {}) is not supported", version.swap_bytes());
