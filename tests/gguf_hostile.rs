@@ -93,7 +93,7 @@ fn valid_file(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
 fn open_err(dir: &Path, bytes: &[u8]) -> String {
     let path = dir.join("hostile.gguf");
     std::fs::write(&path, bytes).unwrap();
-    let err = format!("{:#}", GgufFile::open(&path).err().expect("hostile file was accepted"));
+    let err = format!("{:#}", GgufFile::open(&path).expect_err("hostile file was accepted"));
     assert!(err.contains("hostile.gguf"), "error does not name the file: {err}");
     assert!(!err.contains('\n'), "error is not one line: {err}");
     err
@@ -156,7 +156,7 @@ fn custom_alignment_is_honoured() {
     write(&path, meta);
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.alignment, 64);
-    assert!(f.data_offset % 64 == 0 && f.tensors.iter().all(|t| t.offset % 64 == 0));
+    assert!(f.data_offset.is_multiple_of(64) && f.tensors.iter().all(|t| t.offset.is_multiple_of(64)));
 
     let mut bad = Metadata::new();
     bad.set("general.alignment", MetaValue::U32(48));

@@ -353,7 +353,7 @@ fn type_histogram(tensors: &[TensorInfo]) -> Vec<TypeRow> {
         .into_iter()
         .map(|(ty, (tensors, parameters, bytes))| TypeRow { ty: ty.to_string(), tensors, parameters, bytes })
         .collect();
-    rows.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.bytes));
     rows
 }
 
