@@ -7,7 +7,8 @@ use std::path::Path;
 use mixtral_q::format::gguf::{value_type, GgufFile, GgufFileWriter, GgufLayout, MetaValue, Metadata};
 use mixtral_q::format::GgmlType;
 
-fn every_value_type() -> Metadata {
+/// Metadata of every value type, with string/f32/i32 arrays of `n_tokens` entries.
+fn every_value_type(n_tokens: i32) -> Metadata {
     let mut m = Metadata::new();
     m.set("general.architecture", MetaValue::String("llama".into()));
     m.set("t.u8", MetaValue::U8(200));
@@ -23,9 +24,9 @@ fn every_value_type() -> Metadata {
     m.set("t.bool", MetaValue::Bool(true));
     m.set("t.string", MetaValue::String("héllo ▁wörld\n".into()));
     m.set("t.empty_string", MetaValue::String(String::new()));
-    m.set("tokenizer.ggml.tokens", MetaValue::string_array((0..32000).map(|i| format!("tok{i}▁"))));
-    m.set("tokenizer.ggml.scores", MetaValue::f32_array((0..32000).map(|i| -(i as f32))));
-    m.set("tokenizer.ggml.token_type", MetaValue::i32_array((0..32000).map(|i| i % 6)));
+    m.set("tokenizer.ggml.tokens", MetaValue::string_array((0..n_tokens).map(|i| format!("tok{i}▁"))));
+    m.set("tokenizer.ggml.scores", MetaValue::f32_array((0..n_tokens).map(|i| -(i as f32))));
+    m.set("tokenizer.ggml.token_type", MetaValue::i32_array((0..n_tokens).map(|i| i % 6)));
     m.set("t.bools", MetaValue::Array { elem_type: value_type::BOOL, values: vec![MetaValue::Bool(false)] });
     m.set("t.empty_array", MetaValue::Array { elem_type: value_type::U64, values: vec![] });
     let inner = |n: u32| MetaValue::Array {
@@ -85,7 +86,7 @@ fn write(path: &Path, metadata: Metadata) -> Vec<Vec<u8>> {
 
 fn valid_file(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let path = dir.join("valid.gguf");
-    write(&path, every_value_type());
+    write(&path, every_value_type(32000));
     let bytes = std::fs::read(&path).unwrap();
     (path, bytes)
 }
@@ -107,7 +108,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> usize {
 fn round_trips_metadata_and_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rt.gguf");
-    let meta = every_value_type();
+    let meta = every_value_type(32000);
     let datas = write(&path, meta.clone());
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.version, 3);
@@ -209,14 +210,18 @@ fn writer_on_a_read_only_handle_errors() {
 #[test]
 fn truncated_files_error_at_every_offset() {
     let dir = tempfile::tempdir().unwrap();
-    let (valid, bytes) = valid_file(dir.path());
+    // Short arrays, so that every byte offset of the header can be tried in a second.
+    let valid = dir.path().join("small.gguf");
+    write(&valid, every_value_type(50));
+    let bytes = std::fs::read(&valid).unwrap();
     let f = GgufFile::open(&valid).unwrap();
     // Only the padding after the last tensor may be cut without losing data.
     let data_end = f.tensors.iter().map(|t| f.data_offset + t.offset + t.n_bytes()).max().unwrap() as usize;
     assert!(data_end > bytes.len() - 32);
     let path = dir.path().join("hostile.gguf");
-    // Every offset in the first 4 KiB, then a stride through the big arrays and the tensor data.
-    let cuts = (0..4096).chain((4096..data_end).step_by(2003)).chain([data_end - 1]);
+    // Every offset up to the data section, then a stride through the tensor data.
+    let data_start = f.data_offset as usize;
+    let cuts = (0..data_start).chain((data_start..data_end).step_by(7)).chain([data_end - 1]);
     for cut in cuts {
         std::fs::write(&path, &bytes[..cut]).unwrap();
         let err = GgufFile::open(&path).err().unwrap_or_else(|| panic!("truncation at {cut} was accepted"));
