@@ -20,7 +20,7 @@
 
 use half::f16;
 
-use super::search::{fit_affine, nearest_int, through_f16, Grid};
+use super::search::{fit_affine, lane_sum, nearest_int, round_small, through_f16, Grid};
 use super::QK_K;
 
 /// Sub-block `j`'s (scale, min) from the 12 packed bytes of a Q4_K or Q5_K block.
@@ -73,63 +73,64 @@ struct Encoding {
     err: [f32; 8],
 }
 
-impl Encoding {
-    fn total_err(&self) -> f32 {
-        self.err.iter().sum()
-    }
-}
-
 /// Rounds sub-block `x` to levels for scale `d·sc` and min `dmin·m` (as the decoder forms them);
 /// returns the squared error of the reconstruction.
-fn requantize(x: &[f32], d: f32, dmin: f32, sc: u8, m: u8, nmax: i32, q: &mut [u8]) -> f32 {
+fn requantize(x: &[f32; 32], d: f32, dmin: f32, sc: u8, m: u8, nmax: i32, q: &mut [u8; 32]) -> f32 {
     let ds = d * sc as f32;
     let dm = dmin * m as f32;
-    let mut err = 0.0;
     if ds == 0.0 {
         q.fill(0);
-        for &v in x {
-            err += (v + dm) * (v + dm);
-        }
-        return err;
+        return lane_sum::<32>(|i| (x[i] + dm) * (x[i] + dm));
     }
-    for (qi, &v) in q.iter_mut().zip(x) {
-        let l = nearest_int((v + dm) / ds).clamp(0, nmax);
+    let mut l = [0f32; 32];
+    for (l, &v) in l.iter_mut().zip(x) {
+        *l = round_small(((v + dm) / ds).clamp(0.0, nmax as f32));
+    }
+    for (qi, &l) in q.iter_mut().zip(&l) {
         *qi = l as u8;
-        let diff = ds * l as f32 - dm - v;
-        err += diff * diff;
     }
-    err
+    lane_sum::<32>(|i| {
+        let diff = ds * l[i] - dm - x[i];
+        diff * diff
+    })
+}
+
+fn sub_blocks(x: &[f32; QK_K]) -> &[[f32; 32]] {
+    x.as_chunks::<32>().0
+}
+
+fn sub_levels(q: &mut [u8; QK_K]) -> &mut [[u8; 32]] {
+    q.as_chunks_mut::<32>().0
 }
 
 impl Encoding {
     fn new(x: &[f32; QK_K], d: f32, dmin: f32, sc: [u8; 8], m: [u8; 8], nmax: i32) -> Encoding {
         let mut e = Encoding { d, dmin, sc, m, q: [0; QK_K], err: [0.0; 8] };
-        for j in 0..8 {
-            let r = 32 * j..32 * j + 32;
-            e.err[j] = requantize(&x[r.clone()], d, dmin, sc[j], m[j], nmax, &mut e.q[r]);
+        for (j, (xs, q)) in sub_blocks(x).iter().zip(sub_levels(&mut e.q)).enumerate() {
+            e.err[j] = requantize(xs, d, dmin, sc[j], m[j], nmax, q);
         }
         e
+    }
+
+    fn total_err(&self) -> f32 {
+        self.err.iter().sum()
     }
 
     /// Least-squares (d, dmin) for the current integer scales, mins and levels, rounded through f16.
     fn refit_super_scales(&self, x: &[f32; QK_K]) -> (f32, f32) {
         // Minimize Σ (d·a − dmin·b − x)² with a = sc·q, b = m.
         let (mut saa, mut sab, mut sbb, mut sax, mut sbx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
-        for j in 0..8 {
-            let b = self.m[j] as f64;
-            let (mut sa, mut sa2, mut sx, mut sxa) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-            for i in 32 * j..32 * j + 32 {
-                let a = (self.sc[j] as u32 * self.q[i] as u32) as f64;
-                let xi = x[i] as f64;
-                sa += a;
-                sa2 += a * a;
-                sx += xi;
-                sxa += xi * a;
-            }
-            saa += sa2;
-            sab += sa * b;
+        for (j, xs) in sub_blocks(x).iter().enumerate() {
+            let q = &self.q[32 * j..32 * j + 32];
+            let (sc, b) = (self.sc[j] as f64, self.m[j] as f64);
+            let sq = lane_sum::<32>(|i| q[i] as f32) as f64;
+            let sq2 = lane_sum::<32>(|i| q[i] as f32 * q[i] as f32) as f64;
+            let sx = lane_sum::<32>(|i| xs[i]) as f64;
+            let sxq = lane_sum::<32>(|i| xs[i] * q[i] as f32) as f64;
+            saa += sc * sc * sq2;
+            sab += sc * sq * b;
             sbb += 32.0 * b * b;
-            sax += sxa;
+            sax += sc * sxq;
             sbx += sx * b;
         }
         let det = saa * sbb - sab * sab;
@@ -147,21 +148,19 @@ impl Encoding {
     /// For each sub-block, the best of the (sc, m) pairs within ±1 of the current ones.
     fn repick_sub_scales(&mut self, x: &[f32; QK_K], nmax: i32) {
         let mut trial = [0u8; 32];
-        for j in 0..8 {
-            let r = 32 * j..32 * j + 32;
+        for (j, (xs, q)) in sub_blocks(x).iter().zip(sub_levels(&mut self.q)).enumerate() {
             let (sc0, m0) = (self.sc[j] as i32, self.m[j] as i32);
             for sc in (sc0 - 1).max(0)..=(sc0 + 1).min(63) {
                 for m in (m0 - 1).max(0)..=(m0 + 1).min(63) {
                     if (sc, m) == (sc0, m0) {
                         continue;
                     }
-                    let err =
-                        requantize(&x[r.clone()], self.d, self.dmin, sc as u8, m as u8, nmax, &mut trial);
+                    let err = requantize(xs, self.d, self.dmin, sc as u8, m as u8, nmax, &mut trial);
                     if err < self.err[j] {
                         self.err[j] = err;
                         self.sc[j] = sc as u8;
                         self.m[j] = m as u8;
-                        self.q[r.clone()].copy_from_slice(&trial);
+                        *q = trial;
                     }
                 }
             }
@@ -171,13 +170,23 @@ impl Encoding {
 
 /// Quantizes one super-block with levels in 0..=nmax, searching sub-block scales on `grid`.
 pub(super) fn quantize_with_mins(x: &[f32; QK_K], nmax: i32, grid: Grid) -> MinsQuant {
+    let best = refine(x, reference_encoding(x, nmax, grid), nmax);
+    MinsQuant {
+        d: f16::from_f32(best.d),
+        dmin: f16::from_f32(best.dmin),
+        scales: pack_scales_mins(&best.sc, &best.m),
+        q: best.q,
+    }
+}
+
+/// llama.cpp's reference choice (`quantize_row_q4_K_ref`).
+fn reference_encoding(x: &[f32; QK_K], nmax: i32, grid: Grid) -> Encoding {
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
     let mut weights = [0f32; 32];
     let mut levels = [0u8; 32];
-    for j in 0..8 {
-        let xs = &x[32 * j..32 * j + 32];
-        let av_x = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
+    for (j, xs) in sub_blocks(x).iter().enumerate() {
+        let av_x = (lane_sum::<32>(|i| xs[i] * xs[i]) / 32.0).sqrt();
         for (w, v) in weights.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
@@ -191,8 +200,13 @@ pub(super) fn quantize_with_mins(x: &[f32; QK_K], nmax: i32, grid: Grid) -> Mins
     let m = mins.map(|v| nearest_int(inv_min * v).clamp(0, 63) as u8);
     let d = through_f16(max_scale / 63.0);
     let dmin = through_f16(max_min / 63.0);
+    Encoding::new(x, d, dmin, sc, m, nmax)
+}
 
-    let mut best = Encoding::new(x, d, dmin, sc, m, nmax);
+/// Alternates the least-squares (d, dmin) and the per-sub-block (sc, m) re-pick while the squared
+/// error drops (three rounds at most: later rounds gain under 0.1%).
+fn refine(x: &[f32; QK_K], start: Encoding, nmax: i32) -> Encoding {
+    let mut best = start;
     let mut best_err = best.total_err();
     let mut cur = best.clone();
     for _ in 0..3 {
@@ -209,12 +223,7 @@ pub(super) fn quantize_with_mins(x: &[f32; QK_K], nmax: i32, grid: Grid) -> Mins
         best_err = err;
         best = cur.clone();
     }
-    MinsQuant {
-        d: f16::from_f32(best.d),
-        dmin: f16::from_f32(best.dmin),
-        scales: pack_scales_mins(&best.sc, &best.m),
-        q: best.q,
-    }
+    best
 }
 
 #[cfg(test)]

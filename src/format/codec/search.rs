@@ -7,9 +7,12 @@
 
 use half::f16;
 
-/// ggml's `nearest_int`: round half to even (float-to-int casts saturate, so NaN gives 0, not a panic).
+/// ggml's `nearest_int`: round half to even, by adding 1.5·2²³ so the FPU rounds into the low
+/// mantissa bits (a libm `rint` call per value would dominate the searches). Inputs are clamped to
+/// the trick's range first, so any float (NaN included) gives some integer and never a panic.
 pub(super) fn nearest_int(x: f32) -> i32 {
-    x.round_ties_even() as i32
+    let v = x.clamp(-4_194_303.0, 4_194_303.0) + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 /// `x` as it reads back after being stored as f16.
@@ -25,22 +28,41 @@ pub(super) struct Grid {
     pub nstep: i32,
 }
 
+/// `v` rounded half to even, for `|v| < 2²²` (the same trick as `nearest_int`, staying in floats
+/// so the loops vectorize).
+#[inline(always)]
+pub(super) fn round_small(v: f32) -> f32 {
+    (v + 12_582_912.0) - 12_582_912.0
+}
+
+/// Sum of `f(i)` over `0..N`, accumulated in 8 interleaved lanes so the loop vectorizes (the
+/// order differs from a sequential sum only in rounding).
+#[inline(always)]
+pub(super) fn lane_sum<const N: usize>(mut f: impl FnMut(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    for c in 0..N / 8 {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += f(8 * c + k);
+        }
+    }
+    acc.iter().sum()
+}
+
 /// Fits `x ≈ scale·q − min` with integer `q` in 0..=nmax and `min ≥ 0`, minimizing the
 /// `w`-weighted squared error over a grid of inverse scales, each refined by weighted least squares
-/// (llama.cpp's `make_qkx2_quants`, same steps in the same order). Writes the levels to `q` and
-/// returns `(scale, min)`.
-pub(super) fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: Grid, q: &mut [u8]) -> (f32, f32) {
-    let n = x.len();
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = w[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        min = min.min(x[i]);
-        max = max.max(x[i]);
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
-    }
+/// (llama.cpp's `make_qkx2_quants`: the same steps, with sums accumulated in lanes). Writes the
+/// levels to `q` and returns `(scale, min)`.
+pub(super) fn fit_affine<const N: usize>(
+    x: &[f32; N],
+    w: &[f32; N],
+    nmax: i32,
+    grid: Grid,
+    q: &mut [u8; N],
+) -> (f32, f32) {
+    let mut min = x.iter().fold(x[0], |a, &v| a.min(v));
+    let max = x.iter().fold(x[0], |a, &v| a.max(v));
+    let sum_w = lane_sum::<N>(|i| w[i]);
+    let sum_x = lane_sum::<N>(|i| w[i] * x[i]);
     if min > 0.0 {
         min = 0.0;
     }
@@ -49,28 +71,29 @@ pub(super) fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: Grid, q: &mut [u
         return (0.0, -min);
     }
     let nmaxf = nmax as f32;
+    let round_levels = |iscale: f32, min: f32, q: &mut [f32; N]| {
+        for (l, &v) in q.iter_mut().zip(x) {
+            *l = round_small((iscale * (v - min)).clamp(0.0, nmaxf));
+        }
+    };
+    let error = |scale: f32, min: f32, l: &[f32; N]| {
+        lane_sum::<N>(|i| {
+            let diff = scale * l[i] + min - x[i];
+            w[i] * diff * diff
+        })
+    };
+    let mut levels = [0f32; N];
     let mut iscale = nmaxf / (max - min);
     let mut scale = 1.0 / iscale;
-    let mut best_error = 0.0;
-    for i in 0..n {
-        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        q[i] = l as u8;
-        let diff = scale * l as f32 + min - x[i];
-        best_error += w[i] * diff * diff;
-    }
-    let mut trial = [0u8; 32];
-    let trial = &mut trial[..n];
+    round_levels(iscale, min, &mut levels);
+    let mut best_error = error(scale, min, &levels);
+    let mut trial = [0f32; N];
     for step in 0..=grid.nstep {
         iscale = (grid.rmin + grid.rdelta * step as f32 + nmaxf) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
-        for i in 0..n {
-            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            trial[i] = l as u8;
-            let l = l as f32;
-            sum_l += w[i] * l;
-            sum_l2 += w[i] * l * l;
-            sum_xl += w[i] * l * x[i];
-        }
+        round_levels(iscale, min, &mut trial);
+        let sum_l = lane_sum::<N>(|i| w[i] * trial[i]);
+        let sum_l2 = lane_sum::<N>(|i| w[i] * trial[i] * trial[i]);
+        let sum_xl = lane_sum::<N>(|i| w[i] * trial[i] * x[i]);
         let det = sum_w * sum_l2 - sum_l * sum_l;
         if det > 0.0 {
             let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
@@ -79,18 +102,17 @@ pub(super) fn fit_affine(x: &[f32], w: &[f32], nmax: i32, grid: Grid, q: &mut [u
                 this_min = 0.0;
                 this_scale = sum_xl / sum_l2;
             }
-            let mut error = 0.0;
-            for i in 0..n {
-                let diff = this_scale * trial[i] as f32 + this_min - x[i];
-                error += w[i] * diff * diff;
-            }
-            if error < best_error {
-                q.copy_from_slice(trial);
-                best_error = error;
+            let err = error(this_scale, this_min, &trial);
+            if err < best_error {
+                levels = trial;
+                best_error = err;
                 scale = this_scale;
                 min = this_min;
             }
         }
+    }
+    for (qi, &l) in q.iter_mut().zip(&levels) {
+        *qi = l as u8;
     }
     (scale, -min)
 }
@@ -271,4 +293,20 @@ fn lsq_affine(x: &[f32], q: &[u8]) -> Option<(f32, f32)> {
     }
     let det = n * sq2 - sq * sq;
     (det > 0.0).then(|| (((n * sxq - sx * sq) / det) as f32, ((sq2 * sx - sq * sxq) / det) as f32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_int_rounds_half_to_even_and_saturates() {
+        for (x, n) in [(0.5, 0), (1.5, 2), (2.5, 2), (-0.5, 0), (-1.5, -2), (3.49, 3), (-7.51, -8), (0.0, 0)]
+        {
+            assert_eq!(nearest_int(x), n, "{x}");
+        }
+        assert_eq!(nearest_int(1e30), 4_194_303);
+        assert_eq!(nearest_int(-1e30), -4_194_303);
+        let _ = nearest_int(f32::NAN);
+    }
 }

@@ -148,9 +148,9 @@ fn reference_mins_kquant(x: &[f32], nmax: i32, grid: Grid) -> Vec<f32> {
         let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
         let mut levels = [0u8; 32];
         for j in 0..8 {
-            let xs = &xb[32 * j..32 * j + 32];
+            let xs: &[f32; 32] = xb[32 * j..32 * j + 32].try_into().unwrap();
             let av_x = (xs.iter().map(|v| v * v).sum::<f32>() / 32.0).sqrt();
-            let w: Vec<f32> = xs.iter().map(|v| av_x + v.abs()).collect();
+            let w = xs.map(|v| av_x + v.abs());
             (scales[j], mins[j]) = fit_affine(xs, &w, nmax, grid, &mut levels);
         }
         let max_scale = scales.iter().fold(0f32, |a, &s| a.max(s));
