@@ -1,1 +1,3 @@
 //! The CPU backend (in progress).
+
+pub mod dot;
