@@ -1,1 +1,325 @@
-//! The CPU backend (in progress).
+//! The CPU backend: the reference forward pass that every other backend is checked against.
+//!
+//! Per layer: `h = x + Attn(RMSNorm(x))`, `out = h + MoE(RMSNorm(h))`; then a final RMSNorm and the
+//! output head. All tokens of one `forward` call go through each layer together, so every weight
+//! matrix is read once per call; parallelism is inside the matrix products and across attention heads.
+
+mod attention;
+mod kv_cache;
+mod moe;
+mod norm;
+mod rope;
+
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+use self::kv_cache::KvCache;
+use self::rope::Rope;
+use super::Engine;
+use crate::format::GgmlType;
+use crate::model::weights::{LayerWeights, Matrix, Model, ModelWeights};
+use crate::model::ModelConfig;
+
+/// The experts the router chose in one forward call: `[layer][token]` → expert ids, highest weight first.
+pub type RouterTrace = Vec<Vec<Vec<usize>>>;
+
+pub struct CpuEngine<'a> {
+    weights: ModelWeights<'a>,
+    cfg: ModelConfig,
+    cache: KvCache,
+    rope: Rope,
+    /// `Some` while tracing: one entry per forward call.
+    router_trace: Option<Vec<RouterTrace>>,
+}
+
+impl<'a> CpuEngine<'a> {
+    /// An engine over `model` with a KV cache of `ctx` tokens.
+    pub fn new(model: &'a Model, ctx: usize) -> Result<CpuEngine<'a>> {
+        Self::from_weights(model.weights()?, model.config.clone(), ctx)
+    }
+
+    pub fn from_weights(weights: ModelWeights<'a>, cfg: ModelConfig, ctx: usize) -> Result<CpuEngine<'a>> {
+        ensure!(ctx > 0, "the context size must be at least 1 token");
+        ensure!(
+            ctx <= cfg.context_length,
+            "context size {ctx} exceeds the model's context length {}",
+            cfg.context_length
+        );
+        Ok(CpuEngine {
+            cache: KvCache::new(cfg.n_layers, cfg.kv_dim(), ctx),
+            rope: Rope::new(cfg.head_dim, cfg.rope_theta),
+            weights,
+            cfg,
+            router_trace: None,
+        })
+    }
+
+    /// Records the router's choices of the following forward calls (for tests and `/stats`).
+    pub fn set_router_trace(&mut self, on: bool) {
+        self.router_trace = on.then(Vec::new);
+    }
+
+    /// The choices recorded since tracing was turned on or last taken, one entry per forward call.
+    pub fn take_router_trace(&mut self) -> Vec<RouterTrace> {
+        self.router_trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn run(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let (n, hidden, start) = (tokens.len(), cfg.hidden_size, self.cache.len());
+        let mut x = vec![0.0; n * hidden];
+        for (&tok, row) in tokens.iter().zip(x.chunks_exact_mut(hidden)) {
+            self.weights.token_embd.dequantize_row(tok as usize, row)?;
+        }
+        let mut trace = Vec::with_capacity(cfg.n_layers);
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let attn = attention_block(cfg, layer, &self.rope, &mut self.cache, l, &x, start)?;
+            add(&mut x, &attn);
+            let xn = norm::rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_norm_eps);
+            let routes = moe::route_tokens(layer, &xn, cfg.n_experts_used)?;
+            add(&mut x, &moe::mix_experts(&layer.experts, &xn, &routes)?);
+            trace.push(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()).collect());
+        }
+        self.cache.commit(n);
+        if let Some(traces) = &mut self.router_trace {
+            traces.push(trace);
+        }
+        let rows = if all_logits { &x[..] } else { &x[(n - 1) * hidden..] };
+        let xn = norm::rms_norm_rows(rows, &self.weights.output_norm, cfg.rms_norm_eps);
+        let mut logits = vec![0.0; rows.len() / hidden * cfg.vocab_size];
+        matmul(&self.weights.output, &xn, &mut logits)?;
+        Ok(logits)
+    }
+}
+
+impl Engine for CpuEngine<'_> {
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        ensure!(!tokens.is_empty(), "no tokens to process");
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary of {} tokens", self.cfg.vocab_size);
+        }
+        let start = self.cache.len();
+        ensure!(
+            start + tokens.len() <= self.cache.capacity(),
+            "{} new tokens after {start} do not fit in the context of {} tokens",
+            tokens.len(),
+            self.cache.capacity()
+        );
+        let result = self.run(tokens, all_logits);
+        if result.is_err() {
+            self.cache.truncate(start);
+        }
+        result
+    }
+
+    fn position(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn context_size(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    fn truncate(&mut self, n: usize) {
+        self.cache.truncate(n);
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+}
+
+/// `Attn(RMSNorm(x))` for the new tokens `x` (`[n, hidden]`) at positions `start ..`; appends their
+/// keys and values to the cache of layer `l`.
+fn attention_block(
+    cfg: &ModelConfig,
+    layer: &LayerWeights,
+    rope: &Rope,
+    cache: &mut KvCache,
+    l: usize,
+    x: &[f32],
+    start: usize,
+) -> Result<Vec<f32>> {
+    let n = x.len() / cfg.hidden_size;
+    let xn = norm::rms_norm_rows(x, &layer.attn_norm, cfg.rms_norm_eps);
+    let mut q = vec![0.0; n * cfg.q_dim()];
+    let mut k = vec![0.0; n * cfg.kv_dim()];
+    let mut v = vec![0.0; n * cfg.kv_dim()];
+    matmul(&layer.attn_q, &xn, &mut q)?;
+    matmul(&layer.attn_k, &xn, &mut k)?;
+    matmul(&layer.attn_v, &xn, &mut v)?;
+    for (t, (qt, kt)) in q.chunks_exact_mut(cfg.q_dim()).zip(k.chunks_exact_mut(cfg.kv_dim())).enumerate() {
+        rope.apply(qt, start + t);
+        rope.apply(kt, start + t);
+    }
+    cache.append(l, &k, &v);
+    let mut att = vec![0.0; n * cfg.q_dim()];
+    attention::causal_attention(cfg, &q, cache.keys(l), cache.values(l), start, &mut att);
+    let mut out = vec![0.0; n * cfg.hidden_size];
+    matmul(&layer.attn_output, &att, &mut out)?;
+    Ok(out)
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `out[t, r] = Σ_c w[r, c] · xs[t, c]` for every row `t` of `xs` (`[n, w.cols]` → `[n, w.rows]`).
+/// The one place the engine multiplies by a weight matrix.
+fn matmul(w: &Matrix, xs: &[f32], out: &mut [f32]) -> Result<()> {
+    // Interim f32-only product until the quantized kernels in `dot` land.
+    ensure!(w.ty == GgmlType::F32, "weight type {} is not supported yet", w.ty);
+    let wf: &[f32] =
+        bytemuck::try_cast_slice(w.data).map_err(|e| anyhow::anyhow!("misaligned f32 weights: {e}"))?;
+    for (x, o) in xs.chunks_exact(w.cols).zip(out.chunks_exact_mut(w.rows)) {
+        o.par_iter_mut().zip(wf.par_chunks_exact(w.cols)).for_each(|(o, row)| {
+            *o = row.iter().zip(x).map(|(a, b)| a * b).sum();
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weights::ExpertWeights;
+
+    fn tiny_config() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 64,
+            hidden_size: 32,
+            ffn_size: 48,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            n_experts: 4,
+            n_experts_used: 2,
+            context_length: 32,
+            rope_theta: 1e4,
+            rms_norm_eps: 1e-5,
+        }
+    }
+
+    /// Random f32 matrices in a fixed order, scaled so that activations stay around 1.
+    fn random_store(cfg: &ModelConfig) -> Vec<Vec<u8>> {
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        let mut matrix = |rows: usize, cols: usize| -> Vec<u8> {
+            let scale = 2.0 / (cols as f32).sqrt();
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                })
+                .collect();
+            bytemuck::cast_slice(&values).to_vec()
+        };
+        let (h, f) = (cfg.hidden_size, cfg.ffn_size);
+        let mut store = vec![matrix(cfg.vocab_size, h), matrix(cfg.vocab_size, h)];
+        for _ in 0..cfg.n_layers {
+            store.extend([matrix(cfg.q_dim(), h), matrix(cfg.kv_dim(), h), matrix(cfg.kv_dim(), h)]);
+            store.extend([matrix(h, cfg.q_dim()), matrix(cfg.n_experts, h)]);
+            for _ in 0..cfg.n_experts {
+                store.extend([matrix(f, h), matrix(f, h), matrix(h, f)]);
+            }
+        }
+        store
+    }
+
+    fn weights<'a>(cfg: &ModelConfig, store: &'a [Vec<u8>]) -> ModelWeights<'a> {
+        let mut next = store.iter();
+        let mut m = |rows, cols| Matrix::new(GgmlType::F32, rows, cols, next.next().unwrap()).unwrap();
+        let (h, f) = (cfg.hidden_size, cfg.ffn_size);
+        let norm: Vec<f32> = (0..h).map(|i| 1.0 + 0.01 * i as f32).collect();
+        let token_embd = m(cfg.vocab_size, h);
+        let output = m(cfg.vocab_size, h);
+        let layers = (0..cfg.n_layers)
+            .map(|_| LayerWeights {
+                attn_norm: norm.clone(),
+                attn_q: m(cfg.q_dim(), h),
+                attn_k: m(cfg.kv_dim(), h),
+                attn_v: m(cfg.kv_dim(), h),
+                attn_output: m(h, cfg.q_dim()),
+                ffn_norm: norm.clone(),
+                router: m(cfg.n_experts, h),
+                experts: (0..cfg.n_experts)
+                    .map(|_| ExpertWeights { gate: m(f, h), up: m(f, h), down: m(h, f) })
+                    .collect(),
+            })
+            .collect();
+        ModelWeights { token_embd, layers, output_norm: norm, output }
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    const TOKENS: [u32; 9] = [1, 17, 5, 63, 0, 42, 42, 8, 30];
+
+    #[test]
+    fn decoding_with_the_cache_equals_processing_the_whole_sequence() {
+        let cfg = tiny_config();
+        let store = random_store(&cfg);
+        let mut batch = CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 16).unwrap();
+        let all = batch.forward(&TOKENS, true).unwrap();
+        assert_eq!(all.len(), TOKENS.len() * cfg.vocab_size);
+        assert_eq!(batch.position(), TOKENS.len());
+
+        let mut step = CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 16).unwrap();
+        let first = step.forward(&TOKENS[..4], false).unwrap();
+        assert!(max_abs_diff(&first, &all[3 * cfg.vocab_size..4 * cfg.vocab_size]) < 1e-5);
+        for (i, &t) in TOKENS.iter().enumerate().skip(4) {
+            let logits = step.forward(&[t], false).unwrap();
+            let want = &all[i * cfg.vocab_size..(i + 1) * cfg.vocab_size];
+            assert!(max_abs_diff(&logits, want) < 1e-5, "token {i}: {}", max_abs_diff(&logits, want));
+        }
+        // The logits are not trivially equal: positions differ.
+        assert!(max_abs_diff(&all[..cfg.vocab_size], &all[cfg.vocab_size..2 * cfg.vocab_size]) > 1e-2);
+    }
+
+    #[test]
+    fn bad_input_is_rejected_and_leaves_the_cache_unchanged() {
+        let cfg = tiny_config();
+        let store = random_store(&cfg);
+        let mut engine = CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 11).unwrap();
+        let before = engine.forward(&TOKENS[..3], false).unwrap();
+        let err = engine.forward(&[5, 64], false).unwrap_err().to_string();
+        assert!(err.contains("64"), "{err}");
+        assert_eq!(engine.position(), 3);
+        let err = engine.forward(&TOKENS, false).unwrap_err().to_string();
+        assert!(err.contains("context"), "{err}");
+        assert_eq!(engine.position(), 3);
+        assert!(engine.forward(&[], false).is_err());
+        // Truncating and replaying the last token reproduces the same logits.
+        engine.truncate(2);
+        assert_eq!(engine.position(), 2);
+        let again = engine.forward(&TOKENS[2..3], false).unwrap();
+        assert!(max_abs_diff(&before, &again) < 1e-5);
+        assert!(CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 33).is_err());
+    }
+
+    #[test]
+    fn router_trace_records_top_k_per_layer_and_token() {
+        let cfg = tiny_config();
+        let store = random_store(&cfg);
+        let mut engine = CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 16).unwrap();
+        engine.forward(&TOKENS[..2], false).unwrap();
+        assert!(engine.take_router_trace().is_empty());
+        engine.set_router_trace(true);
+        engine.forward(&TOKENS[2..5], false).unwrap();
+        engine.forward(&TOKENS[5..6], false).unwrap();
+        let trace = engine.take_router_trace();
+        assert_eq!(trace.len(), 2);
+        assert_eq!((trace[0].len(), trace[0][0].len(), trace[1][1].len()), (2, 3, 1));
+        for experts in trace.iter().flatten().flatten() {
+            assert_eq!(experts.len(), 2);
+            assert!(experts[0] != experts[1] && experts.iter().all(|&e| e < cfg.n_experts));
+        }
+        assert!(engine.take_router_trace().is_empty());
+    }
+}
