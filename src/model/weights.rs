@@ -1,7 +1,7 @@
 //! Weight handles into a memory-mapped GGUF: every big matrix is a typed view of the file's bytes
 //! (zero copy); only the small norm vectors are dequantized to f32 at load.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -109,6 +109,10 @@ impl<'a> ModelWeights<'a> {
     /// Finds every tensor of `cfg` in `file` and checks its shape and type. Experts are read from the
     /// merged `blk.N.ffn_*_exps` tensors, or from the older one-tensor-per-expert layout.
     pub fn from_gguf(file: &'a GgufFile, cfg: &ModelConfig) -> Result<ModelWeights<'a>> {
+        Self::find_all(file, cfg).with_context(|| format!("in {}", file.path.display()))
+    }
+
+    fn find_all(file: &'a GgufFile, cfg: &ModelConfig) -> Result<ModelWeights<'a>> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let layers = (0..cfg.n_layers)
             .map(|l| {
@@ -145,7 +149,6 @@ impl<'a> ModelWeights<'a> {
 
 /// A GGUF file opened for inference: the mapping and the hyperparameters read from its metadata.
 pub struct Model {
-    pub path: PathBuf,
     pub file: GgufFile,
     pub config: ModelConfig,
 }
@@ -156,7 +159,7 @@ impl Model {
         let file = GgufFile::open(path)?;
         let config =
             ModelConfig::from_gguf(&file.metadata).with_context(|| format!("in {}", path.display()))?;
-        let model = Model { path: path.to_path_buf(), file, config };
+        let model = Model { file, config };
         model.weights()?;
         Ok(model)
     }
@@ -164,7 +167,6 @@ impl Model {
     /// Weight handles into the mapping (cheap: only the norm vectors are decoded).
     pub fn weights(&self) -> Result<ModelWeights<'_>> {
         ModelWeights::from_gguf(&self.file, &self.config)
-            .with_context(|| format!("in {}", self.path.display()))
     }
 }
 
