@@ -230,9 +230,165 @@ fn experts<'f>(
         .collect()
 }
 
+/// A tiny random model written as a real GGUF file, for the unit tests of the model and the engines.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    use anyhow::Result;
+
+    use crate::format::gguf::{GgufFileWriter, GgufLayout, Metadata};
+    use crate::format::GgmlType;
+    use crate::model::ModelConfig;
+
+    /// One tensor to write: name, ggml dims, type, bytes.
+    pub type Tensor = (String, Vec<u64>, GgmlType, Vec<u8>);
+
+    /// 2 layers, GQA with 2 query heads per KV head, 4 experts with top-2.
+    pub fn tiny_config() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 64,
+            hidden_size: 32,
+            ffn_size: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            n_experts: 4,
+            n_experts_used: 2,
+            context_length: 32,
+            rope_theta: 1e4,
+            rms_norm_eps: 1e-5,
+        }
+    }
+
+    /// Every tensor of `cfg` in f32: norms near 1, matrices uniform, scaled so activations stay near 1.
+    /// With `per_expert`, experts are written in the older one-tensor-per-expert layout (same values).
+    pub fn tiny_tensors(cfg: &ModelConfig, per_expert: bool) -> Vec<Tensor> {
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        let mut out = Vec::new();
+        for (name, dims) in cfg.gguf_tensors() {
+            let n: u64 = dims.iter().product();
+            let values: Vec<f32> = if dims.len() == 1 {
+                (0..n).map(|i| 1.0 + 0.01 * i as f32).collect()
+            } else {
+                let scale = 2.0 / (dims[0] as f32).sqrt();
+                (0..n)
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                    })
+                    .collect()
+            };
+            let bytes: Vec<u8> = bytemuck::cast_slice(&values).to_vec();
+            if per_expert && dims.len() == 3 {
+                // blk.N.ffn_gate_exps.weight -> blk.N.ffn_gate.E.weight
+                let slab = bytes.len() / dims[2] as usize;
+                for (e, chunk) in bytes.chunks_exact(slab).enumerate() {
+                    let name = name.replace("_exps.weight", &format!(".{e}.weight"));
+                    out.push((name, dims[..2].to_vec(), GgmlType::F32, chunk.to_vec()));
+                }
+            } else {
+                out.push((name, dims, GgmlType::F32, bytes));
+            }
+        }
+        out
+    }
+
+    pub fn write_gguf(path: &Path, cfg: &ModelConfig, tensors: &[Tensor]) -> Result<()> {
+        let mut meta = Metadata::new();
+        cfg.to_gguf(&mut meta);
+        let infos = tensors.iter().map(|(n, d, t, _)| (n.clone(), d.clone(), *t)).collect();
+        let file = std::fs::File::create(path)?;
+        let writer = GgufFileWriter::new(&file, GgufLayout::new(meta, infos)?)?;
+        for (i, t) in tensors.iter().enumerate() {
+            writer.write_tensor(i, &t.3)?;
+        }
+        writer.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::*;
     use super::*;
+
+    fn load(dir: &Path, name: &str, tensors: &[Tensor]) -> Result<Model> {
+        let path = dir.join(name);
+        write_gguf(&path, &tiny_config(), tensors).unwrap();
+        Model::load(&path)
+    }
+
+    #[test]
+    fn merged_and_per_expert_layouts_give_the_same_experts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_config();
+        let merged = load(dir.path(), "merged.gguf", &tiny_tensors(&cfg, false)).unwrap();
+        let split = load(dir.path(), "split.gguf", &tiny_tensors(&cfg, true)).unwrap();
+        assert!(split.file.tensor("blk.1.ffn_down.3.weight").is_some());
+        assert_eq!(merged.config, cfg);
+        let (a, b) = (merged.weights().unwrap(), split.weights().unwrap());
+        assert_eq!(a.layers.len(), 2);
+        for (la, lb) in a.layers.iter().zip(&b.layers) {
+            assert_eq!(la.experts.len(), 4);
+            for (ea, eb) in la.experts.iter().zip(&lb.experts) {
+                assert_eq!((ea.down.rows, ea.down.cols), (cfg.hidden_size, cfg.ffn_size));
+                assert_eq!(ea.gate.data, eb.gate.data);
+                assert_eq!(ea.up.data, eb.up.data);
+                assert_eq!(ea.down.data, eb.down.data);
+            }
+            assert_eq!(la.attn_norm, lb.attn_norm);
+        }
+        // Experts are distinct slabs of the merged tensor, not the same bytes.
+        assert_ne!(a.layers[0].experts[0].gate.data, a.layers[0].experts[1].gate.data);
+        let mut row = vec![0.0; cfg.hidden_size];
+        a.token_embd.dequantize_row(5, &mut row).unwrap();
+        assert_eq!(bytemuck::cast_slice::<f32, u8>(&row), a.token_embd.row(5));
+    }
+
+    #[test]
+    fn errors_name_the_tensor_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_config();
+        let check = |name: &str, edit: &dyn Fn(&mut Vec<Tensor>), want: &[&str]| {
+            let mut tensors = tiny_tensors(&cfg, false);
+            edit(&mut tensors);
+            let err = format!("{:#}", load(dir.path(), name, &tensors).err().expect("load must fail"));
+            for w in want.iter().chain(&[name]) {
+                assert!(err.contains(w), "{err:?} does not mention {w:?}");
+            }
+        };
+        check(
+            "missing.gguf",
+            &|t| t.retain(|t| t.0 != "blk.1.attn_v.weight"),
+            &["blk.1.attn_v.weight", "missing"],
+        );
+        check(
+            "no_experts.gguf",
+            &|t| t.retain(|t| t.0 != "blk.0.ffn_up_exps.weight"),
+            &["blk.0.ffn_up_exps.weight", "blk.0.ffn_up.0.weight"],
+        );
+        check(
+            "shape.gguf",
+            &|t| {
+                let q = t.iter_mut().find(|t| t.0 == "blk.0.attn_q.weight").unwrap();
+                q.1 = vec![16, 64];
+            },
+            &["blk.0.attn_q.weight", "[16, 64]"],
+        );
+        check(
+            "unsupported.gguf",
+            &|t| {
+                let o = t.iter_mut().find(|t| t.0 == "blk.0.attn_k.weight").unwrap();
+                o.2 = GgmlType::Q8_1;
+                o.1 = vec![32, 16];
+                o.3 = vec![0; 16 * 36];
+            },
+            &["blk.0.attn_k.weight", "q8_1", "not supported"],
+        );
+    }
 
     #[test]
     fn matrix_checks_block_alignment_and_size() {

@@ -184,74 +184,13 @@ fn matmul(w: &Matrix, xs: &[f32], out: &mut [f32]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::weights::ExpertWeights;
+    use crate::model::weights::testing::{tiny_config, tiny_tensors, write_gguf};
 
-    fn tiny_config() -> ModelConfig {
-        ModelConfig {
-            vocab_size: 64,
-            hidden_size: 32,
-            ffn_size: 48,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-            n_experts: 4,
-            n_experts_used: 2,
-            context_length: 32,
-            rope_theta: 1e4,
-            rms_norm_eps: 1e-5,
-        }
-    }
-
-    /// Random f32 matrices in a fixed order, scaled so that activations stay around 1.
-    fn random_store(cfg: &ModelConfig) -> Vec<Vec<u8>> {
-        let mut seed = 0x2545F4914F6CDD1Du64;
-        let mut matrix = |rows: usize, cols: usize| -> Vec<u8> {
-            let scale = 2.0 / (cols as f32).sqrt();
-            let values: Vec<f32> = (0..rows * cols)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-                })
-                .collect();
-            bytemuck::cast_slice(&values).to_vec()
-        };
-        let (h, f) = (cfg.hidden_size, cfg.ffn_size);
-        let mut store = vec![matrix(cfg.vocab_size, h), matrix(cfg.vocab_size, h)];
-        for _ in 0..cfg.n_layers {
-            store.extend([matrix(cfg.q_dim(), h), matrix(cfg.kv_dim(), h), matrix(cfg.kv_dim(), h)]);
-            store.extend([matrix(h, cfg.q_dim()), matrix(cfg.n_experts, h)]);
-            for _ in 0..cfg.n_experts {
-                store.extend([matrix(f, h), matrix(f, h), matrix(h, f)]);
-            }
-        }
-        store
-    }
-
-    fn weights<'a>(cfg: &ModelConfig, store: &'a [Vec<u8>]) -> ModelWeights<'a> {
-        let mut next = store.iter();
-        let mut m = |rows, cols| Matrix::new(GgmlType::F32, rows, cols, next.next().unwrap()).unwrap();
-        let (h, f) = (cfg.hidden_size, cfg.ffn_size);
-        let norm: Vec<f32> = (0..h).map(|i| 1.0 + 0.01 * i as f32).collect();
-        let token_embd = m(cfg.vocab_size, h);
-        let output = m(cfg.vocab_size, h);
-        let layers = (0..cfg.n_layers)
-            .map(|_| LayerWeights {
-                attn_norm: norm.clone(),
-                attn_q: m(cfg.q_dim(), h),
-                attn_k: m(cfg.kv_dim(), h),
-                attn_v: m(cfg.kv_dim(), h),
-                attn_output: m(h, cfg.q_dim()),
-                ffn_norm: norm.clone(),
-                router: m(cfg.n_experts, h),
-                experts: (0..cfg.n_experts)
-                    .map(|_| ExpertWeights { gate: m(f, h), up: m(f, h), down: m(h, f) })
-                    .collect(),
-            })
-            .collect();
-        ModelWeights { token_embd, layers, output_norm: norm, output }
+    /// The tiny random model of `model::weights::testing`, as a GGUF file in `dir`.
+    fn tiny_model(dir: &tempfile::TempDir) -> Model {
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &tiny_config(), &tiny_tensors(&tiny_config(), false)).unwrap();
+        Model::load(&path).unwrap()
     }
 
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -263,14 +202,15 @@ mod tests {
 
     #[test]
     fn decoding_with_the_cache_equals_processing_the_whole_sequence() {
-        let cfg = tiny_config();
-        let store = random_store(&cfg);
-        let mut batch = CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 16).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(&dir);
+        let cfg = &model.config;
+        let mut batch = CpuEngine::new(&model, 16).unwrap();
         let all = batch.forward(&TOKENS, true).unwrap();
         assert_eq!(all.len(), TOKENS.len() * cfg.vocab_size);
         assert_eq!(batch.position(), TOKENS.len());
 
-        let mut step = CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 16).unwrap();
+        let mut step = CpuEngine::new(&model, 16).unwrap();
         let first = step.forward(&TOKENS[..4], false).unwrap();
         assert!(max_abs_diff(&first, &all[3 * cfg.vocab_size..4 * cfg.vocab_size]) < 1e-5);
         for (i, &t) in TOKENS.iter().enumerate().skip(4) {
@@ -284,9 +224,9 @@ mod tests {
 
     #[test]
     fn bad_input_is_rejected_and_leaves_the_cache_unchanged() {
-        let cfg = tiny_config();
-        let store = random_store(&cfg);
-        let mut engine = CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 11).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(&dir);
+        let mut engine = CpuEngine::new(&model, 11).unwrap();
         let before = engine.forward(&TOKENS[..3], false).unwrap();
         let err = engine.forward(&[5, 64], false).unwrap_err().to_string();
         assert!(err.contains("64"), "{err}");
@@ -300,14 +240,15 @@ mod tests {
         assert_eq!(engine.position(), 2);
         let again = engine.forward(&TOKENS[2..3], false).unwrap();
         assert!(max_abs_diff(&before, &again) < 1e-5);
-        assert!(CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 33).is_err());
+        assert!(CpuEngine::new(&model, 33).is_err());
     }
 
     #[test]
     fn router_trace_records_top_k_per_layer_and_token() {
-        let cfg = tiny_config();
-        let store = random_store(&cfg);
-        let mut engine = CpuEngine::from_weights(weights(&cfg, &store), cfg.clone(), 16).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(&dir);
+        let cfg = &model.config;
+        let mut engine = CpuEngine::new(&model, 16).unwrap();
         engine.forward(&TOKENS[..2], false).unwrap();
         assert!(engine.take_router_trace().is_empty());
         engine.set_router_trace(true);
