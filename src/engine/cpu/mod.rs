@@ -5,18 +5,17 @@
 //! matrix is read once per call; parallelism is inside the matrix products and across attention heads.
 
 mod attention;
+pub mod dot;
 mod kv_cache;
 mod moe;
 mod norm;
 mod rope;
 
 use anyhow::{bail, ensure, Result};
-use rayon::prelude::*;
 
 use self::kv_cache::KvCache;
 use self::rope::Rope;
 use super::Engine;
-use crate::format::GgmlType;
 use crate::model::weights::{LayerWeights, Matrix, Model, ModelWeights};
 use crate::model::ModelConfig;
 
@@ -167,18 +166,14 @@ fn add(x: &mut [f32], y: &[f32]) {
 }
 
 /// `out[t, r] = Σ_c w[r, c] · xs[t, c]` for every row `t` of `xs` (`[n, w.cols]` → `[n, w.rows]`).
-/// The one place the engine multiplies by a weight matrix.
+/// The one place the engine multiplies by a weight matrix: activations are quantized for `w`'s type,
+/// then `dot` reads each weight row once for all tokens.
 fn matmul(w: &Matrix, xs: &[f32], out: &mut [f32]) -> Result<()> {
-    // Interim f32-only product until the quantized kernels in `dot` land.
-    ensure!(w.ty == GgmlType::F32, "weight type {} is not supported yet", w.ty);
-    let wf: &[f32] =
-        bytemuck::try_cast_slice(w.data).map_err(|e| anyhow::anyhow!("misaligned f32 weights: {e}"))?;
-    for (x, o) in xs.chunks_exact(w.cols).zip(out.chunks_exact_mut(w.rows)) {
-        o.par_iter_mut().zip(wf.par_chunks_exact(w.cols)).for_each(|(o, row)| {
-            *o = row.iter().zip(x).map(|(a, b)| a * b).sum();
-        });
-    }
-    Ok(())
+    let acts = xs
+        .chunks_exact(w.cols)
+        .map(|x| dot::QuantizedActivations::new(w.ty, x))
+        .collect::<Result<Vec<_>>>()?;
+    dot::matmul(w.ty, w.data, w.rows, w.cols, &acts, out)
 }
 
 #[cfg(test)]
