@@ -27,6 +27,8 @@ pub struct CpuEngine<'a> {
     cfg: ModelConfig,
     cache: KvCache,
     rope: Rope,
+    /// Longer `forward` calls are processed in batches of this many tokens.
+    max_batch: usize,
     /// `Some` while tracing: one entry per forward call.
     router_trace: Option<Vec<RouterTrace>>,
 }
@@ -49,8 +51,14 @@ impl<'a> CpuEngine<'a> {
             rope: Rope::new(cfg.head_dim, cfg.rope_theta),
             weights,
             cfg,
+            max_batch: DEFAULT_MAX_BATCH,
             router_trace: None,
         })
+    }
+
+    /// Sets the batch size of prompt processing (at least 1).
+    pub fn set_max_batch(&mut self, tokens: usize) {
+        self.max_batch = tokens.max(1);
     }
 
     /// Records the router's choices of the following forward calls (for tests and `/stats`).
@@ -63,7 +71,9 @@ impl<'a> CpuEngine<'a> {
         self.router_trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
-    fn run(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+    /// One batch through every layer; appends its keys and values to the cache and returns the logits
+    /// that `logits` asks for, with the router's choices (`[layer][token]`).
+    fn run(&mut self, tokens: &[u32], logits: Logits) -> Result<(Vec<f32>, RouterTrace)> {
         let cfg = &self.cfg;
         let (n, hidden, start) = (tokens.len(), cfg.hidden_size, self.cache.len());
         let mut x = vec![0.0; n * hidden];
@@ -80,16 +90,30 @@ impl<'a> CpuEngine<'a> {
             trace.push(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()).collect());
         }
         self.cache.commit(n);
-        if let Some(traces) = &mut self.router_trace {
-            traces.push(trace);
-        }
-        let rows = if all_logits { &x[..] } else { &x[(n - 1) * hidden..] };
+        let rows = match logits {
+            Logits::None => return Ok((Vec::new(), trace)),
+            Logits::Last => &x[(n - 1) * hidden..],
+            Logits::All => &x[..],
+        };
         let xn = norm::rms_norm_rows(rows, &self.weights.output_norm, cfg.rms_norm_eps);
-        let mut logits = vec![0.0; rows.len() / hidden * cfg.vocab_size];
-        matmul(&self.weights.output, &xn, &mut logits)?;
-        Ok(logits)
+        let mut out = vec![0.0; rows.len() / hidden * cfg.vocab_size];
+        matmul(&self.weights.output, &xn, &mut out)?;
+        Ok((out, trace))
     }
 }
+
+/// Which logits a batch returns.
+#[derive(Clone, Copy)]
+enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// Default longest batch sent through the layers at once: bounds the activation memory of long
+/// prompts (an expert's `[tokens, ffn]` intermediate is 56 KiB per token at Mixtral's size) while every
+/// weight is still read only once per 512 tokens.
+pub const DEFAULT_MAX_BATCH: usize = 512;
 
 impl Engine for CpuEngine<'_> {
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
@@ -104,11 +128,32 @@ impl Engine for CpuEngine<'_> {
             tokens.len(),
             self.cache.capacity()
         );
-        let result = self.run(tokens, all_logits);
-        if result.is_err() {
-            self.cache.truncate(start);
+        let mut logits = Vec::new();
+        let mut trace: RouterTrace = vec![Vec::new(); self.cfg.n_layers];
+        let n_batches = tokens.len().div_ceil(self.max_batch);
+        for (i, batch) in tokens.chunks(self.max_batch).enumerate() {
+            let want = match (all_logits, i + 1 == n_batches) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
+            match self.run(batch, want) {
+                Ok((batch_logits, batch_trace)) => {
+                    logits.extend(batch_logits);
+                    for (layer, choices) in trace.iter_mut().zip(batch_trace) {
+                        layer.extend(choices);
+                    }
+                }
+                Err(e) => {
+                    self.cache.truncate(start);
+                    return Err(e);
+                }
+            }
         }
-        result
+        if let Some(traces) = &mut self.router_trace {
+            traces.push(trace);
+        }
+        Ok(logits)
     }
 
     fn position(&self) -> usize {
@@ -125,6 +170,10 @@ impl Engine for CpuEngine<'_> {
 
     fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    fn stats_line(&self) -> Option<String> {
+        Some(format!("cpu: {} kernels, {} threads", dot::simd_level(), rayon::current_num_threads()))
     }
 }
 
@@ -213,6 +262,19 @@ mod tests {
             let want = &all[i * cfg.vocab_size..(i + 1) * cfg.vocab_size];
             assert!(max_abs_diff(&logits, want) < 1e-5, "token {i}: {}", max_abs_diff(&logits, want));
         }
+        // Split into batches of 4 tokens: the same logits and the same router choices.
+        let mut chunked = CpuEngine::new(&model, 16).unwrap();
+        chunked.set_max_batch(4);
+        batch.set_router_trace(true);
+        chunked.set_router_trace(true);
+        batch.truncate(0);
+        let all_again = batch.forward(&TOKENS, true).unwrap();
+        assert_eq!(all_again, all);
+        let all_chunked = chunked.forward(&TOKENS, true).unwrap();
+        assert!(max_abs_diff(&all_chunked, &all) < 1e-5);
+        assert_eq!(chunked.take_router_trace(), batch.take_router_trace());
+        let last = chunked.forward(&TOKENS[..5], false).unwrap();
+        assert_eq!(last.len(), cfg.vocab_size);
         // The logits are not trivially equal: positions differ.
         assert!(max_abs_diff(&all[..cfg.vocab_size], &all[cfg.vocab_size..2 * cfg.vocab_size]) > 1e-2);
     }
