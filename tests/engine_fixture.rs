@@ -55,8 +55,11 @@ fn cases() -> Vec<Case> {
             let view = st.tensor(&format!("{name}.logits_f64")).expect("logits_f64");
             assert_eq!(view.dtype(), Dtype::F64);
             assert_eq!(view.shape()[0], ids.len());
-            let logits =
-                view.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+            let logits = view
+                .data()
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect();
             Case { name, ids, router_top2, logits }
         })
         .collect()

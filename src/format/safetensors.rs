@@ -115,33 +115,54 @@ impl TensorRef<'_> {
             self.dtype,
             out.len()
         );
-        match self.dtype {
-            SourceDtype::F32 => {
-                for (o, b) in out.iter_mut().zip(self.data.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            // bf16 is the top half of an f32: a shift the compiler vectorizes.
-            SourceDtype::BF16 => {
-                for (o, b) in out.iter_mut().zip(self.data.chunks_exact(2)) {
-                    *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-                }
-            }
-            // The data may be unaligned: copy a chunk into an aligned buffer, then let `half`
-            // convert it (with F16C where the CPU has it).
-            SourceDtype::F16 => {
-                const CHUNK: usize = 1024;
-                let mut buf = [half::f16::ZERO; CHUNK];
-                for (o, b) in out.chunks_mut(CHUNK).zip(self.data.chunks(2 * CHUNK)) {
-                    let buf = &mut buf[..o.len()];
-                    for (h, b) in buf.iter_mut().zip(b.chunks_exact(2)) {
-                        *h = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
-                    }
-                    buf.convert_to_f32_slice(o);
-                }
+        convert_to_f32(self.dtype, self.data, out);
+        Ok(())
+    }
+
+    /// Converts row `row` (the last dimension is the row) into `out`, which must hold one row.
+    pub fn row_to_f32(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        let rows = self.n_elements() / cols.max(1);
+        ensure!(
+            row < rows && out.len() == cols,
+            "tensor {}: no row {row} of {} values (shape {:?})",
+            self.name,
+            out.len(),
+            self.shape
+        );
+        let size = self.dtype.size();
+        convert_to_f32(self.dtype, &self.data[row * cols * size..(row + 1) * cols * size], out);
+        Ok(())
+    }
+}
+
+/// Little-endian `dtype` values → f32; `bytes` holds exactly `out.len()` values.
+fn convert_to_f32(dtype: SourceDtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        SourceDtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
         }
-        Ok(())
+        // bf16 is the top half of an f32: a shift the compiler vectorizes.
+        SourceDtype::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        // The data may be unaligned: copy a chunk into an aligned buffer, then let `half`
+        // convert it (with F16C where the CPU has it).
+        SourceDtype::F16 => {
+            const CHUNK: usize = 1024;
+            let mut buf = [half::f16::ZERO; CHUNK];
+            for (o, b) in out.chunks_mut(CHUNK).zip(bytes.chunks(2 * CHUNK)) {
+                let buf = &mut buf[..o.len()];
+                for (h, b) in buf.iter_mut().zip(b.chunks_exact(2)) {
+                    *h = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+                buf.convert_to_f32_slice(o);
+            }
+        }
     }
 }
 

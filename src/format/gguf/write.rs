@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -136,7 +136,8 @@ fn put_value(out: &mut Vec<u8>, value: &MetaValue) -> Result<()> {
 pub struct GgufFileWriter<'a> {
     file: &'a File,
     layout: GgufLayout,
-    written: Vec<AtomicBool>,
+    /// Bytes written so far, per tensor.
+    written: Vec<AtomicU64>,
 }
 
 impl<'a> GgufFileWriter<'a> {
@@ -148,7 +149,7 @@ impl<'a> GgufFileWriter<'a> {
         file.set_len(layout.total_size)
             .with_context(|| format!("cannot extend the output GGUF file to {} bytes", layout.total_size))?;
         file.write_all_at(&layout.header, 0).context("cannot write the GGUF header")?;
-        let written = layout.tensors.iter().map(|_| AtomicBool::new(false)).collect();
+        let written = layout.tensors.iter().map(|_| AtomicU64::new(0)).collect();
         Ok(GgufFileWriter { file, layout, written })
     }
 
@@ -158,26 +159,45 @@ impl<'a> GgufFileWriter<'a> {
 
     /// Writes tensor `index`'s bytes at its final position; each tensor exactly once.
     pub fn write_tensor(&self, index: usize, data: &[u8]) -> Result<()> {
-        let t = self.layout.tensors.get(index).with_context(|| {
-            format!("tensor index {index} is out of range ({} tensors)", self.layout.tensors.len())
-        })?;
-        let expected = t.n_bytes();
+        let t = self.tensor_info(index)?;
         ensure!(
-            data.len() as u64 == expected,
-            "tensor {}: got {} bytes, expected {expected} ({} of dims {:?})",
+            data.len() as u64 == t.n_bytes(),
+            "tensor {}: got {} bytes, expected {} ({} of dims {:?})",
             t.name,
             data.len(),
+            t.n_bytes(),
             t.ty,
             t.dims
         );
-        if self.written[index].swap(true, Ordering::AcqRel) {
+        self.write_tensor_part(index, 0, data)
+    }
+
+    /// Writes `data` at byte `offset` within tensor `index` (a big tensor, such as the stacked experts
+    /// of a layer, arrives in parts). Parts must not overlap; `finish` checks that all bytes arrived.
+    pub fn write_tensor_part(&self, index: usize, offset: u64, data: &[u8]) -> Result<()> {
+        let t = self.tensor_info(index)?;
+        let (len, expected) = (data.len() as u64, t.n_bytes());
+        ensure!(
+            offset.checked_add(len).is_some_and(|end| end <= expected),
+            "tensor {}: {len} bytes at offset {offset} do not fit in its {expected} bytes",
+            t.name
+        );
+        let before = self.written[index].fetch_add(len, Ordering::AcqRel);
+        if before + len > expected {
+            self.written[index].fetch_sub(len, Ordering::AcqRel);
             bail!("tensor {} was already written", t.name);
         }
-        let result = self.file.write_all_at(data, self.layout.data_offset + t.offset);
+        let result = self.file.write_all_at(data, self.layout.data_offset + t.offset + offset);
         if result.is_err() {
-            self.written[index].store(false, Ordering::Release);
+            self.written[index].fetch_sub(len, Ordering::AcqRel);
         }
-        result.with_context(|| format!("cannot write tensor {} ({expected} bytes)", t.name))
+        result.with_context(|| format!("cannot write tensor {} ({len} bytes)", t.name))
+    }
+
+    fn tensor_info(&self, index: usize) -> Result<&TensorInfo> {
+        self.layout.tensors.get(index).with_context(|| {
+            format!("tensor index {index} is out of range ({} tensors)", self.layout.tensors.len())
+        })
     }
 
     /// Checks that every tensor was written and flushes the data to disk.
@@ -187,7 +207,7 @@ impl<'a> GgufFileWriter<'a> {
             .tensors
             .iter()
             .zip(&self.written)
-            .filter(|(_, w)| !w.load(Ordering::Acquire))
+            .filter(|(t, w)| w.load(Ordering::Acquire) != t.n_bytes())
             .map(|(t, _)| t.name.as_str())
             .collect();
         if !missing.is_empty() {
