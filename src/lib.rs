@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod format;
 pub mod model;
+pub mod placement;
 pub mod quantize;
 pub mod synth;
 pub mod text;

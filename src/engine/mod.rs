@@ -6,6 +6,7 @@ use anyhow::Result;
 use crate::model::ModelConfig;
 
 pub mod cpu;
+pub mod cuda;
 
 /// A model instance with its KV cache: tokens go in at the cache's current position, logits come out.
 pub trait Engine {

@@ -1,0 +1,90 @@
+// Prompt processing: Y[m, rows] = X[m, cols] W[rows, cols]^T with fused dequantization, on tensor cores.
+//
+// A block computes a tile of BM = 64 weight rows x BN = 16 tokens. Per step it dequantizes BK values of
+// each of its 64 rows (BK = one K-quant super-block, or 32 values for the smaller block types) into
+// shared memory as f16, stages the matching slice of the BN activation rows as f16, and its 4 warps run
+// mma.sync m16n8k8 (f16 inputs, f32 accumulators; available from sm_75) over it: warp w owns weight rows
+// 16w .. 16w + 15 and all 16 tokens (two n8 tiles).
+//
+// `gather` (nullable) selects the activation rows: token i of this product is row gather[i] of X, which
+// is how an expert processes only the tokens routed to it. Output rows are compact ([m, rows]).
+
+#define BM 64
+#define BN 16
+#define PAD 8
+
+__device__ __forceinline__ u32 pack_h2(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
+
+__device__ __forceinline__ void mma_16x8x8(float* c, u32 a0, u32 a1, u32 b0) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+}
+
+template <class T>
+__device__ __forceinline__ void matmul_tile(const u8* w, const float* x, const int* gather, float* y, int rows,
+                                            int cols, int m) {
+    const int BK = T::BLOCK >= 32 ? T::BLOCK : 32;
+    const int PITCH = BK + PAD;  // halves per shared row; the padding spreads rows over banks
+    __shared__ u16 ws[BM * (256 + PAD)];
+    __shared__ u16 xs[BN * (256 + PAD)];
+    const int r0 = blockIdx.x * BM, t0 = blockIdx.y * BN;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tg = lane & 3;
+    const long row_bytes = (long)(cols / T::BLOCK) * T::BYTES;
+    const int blocks_per_step = BK / T::BLOCK;
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+
+    for (int k0 = 0; k0 < cols; k0 += BK) {
+        // Dequantize BM rows x BK values: one (row, block, part) piece per thread per iteration.
+        const int pieces = BM * blocks_per_step * T::PARTS;
+        for (int i = threadIdx.x; i < pieces; i += blockDim.x) {
+            const int r = i / (blocks_per_step * T::PARTS), rest = i % (blocks_per_step * T::PARTS);
+            const int blk = rest / T::PARTS, p = rest % T::PARTS;
+            u16* dst = ws + r * PITCH + blk * T::BLOCK;
+            if (r0 + r < rows) {
+                const u8* b = w + (r0 + r) * row_bytes + (long)(k0 / T::BLOCK + blk) * T::BYTES;
+                T::part(b, p, [&](int j, float v) { dst[j] = f2h(v); });
+            } else {
+                T::part(w, p, [&](int j, float) { dst[j] = 0; });
+            }
+        }
+        for (int i = threadIdx.x; i < BN * BK; i += blockDim.x) {
+            const int t = i / BK, k = i % BK;
+            float v = 0.f;
+            if (t0 + t < m) {
+                const long src = gather ? gather[t0 + t] : t0 + t;
+                v = x[src * cols + k0 + k];
+            }
+            xs[t * PITCH + k] = f2h(v);
+        }
+        __syncthreads();
+        const u16* wa = ws + (16 * warp) * PITCH;
+        for (int kk = 0; kk < BK; kk += 8) {
+            const u32 a0 = *(const u32*)(wa + g * PITCH + kk + 2 * tg);
+            const u32 a1 = *(const u32*)(wa + (g + 8) * PITCH + kk + 2 * tg);
+            for (int n = 0; n < 2; n++) {
+                const u32 b0 = *(const u32*)(xs + (8 * n + g) * PITCH + kk + 2 * tg);
+                mma_16x8x8(acc[n], a0, a1, b0);
+            }
+        }
+        __syncthreads();
+    }
+    // Accumulator layout: c0, c1 = (row g, tokens 2tg, 2tg + 1); c2, c3 = (row g + 8, same tokens).
+    for (int n = 0; n < 2; n++) {
+        for (int i = 0; i < 4; i++) {
+            const int r = r0 + 16 * warp + g + (i >> 1) * 8;
+            const int t = t0 + 8 * n + 2 * tg + (i & 1);
+            if (r < rows && t < m) y[(long)t * rows + r] = acc[n][i];
+        }
+    }
+}
+
+#define MATMUL_KERNEL(T, name)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128)                                                       \
+        matmul_##name(const u8* w, const float* x, const int* gather, float* y, int rows, int cols, int m) { \
+        matmul_tile<T>(w, x, gather, y, rows, cols, m);                                                     \
+    }
+
+FOR_EACH_WEIGHT_TYPE(MATMUL_KERNEL)

@@ -1,0 +1,634 @@
+//! `CudaEngine`: the forward pass on the GPU, the same math as `engine::cpu::CpuEngine`.
+//!
+//! Per layer: `h = x + Attn(RMSNorm(x))`, `out = h + MoE(RMSNorm(h))`; the router takes a softmax over
+//! all experts, keeps the top k and renormalizes; experts are SwiGLU FFNs. Activations are f32 (f16
+//! inside the tensor-core tiles of prompt processing), the KV cache f16. Decode (one token) uses the
+//! matrix-vector kernels and routes on the device: when every expert of a layer is in VRAM the host
+//! never waits inside a layer. Prompts use the matrix-matrix kernels with tokens grouped by expert,
+//! which needs the routes on the host (one wait per layer).
+
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+use super::device::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS};
+use super::expert_cache::ExpertCache;
+use super::{CudaOptions, DeviceInfo};
+use crate::engine::Engine;
+use crate::format::GgmlType;
+use crate::model::weights::{ExpertWeights, Matrix, Model, ModelWeights};
+use crate::model::ModelConfig;
+use crate::placement::{self, ExpertLayout, ModelSizes, Plan};
+
+/// Longest batch of tokens sent through the layers at once (as the CPU engine).
+pub const MAX_BATCH: usize = 512;
+
+/// A weight matrix uploaded to VRAM.
+struct DeviceMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    buf: CudaSlice<u8>,
+}
+
+impl DeviceMatrix {
+    fn upload(gpu: &Gpu, m: &Matrix) -> Result<DeviceMatrix> {
+        Ok(DeviceMatrix { ty: m.ty, rows: m.rows, cols: m.cols, buf: gpu.stream.clone_htod(m.data)? })
+    }
+
+    fn view(&self) -> WeightView<'_> {
+        WeightView { ty: self.ty, rows: self.rows, cols: self.cols, data: self.buf.slice(..) }
+    }
+}
+
+/// Type and shape of the gate, up and down matrices, shared by all experts of a layer.
+#[derive(Clone, Copy, PartialEq)]
+struct ExpertShape {
+    kinds: [(GgmlType, usize, usize); 3],
+}
+
+impl ExpertShape {
+    fn of(e: &ExpertWeights) -> ExpertShape {
+        ExpertShape { kinds: [e.gate, e.up, e.down].map(|m| (m.ty, m.rows, m.cols)) }
+    }
+}
+
+/// The experts of one layer: the resident ones' buffers, and a device table of every expert's matrix
+/// addresses (`[gate, up, down][expert]`) that the expert-batched kernels index with the router's ids.
+struct LayerExperts {
+    shape: ExpertShape,
+    layouts: Vec<ExpertLayout>,
+    resident: Vec<Option<CudaSlice<u8>>>,
+    /// Host copy of `table`; entries of experts in cache slots change as slots are reused.
+    host_table: Vec<u64>,
+    table: CudaSlice<u64>,
+}
+
+impl LayerExperts {
+    fn upload(gpu: &Gpu, experts: &[ExpertWeights], resident: &[bool], layer: usize) -> Result<LayerExperts> {
+        let shape = ExpertShape::of(&experts[0]);
+        let n = experts.len();
+        ensure!(
+            experts.iter().all(|e| ExpertShape::of(e) == shape),
+            "the experts of layer {layer} differ in type or shape; the CUDA engine needs them alike"
+        );
+        let layouts: Vec<ExpertLayout> = experts.iter().map(ExpertLayout::of).collect();
+        let mut host_table = vec![0u64; 3 * n];
+        let mut bufs = Vec::with_capacity(n);
+        for (e, (expert, layout)) in experts.iter().zip(&layouts).enumerate() {
+            if !resident[e] {
+                bufs.push(None);
+                continue;
+            }
+            let mut buf = gpu.stream.alloc_zeros::<u8>(layout.bytes)?;
+            for (m, off) in [expert.gate, expert.up, expert.down].iter().zip(layout.offsets) {
+                gpu.stream.memcpy_htod(m.data, &mut buf.slice_mut(off..off + m.data.len()))?;
+            }
+            let base = gpu.address(&buf);
+            for k in 0..3 {
+                host_table[k * n + e] = base + layout.offsets[k] as u64;
+            }
+            bufs.push(Some(buf));
+        }
+        let table = gpu.stream.clone_htod(&host_table)?;
+        Ok(LayerExperts { shape, layouts, resident: bufs, host_table, table })
+    }
+
+    fn all_resident(&self) -> bool {
+        self.resident.iter().all(Option::is_some)
+    }
+
+    fn n(&self) -> usize {
+        self.resident.len()
+    }
+
+    /// Table of matrix kind `k` (0 gate, 1 up, 2 down).
+    fn table(&self, k: usize) -> CudaView<'_, u64> {
+        self.table.slice(k * self.n()..(k + 1) * self.n())
+    }
+
+    /// Matrix `k` of expert `e`, whose bytes are in `buf` (its resident buffer or a cache slot).
+    fn matrix<'b>(&self, buf: &'b CudaSlice<u8>, e: usize, k: usize) -> WeightView<'b> {
+        let (ty, rows, cols) = self.shape.kinds[k];
+        let off = self.layouts[e].offsets[k];
+        let len = rows * ty.bytes_for(cols).unwrap_or(0);
+        WeightView { ty, rows, cols, data: buf.slice(off..off + len) }
+    }
+}
+
+struct DeviceLayer {
+    attn_norm: CudaSlice<f32>,
+    q: DeviceMatrix,
+    k: DeviceMatrix,
+    v: DeviceMatrix,
+    o: DeviceMatrix,
+    ffn_norm: CudaSlice<f32>,
+    router: DeviceMatrix,
+    experts: LayerExperts,
+    k_cache: CudaSlice<u16>,
+    v_cache: CudaSlice<u16>,
+}
+
+/// Activation buffers for batches of up to `MAX_BATCH` tokens.
+struct Buffers {
+    x: CudaSlice<f32>,
+    xn: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    tmp: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    y: CudaSlice<f32>,
+    router_logits: CudaSlice<f32>,
+    ids: CudaSlice<i32>,
+    route_weights: CudaSlice<f32>,
+    tokens: CudaSlice<i32>,
+    gather: CudaSlice<i32>,
+    gather_weights: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    attention: AttentionScratch,
+}
+
+/// Element counts of [`Buffers`] (f32/i32, 4 bytes each), shared by allocation and the placement plan.
+struct BufferSizes {
+    batch: usize,
+    /// Rows of the expert buffers: the batch, or the k experts of one decoded token.
+    expert_rows: usize,
+    attention_splits: usize,
+}
+
+impl BufferSizes {
+    fn new(cfg: &ModelConfig, batch: usize) -> BufferSizes {
+        BufferSizes {
+            batch,
+            expert_rows: batch.max(cfg.n_experts_used),
+            attention_splits: batch.max(ATT_MAX_SPLITS),
+        }
+    }
+
+    fn bytes(&self, cfg: &ModelConfig) -> u64 {
+        let (b, routes) = (self.batch, self.batch * cfg.n_experts_used);
+        let per_token =
+            3 * cfg.hidden_size + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + cfg.n_experts + 1 + cfg.vocab_size;
+        let experts = self.expert_rows * (2 * cfg.ffn_size + cfg.hidden_size);
+        let values = b * per_token + experts + 4 * routes;
+        4 * values as u64 + AttentionScratch::bytes(self.attention_splits, cfg.n_heads, cfg.head_dim)
+    }
+}
+
+impl Buffers {
+    fn new(gpu: &Gpu, cfg: &ModelConfig, s: &BufferSizes) -> Result<Buffers> {
+        let st = &gpu.stream;
+        let (b, routes) = (s.batch, s.batch * cfg.n_experts_used);
+        Ok(Buffers {
+            x: st.alloc_zeros(b * cfg.hidden_size)?,
+            xn: st.alloc_zeros(b * cfg.hidden_size)?,
+            q: st.alloc_zeros(b * cfg.q_dim())?,
+            k: st.alloc_zeros(b * cfg.kv_dim())?,
+            v: st.alloc_zeros(b * cfg.kv_dim())?,
+            att: st.alloc_zeros(b * cfg.q_dim())?,
+            tmp: st.alloc_zeros(b * cfg.hidden_size)?,
+            gate: st.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
+            up: st.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
+            y: st.alloc_zeros(s.expert_rows * cfg.hidden_size)?,
+            router_logits: st.alloc_zeros(b * cfg.n_experts)?,
+            ids: st.alloc_zeros(routes)?,
+            route_weights: st.alloc_zeros(routes)?,
+            tokens: st.alloc_zeros(b)?,
+            gather: st.alloc_zeros(routes)?,
+            gather_weights: st.alloc_zeros(routes)?,
+            logits: st.alloc_zeros(b * cfg.vocab_size)?,
+            attention: AttentionScratch::new(st, s.attention_splits, cfg.n_heads, cfg.head_dim)?,
+        })
+    }
+}
+
+/// Which logits a batch returns.
+#[derive(Clone, Copy)]
+enum Logits {
+    None,
+    Last,
+    All,
+}
+
+pub struct CudaEngine<'a> {
+    gpu: Gpu,
+    cfg: ModelConfig,
+    plan: Plan,
+    /// Host weights: the source of experts copied into cache slots on demand.
+    host: ModelWeights<'a>,
+    token_embd: DeviceMatrix,
+    layers: Vec<DeviceLayer>,
+    output_norm: CudaSlice<f32>,
+    output: DeviceMatrix,
+    inv_freq: CudaSlice<f64>,
+    buf: Buffers,
+    cache: Option<ExpertCache>,
+    ctx: usize,
+    /// Tokens in the KV cache.
+    pos: usize,
+}
+
+impl<'a> CudaEngine<'a> {
+    /// Uploads `model` to GPU `opts.device` as the placement plan for `opts.vram_budget` decides
+    /// (print [`CudaEngine::plan`] to show it), with an f16 KV cache of `ctx` tokens.
+    pub fn new(model: &'a Model, ctx: usize, opts: &CudaOptions) -> Result<CudaEngine<'a>> {
+        let cfg = model.config.clone();
+        ensure!(ctx > 0, "the context size must be at least 1 token");
+        ensure!(
+            ctx <= cfg.context_length,
+            "context size {ctx} exceeds the model's context length {}",
+            cfg.context_length
+        );
+        let host = model.weights()?;
+        let gpu = Gpu::new(opts.device)?;
+        let sizes = BufferSizes::new(&cfg, MAX_BATCH);
+        let model_sizes = ModelSizes::of(&host, &cfg, ctx, sizes.bytes(&cfg));
+        let budget = opts.vram_budget.unwrap_or_else(|| placement::default_budget(gpu.info.free_bytes));
+        let plan = Plan::new(&model_sizes, budget)?;
+        let upload = |m: &Matrix| DeviceMatrix::upload(&gpu, m);
+        let kv_len = ctx * cfg.kv_dim();
+        let layers = host
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, w)| {
+                Ok(DeviceLayer {
+                    attn_norm: gpu.stream.clone_htod(&w.attn_norm)?,
+                    q: upload(&w.attn_q)?,
+                    k: upload(&w.attn_k)?,
+                    v: upload(&w.attn_v)?,
+                    o: upload(&w.attn_output)?,
+                    ffn_norm: gpu.stream.clone_htod(&w.ffn_norm)?,
+                    router: upload(&w.router)?,
+                    experts: LayerExperts::upload(&gpu, &w.experts, &plan.resident[l], l)?,
+                    k_cache: gpu.stream.alloc_zeros(kv_len)?,
+                    v_cache: gpu.stream.alloc_zeros(kv_len)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .context("uploading the weights to the GPU")?;
+        let inv_freq: Vec<f64> = (0..cfg.head_dim / 2)
+            .map(|i| (cfg.rope_theta as f64).powf(-2.0 * i as f64 / cfg.head_dim as f64))
+            .collect();
+        let cache = match plan.n_slots {
+            0 => None,
+            n => Some(ExpertCache::new(&gpu, n, plan.slot_bytes as usize, cfg.n_experts_used)?),
+        };
+        let engine = CudaEngine {
+            token_embd: upload(&host.token_embd)?,
+            output_norm: gpu.stream.clone_htod(&host.output_norm)?,
+            output: upload(&host.output)?,
+            inv_freq: gpu.stream.clone_htod(&inv_freq)?,
+            buf: Buffers::new(&gpu, &cfg, &sizes)?,
+            layers,
+            cache,
+            host,
+            plan,
+            cfg,
+            ctx,
+            pos: 0,
+            gpu,
+        };
+        engine.gpu.sync()?;
+        Ok(engine)
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn device(&self) -> &DeviceInfo {
+        &self.gpu.info
+    }
+
+    /// One batch through every layer at positions `pos ..`; returns the logits `want` asks for.
+    fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        let (h, pos0) = (self.cfg.hidden_size, self.pos);
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        self.gpu.stream.memcpy_htod(&ids, &mut self.buf.tokens.slice_mut(..n))?;
+        self.gpu.embed(
+            &self.token_embd.view(),
+            &self.buf.tokens.slice(..n),
+            n,
+            &mut self.buf.x.slice_mut(..n * h),
+        )?;
+        for l in 0..self.layers.len() {
+            self.attention_block(l, n, pos0).with_context(|| format!("layer {l} attention"))?;
+            self.moe_block(l, n).with_context(|| format!("layer {l} experts"))?;
+        }
+        let (rows, first) = match want {
+            Logits::None => {
+                self.gpu.sync()?;
+                return Ok(Vec::new());
+            }
+            Logits::Last => (1, n - 1),
+            Logits::All => (n, 0),
+        };
+        let (gpu, b) = (&self.gpu, &mut self.buf);
+        gpu.rms_norm(
+            &b.x.slice(first * h..n * h),
+            &self.output_norm,
+            self.cfg.rms_norm_eps,
+            rows,
+            &mut b.xn.slice_mut(..rows * h),
+        )?;
+        let vocab = self.cfg.vocab_size;
+        product(
+            gpu,
+            &self.output.view(),
+            &b.xn.slice(..rows * h),
+            rows,
+            &mut b.logits.slice_mut(..rows * vocab),
+        )?;
+        let logits = gpu.stream.clone_dtoh(&b.logits.slice(..rows * vocab))?;
+        Ok(logits)
+    }
+
+    /// `x += Attn(RMSNorm(x))` for layer `l`, appending the new keys and values to its cache.
+    fn attention_block(&mut self, l: usize, n: usize, pos0: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        let (gpu, b, layer) = (&self.gpu, &mut self.buf, &mut self.layers[l]);
+        gpu.rms_norm(
+            &b.x.slice(..n * h),
+            &layer.attn_norm,
+            cfg.rms_norm_eps,
+            n,
+            &mut b.xn.slice_mut(..n * h),
+        )?;
+        let xn = b.xn.slice(..n * h);
+        product(gpu, &layer.q.view(), &xn, n, &mut b.q.slice_mut(..n * qd))?;
+        product(gpu, &layer.k.view(), &xn, n, &mut b.k.slice_mut(..n * kvd))?;
+        product(gpu, &layer.v.view(), &xn, n, &mut b.v.slice_mut(..n * kvd))?;
+        gpu.rope(&mut b.q.slice_mut(..n * qd), n, qd, cfg.head_dim, pos0, &self.inv_freq)?;
+        gpu.rope(&mut b.k.slice_mut(..n * kvd), n, kvd, cfg.head_dim, pos0, &self.inv_freq)?;
+        gpu.kv_store(
+            &b.k.slice(..n * kvd),
+            &b.v.slice(..n * kvd),
+            &mut layer.k_cache.slice_mut(..),
+            &mut layer.v_cache.slice_mut(..),
+            n,
+            kvd,
+            pos0,
+        )?;
+        let args = AttentionArgs {
+            n,
+            pos0,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        gpu.attention(
+            &args,
+            &b.q.slice(..n * qd),
+            &layer.k_cache.slice(..),
+            &layer.v_cache.slice(..),
+            &mut b.attention,
+            &mut b.att.slice_mut(..n * qd),
+        )?;
+        product(gpu, &layer.o.view(), &b.att.slice(..n * qd), n, &mut b.tmp.slice_mut(..n * h))?;
+        gpu.add(&mut b.x.slice_mut(..n * h), &b.tmp.slice(..n * h), n * h)
+    }
+
+    /// `x += MoE(RMSNorm(x))` for layer `l`.
+    fn moe_block(&mut self, l: usize, n: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, k, ne) = (cfg.hidden_size, cfg.n_experts_used, cfg.n_experts);
+        {
+            let (gpu, b, layer) = (&self.gpu, &mut self.buf, &self.layers[l]);
+            gpu.rms_norm(
+                &b.x.slice(..n * h),
+                &layer.ffn_norm,
+                cfg.rms_norm_eps,
+                n,
+                &mut b.xn.slice_mut(..n * h),
+            )?;
+            product(
+                gpu,
+                &layer.router.view(),
+                &b.xn.slice(..n * h),
+                n,
+                &mut b.router_logits.slice_mut(..n * ne),
+            )?;
+            gpu.route_top_k(
+                &b.router_logits.slice(..n * ne),
+                n,
+                ne,
+                k,
+                &mut b.ids.slice_mut(..n * k),
+                &mut b.route_weights.slice_mut(..n * k),
+            )?;
+        }
+        if n == 1 {
+            self.moe_decode(l)
+        } else {
+            self.moe_prompt(l, n)
+        }
+    }
+
+    /// One token: the k selected experts in one launch per matrix, ids read on the device. Experts not
+    /// in VRAM are fetched into cache slots first (the host reads the ids: one wait).
+    fn moe_decode(&mut self, l: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, k, f) = (cfg.hidden_size, cfg.n_experts_used, cfg.ffn_size);
+        if !self.layers[l].experts.all_resident() {
+            let ids: Vec<usize> = self
+                .gpu
+                .stream
+                .clone_dtoh(&self.buf.ids.slice(..k))?
+                .into_iter()
+                .map(|e| e as usize)
+                .collect();
+            self.fetch_into_table(l, &ids)?;
+        }
+        let (gpu, b, ex) = (&self.gpu, &mut self.buf, &self.layers[l].experts);
+        let ids = b.ids.slice(..k);
+        let [(gt, gr, gc), (ut, ur, uc), (dt, dr, dc)] = ex.shape.kinds;
+        gpu.matvec_experts(
+            &ex.table(0),
+            gt,
+            gr,
+            gc,
+            &ids,
+            &b.xn.slice(..h),
+            0,
+            &mut b.gate.slice_mut(..k * f),
+        )?;
+        gpu.matvec_experts(
+            &ex.table(1),
+            ut,
+            ur,
+            uc,
+            &ids,
+            &b.xn.slice(..h),
+            0,
+            &mut b.up.slice_mut(..k * f),
+        )?;
+        gpu.swiglu(&mut b.gate.slice_mut(..k * f), &b.up.slice(..k * f), k * f)?;
+        gpu.matvec_experts(
+            &ex.table(2),
+            dt,
+            dr,
+            dc,
+            &ids,
+            &b.gate.slice(..k * f),
+            f,
+            &mut b.y.slice_mut(..k * h),
+        )?;
+        gpu.moe_combine(&mut b.x.slice_mut(..h), &b.y.slice(..k * h), &b.route_weights.slice(..k), k, h)
+    }
+
+    /// Copies experts `ids` of layer `l` into cache slots where they are not resident and points the
+    /// layer's device table at them.
+    fn fetch_into_table(&mut self, l: usize, ids: &[usize]) -> Result<()> {
+        let missing: Vec<usize> =
+            ids.iter().copied().filter(|&e| self.layers[l].experts.resident[e].is_none()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let cache = self.cache.as_mut().context("experts outside VRAM but no expert cache")?;
+        let slots = cache.fetch(&self.gpu, l, &missing, &self.host.layers[l].experts)?;
+        let ex = &mut self.layers[l].experts;
+        let n = ex.n();
+        for (&e, &slot) in missing.iter().zip(&slots) {
+            let base = self.gpu.address(cache.slot(slot));
+            for kind in 0..3 {
+                ex.host_table[kind * n + e] = base + ex.layouts[e].offsets[kind] as u64;
+            }
+        }
+        self.gpu.stream.memcpy_htod(&ex.host_table, &mut ex.table)?;
+        Ok(())
+    }
+
+    /// A batch: tokens grouped by expert on the host, then per used expert the three products over its
+    /// tokens only and a weighted scatter back into `x`.
+    fn moe_prompt(&mut self, l: usize, n: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, k, f) = (cfg.hidden_size, cfg.n_experts_used, cfg.ffn_size);
+        let ids = self.gpu.stream.clone_dtoh(&self.buf.ids.slice(..n * k))?;
+        let weights = self.gpu.stream.clone_dtoh(&self.buf.route_weights.slice(..n * k))?;
+        // groups[e] = (offset into the gather list, number of tokens).
+        let mut gather = Vec::with_capacity(n * k);
+        let mut gather_weights = Vec::with_capacity(n * k);
+        let mut groups = Vec::new();
+        for e in 0..cfg.n_experts {
+            let start = gather.len();
+            for (i, (&id, &w)) in ids.iter().zip(&weights).enumerate() {
+                if id as usize == e {
+                    gather.push((i / k) as i32);
+                    gather_weights.push(w);
+                }
+            }
+            if gather.len() > start {
+                groups.push((e, start, gather.len() - start));
+            }
+        }
+        ensure!(gather.len() == n * k, "router produced an expert id out of range");
+        self.gpu.stream.memcpy_htod(&gather, &mut self.buf.gather.slice_mut(..n * k))?;
+        self.gpu.stream.memcpy_htod(&gather_weights, &mut self.buf.gather_weights.slice_mut(..n * k))?;
+        for (e, start, m) in groups {
+            let slot = match self.layers[l].experts.resident[e] {
+                Some(_) => None,
+                None => {
+                    let cache = self.cache.as_mut().context("experts outside VRAM but no expert cache")?;
+                    Some(cache.fetch(&self.gpu, l, &[e], &self.host.layers[l].experts)?[0])
+                }
+            };
+            let ex = &self.layers[l].experts;
+            let buf = match (slot, &ex.resident[e]) {
+                (Some(s), _) => self.cache.as_ref().map(|c| c.slot(s)),
+                (None, r) => r.as_ref(),
+            };
+            let buf = buf.context("expert buffer missing")?;
+            let (gpu, b) = (&self.gpu, &mut self.buf);
+            let tokens = b.gather.slice(start..start + m);
+            let xn = b.xn.slice(..n * h);
+            gpu.matmul(&ex.matrix(buf, e, 0), &xn, Some(&tokens), m, &mut b.gate.slice_mut(..m * f))?;
+            gpu.matmul(&ex.matrix(buf, e, 1), &xn, Some(&tokens), m, &mut b.up.slice_mut(..m * f))?;
+            gpu.swiglu(&mut b.gate.slice_mut(..m * f), &b.up.slice(..m * f), m * f)?;
+            gpu.matmul(&ex.matrix(buf, e, 2), &b.gate.slice(..m * f), None, m, &mut b.y.slice_mut(..m * h))?;
+            gpu.scatter_add(
+                &mut b.x.slice_mut(..n * h),
+                &b.y.slice(..m * h),
+                &tokens,
+                &b.gather_weights.slice(start..start + m),
+                m,
+                h,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `y = x W^T` for `n` rows: the matrix-vector kernel for one token, the tensor-core kernel otherwise.
+fn product(gpu: &Gpu, w: &WeightView, x: &CudaView<f32>, n: usize, y: &mut CudaViewMut<f32>) -> Result<()> {
+    if n == 1 {
+        gpu.matvec(w, x, y)
+    } else {
+        gpu.matmul(w, x, None, n, y)
+    }
+}
+
+impl Engine for CudaEngine<'_> {
+    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        ensure!(!tokens.is_empty(), "no tokens to process");
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary of {} tokens", self.cfg.vocab_size);
+        }
+        let start = self.pos;
+        ensure!(
+            start + tokens.len() <= self.ctx,
+            "{} new tokens after {start} do not fit in the context of {} tokens",
+            tokens.len(),
+            self.ctx
+        );
+        let mut logits = Vec::new();
+        let n_batches = tokens.len().div_ceil(MAX_BATCH);
+        for (i, batch) in tokens.chunks(MAX_BATCH).enumerate() {
+            let want = match (all_logits, i + 1 == n_batches) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
+            };
+            match self.run(batch, want) {
+                Ok(batch_logits) => {
+                    logits.extend(batch_logits);
+                    self.pos += batch.len();
+                }
+                Err(e) => {
+                    self.pos = start;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(logits)
+    }
+
+    fn position(&self) -> usize {
+        self.pos
+    }
+
+    fn context_size(&self) -> usize {
+        self.ctx
+    }
+
+    fn truncate(&mut self, n: usize) {
+        self.pos = self.pos.min(n);
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn stats_line(&self) -> Option<String> {
+        let experts =
+            format!("{}/{} experts in VRAM", self.plan.resident_experts(), self.plan.total_experts());
+        Some(match &self.cache {
+            Some(c) => format!("cuda: {}, {experts}, {}", self.gpu.info, c.stats()),
+            None => format!("cuda: {}, {experts}", self.gpu.info),
+        })
+    }
+}

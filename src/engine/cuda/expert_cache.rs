@@ -1,0 +1,217 @@
+//! VRAM slots for the experts the placement plan left in host memory: an expert is copied into a slot
+//! when the router picks it and stays there until the least recently used slot is needed for another.
+//! Copies are staged through pinned host buffers (page-locked memory is what lets the GPU's copy
+//! engine read at full PCIe speed) and run on the copy stream; the compute stream waits for them with
+//! an event, so they overlap whatever compute was queued before.
+
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{CudaSlice, PinnedHostSlice};
+
+use super::device::Gpu;
+use crate::model::weights::ExpertWeights;
+use crate::placement::ExpertLayout;
+
+/// (layer, expert).
+pub type ExpertKey = (usize, usize);
+
+/// Outcome of [`SlotLru::get`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The expert is already in this slot.
+    Hit(usize),
+    /// The expert now owns this slot and must be copied into it; `evicted` was there before.
+    Miss { slot: usize, evicted: Option<ExpertKey> },
+}
+
+/// Least-recently-used bookkeeping of the slots (no GPU involved).
+#[derive(Debug)]
+pub struct SlotLru {
+    slots: Vec<Option<ExpertKey>>,
+    last_use: Vec<u64>,
+    clock: u64,
+    hits: u64,
+    misses: u64,
+}
+
+impl SlotLru {
+    pub fn new(n_slots: usize) -> SlotLru {
+        SlotLru { slots: vec![None; n_slots], last_use: vec![0; n_slots], clock: 0, hits: 0, misses: 0 }
+    }
+
+    /// The slot of `key`, or the least recently used slot (empty ones first) whose expert is not in
+    /// `keep` (the other experts the current step needs), now assigned to `key`.
+    pub fn get(&mut self, key: ExpertKey, keep: &[ExpertKey]) -> Result<Lookup> {
+        self.clock += 1;
+        if let Some(slot) = self.slots.iter().position(|s| *s == Some(key)) {
+            self.last_use[slot] = self.clock;
+            self.hits += 1;
+            return Ok(Lookup::Hit(slot));
+        }
+        let victim = (0..self.slots.len())
+            .filter(|&s| self.slots[s].is_none_or(|k| !keep.contains(&k)))
+            .min_by_key(|&s| (self.slots[s].is_some(), self.last_use[s]));
+        let Some(slot) = victim else {
+            bail!("all {} expert slots hold experts needed by the same step", self.slots.len());
+        };
+        let evicted = self.slots[slot].replace(key);
+        self.last_use[slot] = self.clock;
+        self.misses += 1;
+        Ok(Lookup::Miss { slot, evicted })
+    }
+
+    /// Empties `slot` (its copy failed, so its contents are not `key`'s).
+    pub fn forget(&mut self, slot: usize) {
+        self.slots[slot] = None;
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    pub fn misses(&self) -> u64 {
+        self.misses
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// The slots on the device and the pinned buffers their copies go through.
+pub struct ExpertCache {
+    slots: Vec<CudaSlice<u8>>,
+    staging: Vec<PinnedHostSlice<u8>>,
+    lru: SlotLru,
+    bytes_copied: u64,
+}
+
+impl ExpertCache {
+    /// `n_slots` slots of `slot_bytes` bytes and `n_staging` pinned buffers (one per expert a step may
+    /// copy at once, so that the second copy does not wait for the first).
+    pub fn new(gpu: &Gpu, n_slots: usize, slot_bytes: usize, n_staging: usize) -> Result<ExpertCache> {
+        let slots = (0..n_slots)
+            .map(|_| gpu.copy_stream.alloc_zeros::<u8>(slot_bytes))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .with_context(|| format!("allocating {n_slots} expert slots of {slot_bytes} bytes"))?;
+        let staging = (0..n_staging.max(1))
+            // SAFETY: the buffers are written in full before each copy reads them.
+            .map(|_| unsafe { gpu.ctx.alloc_pinned::<u8>(slot_bytes) })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .context("allocating pinned staging buffers")?;
+        Ok(ExpertCache { slots, staging, lru: SlotLru::new(n_slots), bytes_copied: 0 })
+    }
+
+    /// Makes experts `ids` of `layer` available in slots and returns each one's slot. Missing experts
+    /// are copied on the copy stream; the compute stream waits for the copies before what it runs next.
+    pub fn fetch(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        ids: &[usize],
+        experts: &[ExpertWeights],
+    ) -> Result<Vec<usize>> {
+        let keep: Vec<ExpertKey> = ids.iter().map(|&e| (layer, e)).collect();
+        // Slots about to be overwritten may still be read by queued kernels.
+        gpu.copy_stream.wait(&gpu.stream.record_event(None)?)?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut copied = false;
+        for (i, &e) in ids.iter().enumerate() {
+            let slot = match self.lru.get((layer, e), &keep)? {
+                Lookup::Hit(slot) => slot,
+                Lookup::Miss { slot, .. } => {
+                    let staging = i % self.staging.len();
+                    if let Err(err) = self.copy(gpu, staging, slot, &experts[e]) {
+                        self.lru.forget(slot);
+                        return Err(err.context(format!("copying expert {e} of layer {layer} to the GPU")));
+                    }
+                    copied = true;
+                    slot
+                }
+            };
+            out.push(slot);
+        }
+        if copied {
+            gpu.stream.wait(&gpu.copy_stream.record_event(None)?)?;
+        }
+        Ok(out)
+    }
+
+    fn copy(&mut self, gpu: &Gpu, staging: usize, slot: usize, expert: &ExpertWeights) -> Result<()> {
+        let layout = ExpertLayout::of(expert);
+        ensure!(
+            layout.bytes <= self.slots[slot].len(),
+            "expert of {} bytes exceeds the slot size",
+            layout.bytes
+        );
+        let buf = &mut self.staging[staging];
+        // Waits until the previous copy out of this buffer is done.
+        let host = buf.as_mut_slice()?;
+        for (m, off) in [expert.gate, expert.up, expert.down].iter().zip(layout.offsets) {
+            host[off..off + m.data.len()].copy_from_slice(m.data);
+        }
+        let mut dst = self.slots[slot].slice_mut(..layout.bytes);
+        gpu.copy_stream.memcpy_htod(&buf.as_slice()?[..layout.bytes], &mut dst)?;
+        self.bytes_copied += layout.bytes as u64;
+        Ok(())
+    }
+
+    pub fn slot(&self, slot: usize) -> &CudaSlice<u8> {
+        &self.slots[slot]
+    }
+
+    pub fn stats(&self) -> String {
+        let (h, m) = (self.lru.hits(), self.lru.misses());
+        let rate = if h + m == 0 { 0.0 } else { 100.0 * h as f64 / (h + m) as f64 };
+        format!(
+            "expert cache: {} slots, {h} hits, {m} misses ({rate:.1}% hits), {:.2} GiB copied",
+            self.lru.len(),
+            self.bytes_copied as f64 / (1u64 << 30) as f64
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_misses_and_least_recently_used_eviction() {
+        let mut lru = SlotLru::new(3);
+        assert_eq!(lru.get((0, 1), &[]).unwrap(), Lookup::Miss { slot: 0, evicted: None });
+        assert_eq!(lru.get((0, 2), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: None });
+        assert_eq!(lru.get((1, 5), &[]).unwrap(), Lookup::Miss { slot: 2, evicted: None });
+        assert_eq!(lru.get((0, 1), &[]).unwrap(), Lookup::Hit(0));
+        // (0, 2) is now the least recently used.
+        assert_eq!(lru.get((2, 0), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((0, 2)) });
+        assert_eq!(lru.get((1, 5), &[]).unwrap(), Lookup::Hit(2));
+        assert_eq!(lru.get((0, 2), &[]).unwrap(), Lookup::Miss { slot: 0, evicted: Some((0, 1)) });
+        assert_eq!((lru.hits(), lru.misses()), (2, 5));
+    }
+
+    #[test]
+    fn experts_of_the_current_step_are_never_evicted() {
+        let mut lru = SlotLru::new(2);
+        lru.get((3, 0), &[]).unwrap();
+        lru.get((3, 1), &[]).unwrap();
+        // (3, 0) is least recently used but kept: (3, 1)'s slot goes instead.
+        let got = lru.get((4, 7), &[(3, 0), (4, 7)]).unwrap();
+        assert_eq!(got, Lookup::Miss { slot: 1, evicted: Some((3, 1)) });
+        let err = lru.get((5, 5), &[(3, 0), (4, 7)]).unwrap_err().to_string();
+        assert!(err.contains("slots"), "{err}");
+    }
+
+    #[test]
+    fn a_forgotten_slot_is_reused_first() {
+        let mut lru = SlotLru::new(2);
+        lru.get((0, 0), &[]).unwrap();
+        lru.get((0, 1), &[]).unwrap();
+        lru.get((0, 0), &[]).unwrap();
+        lru.forget(0);
+        assert_eq!(lru.get((1, 1), &[]).unwrap(), Lookup::Miss { slot: 0, evicted: None });
+        assert_eq!(lru.get((0, 0), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((0, 1)) });
+    }
+}

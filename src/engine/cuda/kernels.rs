@@ -1,0 +1,166 @@
+//! The CUDA kernels: sources embedded in the binary, compiled at run time by NVRTC for the GPU present
+//! and cached on disk, so that neither building nor running mixtral-q needs the CUDA toolkit.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use super::nvrtc::Nvrtc;
+use crate::format::GgmlType;
+
+/// Prepended to every kernel file: types, f16 conversions and the ggml block decoders.
+const PRELUDE: &str = include_str!("../../../kernels/common.cuh");
+
+/// Every kernel file: (name, source without the prelude).
+pub const SOURCES: [(&str, &str); 4] = [
+    ("matvec.cu", include_str!("../../../kernels/matvec.cu")),
+    ("matmul.cu", include_str!("../../../kernels/matmul.cu")),
+    ("ops.cu", include_str!("../../../kernels/ops.cu")),
+    ("attention.cu", include_str!("../../../kernels/attention.cu")),
+];
+
+/// The architectures mixtral-q supports (`sm_75`, Turing, and newer: `mma.sync` m16n8k8 needs sm_75).
+pub const MIN_ARCH: u32 = 75;
+
+/// NVRTC options for every kernel. No fast-math: results are compared with the CPU engine.
+const OPTIONS: [&str; 1] = ["--std=c++17"];
+
+/// The full source NVRTC compiles for file `name` (the prelude, then the file).
+pub fn full_source(source: &str) -> String {
+    format!("{PRELUDE}\n{source}")
+}
+
+/// Compiles one kernel file for `sm_{arch}` (no cache).
+pub fn compile(name: &str, source: &str, arch: u32) -> Result<Vec<u8>> {
+    Nvrtc::get()?.compile(name, &full_source(source), arch, &OPTIONS)
+}
+
+/// The cubin of kernel file `name` for `sm_{arch}`: from the disk cache when the same source was
+/// compiled for the same architecture by the same NVRTC, else compiled and stored there. A cache that
+/// cannot be written is not an error (the kernels are just compiled again next time).
+pub fn cubin(name: &str, source: &str, arch: u32) -> Result<Vec<u8>> {
+    let nvrtc = Nvrtc::get()?;
+    let key = cache_key(source, arch, nvrtc.version());
+    let dir = cache_dir();
+    let path =
+        dir.as_ref().map(|d| d.join(format!("{}-sm_{arch}-{key:016x}.cubin", name.trim_end_matches(".cu"))));
+    if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        return Ok(bytes);
+    }
+    let bytes = compile(name, source, arch)?;
+    if let (Some(dir), Some(path)) = (&dir, &path) {
+        let _ = store(dir, path, &bytes);
+    }
+    Ok(bytes)
+}
+
+/// Writes atomically (temporary file, then rename), so that a concurrent reader never sees half a cubin.
+fn store(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::fs::write(tmp.path(), bytes)?;
+    tmp.persist(path).with_context(|| format!("storing {}", path.display()))?;
+    Ok(())
+}
+
+/// `$MIXTRAL_Q_CACHE/kernels`, else `$XDG_CACHE_HOME/mixtral-q/kernels`, else `~/.cache/mixtral-q/kernels`.
+pub fn cache_dir() -> Option<PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(root) = var("MIXTRAL_Q_CACHE") {
+        return Some(root.join("kernels"));
+    }
+    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
+    Some(cache.join("mixtral-q").join("kernels"))
+}
+
+/// FNV-1a (64 bits) of everything that determines the cubin: the full source, the options, the
+/// architecture and the NVRTC version. Stable across Rust releases, unlike `DefaultHasher`.
+pub fn cache_key(source: &str, arch: u32, nvrtc_version: (i32, i32)) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    let parts = [PRELUDE, source, &OPTIONS.join(" "), &format!("sm_{arch} nvrtc {nvrtc_version:?}")];
+    for part in parts {
+        for &b in part.as_bytes().iter().chain(&[0u8]) {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+/// The kernel names of each kernel file (the per-type ones with their suffix).
+pub fn kernel_names(file: &str) -> Vec<String> {
+    let per_type = |prefix: &str| -> Vec<String> {
+        crate::model::weights::SUPPORTED_TYPES
+            .iter()
+            .filter_map(|&t| type_suffix(t))
+            .map(|s| format!("{prefix}_{s}"))
+            .collect()
+    };
+    match file {
+        "matvec.cu" => [per_type("matvec"), per_type("matvec_experts")].concat(),
+        "matmul.cu" => per_type("matmul"),
+        "ops.cu" => {
+            let fixed = [
+                "rms_norm",
+                "rope",
+                "swiglu",
+                "add_in_place",
+                "route_top_k",
+                "moe_combine",
+                "scatter_add",
+                "kv_store",
+            ];
+            [fixed.iter().map(|s| s.to_string()).collect(), per_type("embed")].concat()
+        }
+        "attention.cu" => vec!["attention_partial".into(), "attention_merge".into()],
+        _ => Vec::new(),
+    }
+}
+
+/// Kernel-name suffix of a weight type (`matvec_q4_k`, ...), as in `FOR_EACH_WEIGHT_TYPE` of common.cuh.
+pub fn type_suffix(ty: GgmlType) -> Option<&'static str> {
+    use GgmlType::*;
+    Some(match ty {
+        F32 => "f32",
+        F16 => "f16",
+        BF16 => "bf16",
+        Q4_0 => "q4_0",
+        Q4_1 => "q4_1",
+        Q5_0 => "q5_0",
+        Q5_1 => "q5_1",
+        Q8_0 => "q8_0",
+        Q4_K => "q4_k",
+        Q5_K => "q5_k",
+        Q6_K => "q6_k",
+        Q8_1 | Q2_K | Q3_K | Q8_K => return None,
+    })
+}
+
+/// Values per kernel block of a weight type (`BLOCK` in common.cuh): rows must be whole blocks.
+pub fn kernel_block_len(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::F32 => 4,
+        GgmlType::F16 | GgmlType::BF16 => 8,
+        other => other.block_len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_depends_on_source_arch_and_version() {
+        let k = cache_key("a", 80, (12, 9));
+        assert_eq!(k, cache_key("a", 80, (12, 9)));
+        assert_ne!(k, cache_key("b", 80, (12, 9)));
+        assert_ne!(k, cache_key("a", 86, (12, 9)));
+        assert_ne!(k, cache_key("a", 80, (12, 8)));
+    }
+
+    #[test]
+    fn every_supported_type_has_kernels() {
+        for ty in crate::model::weights::SUPPORTED_TYPES {
+            assert!(type_suffix(ty).is_some(), "{ty}");
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The placement plan: given a VRAM budget, what lives on the GPU and what stays in host memory.
+//!
+//! First the parts every token needs: attention, norms, routers, embeddings, output head, the f16 KV
+//! cache and the activation scratch. Then experts one by one (expert 0 of every layer, then expert 1 of
+//! every layer, ...: each layer keeps a similar share resident) while they fit, after reserving enough
+//! cache slots for the experts left in host memory (at least the `n_experts_used` that one layer needs at
+//! once); memory left over becomes more slots. Pure arithmetic: the engine allocates what the plan says.
+
+use std::fmt;
+
+use anyhow::{bail, Result};
+
+use crate::model::weights::{ExpertWeights, ModelWeights};
+use crate::model::ModelConfig;
+
+/// VRAM left free by default for the CUDA context, the driver and fragmentation.
+pub const DEFAULT_RESERVE: u64 = 768 << 20;
+
+/// Alignment of each matrix inside an expert's buffer (kernels use 16-byte loads; 256 = cudaMalloc's).
+pub const ALIGN: usize = 256;
+
+/// The default budget on a device with `free_bytes` of free VRAM.
+pub fn default_budget(free_bytes: u64) -> u64 {
+    free_bytes.saturating_sub(DEFAULT_RESERVE)
+}
+
+/// Where an expert's three matrices (gate, up, down) sit in its one device buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertLayout {
+    pub offsets: [usize; 3],
+    pub bytes: usize,
+}
+
+impl ExpertLayout {
+    pub fn of(expert: &ExpertWeights) -> ExpertLayout {
+        Self::from_sizes([expert.gate.data.len(), expert.up.data.len(), expert.down.data.len()])
+    }
+
+    pub fn from_sizes(sizes: [usize; 3]) -> ExpertLayout {
+        let mut offsets = [0; 3];
+        let mut end = 0;
+        for (o, s) in offsets.iter_mut().zip(sizes) {
+            *o = end;
+            end = (end + s).next_multiple_of(ALIGN);
+        }
+        ExpertLayout { offsets, bytes: end }
+    }
+}
+
+/// Byte counts the plan is made from.
+#[derive(Clone, Debug)]
+pub struct ModelSizes {
+    /// Everything but the experts: attention, norms, routers, token embeddings, output head.
+    pub dense: u64,
+    /// `[layer][expert]`: bytes of each expert's buffer (see [`ExpertLayout`]).
+    pub experts: Vec<Vec<u64>>,
+    pub kv_cache: u64,
+    /// Activations and other per-call buffers of the engine.
+    pub scratch: u64,
+    pub n_experts_used: usize,
+}
+
+impl ModelSizes {
+    /// The sizes of a loaded model with a KV cache of `ctx` tokens and `scratch` bytes of buffers.
+    pub fn of(weights: &ModelWeights, cfg: &ModelConfig, ctx: usize, scratch: u64) -> ModelSizes {
+        let norms = (2 * cfg.n_layers + 1) * cfg.hidden_size * 4;
+        let mut dense = weights.token_embd.data.len() + weights.output.data.len() + norms;
+        for l in &weights.layers {
+            dense += [l.attn_q, l.attn_k, l.attn_v, l.attn_output, l.router]
+                .iter()
+                .map(|m| m.data.len())
+                .sum::<usize>();
+        }
+        ModelSizes {
+            dense: dense as u64,
+            experts: weights
+                .layers
+                .iter()
+                .map(|l| l.experts.iter().map(|e| ExpertLayout::of(e).bytes as u64).collect())
+                .collect(),
+            kv_cache: kv_cache_bytes(cfg, ctx),
+            scratch,
+            n_experts_used: cfg.n_experts_used,
+        }
+    }
+}
+
+/// Bytes of an f16 KV cache of `ctx` tokens.
+pub fn kv_cache_bytes(cfg: &ModelConfig, ctx: usize) -> u64 {
+    2 * cfg.n_layers as u64 * ctx as u64 * cfg.kv_dim() as u64 * 2
+}
+
+/// What lives where.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub budget: u64,
+    pub dense: u64,
+    pub kv_cache: u64,
+    pub scratch: u64,
+    /// `[layer][expert]`: true when the expert is uploaded at load and stays in VRAM.
+    pub resident: Vec<Vec<bool>>,
+    pub resident_bytes: u64,
+    /// VRAM slots that host-resident experts are copied into on demand (0 when all are resident).
+    pub n_slots: usize,
+    pub slot_bytes: u64,
+}
+
+impl Plan {
+    pub fn new(sizes: &ModelSizes, budget: u64) -> Result<Plan> {
+        let base = sizes.dense + sizes.kv_cache + sizes.scratch;
+        let all_experts: u64 = sizes.experts.iter().flatten().sum();
+        let largest = sizes.experts.iter().flatten().copied().max().unwrap_or(0);
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let mut plan = Plan {
+            budget,
+            dense: sizes.dense,
+            kv_cache: sizes.kv_cache,
+            scratch: sizes.scratch,
+            resident: sizes.experts.iter().map(|l| vec![false; l.len()]).collect(),
+            resident_bytes: 0,
+            n_slots: 0,
+            slot_bytes: 0,
+        };
+        if base + all_experts <= budget {
+            plan.resident.iter_mut().flatten().for_each(|r| *r = true);
+            plan.resident_bytes = all_experts;
+            return Ok(plan);
+        }
+        let min_slots = sizes.n_experts_used.max(1) as u64;
+        if base + min_slots * largest > budget {
+            bail!(
+                "a VRAM budget of {:.2} GiB is too small: attention, KV cache and buffers take {:.2} GiB, \
+                 plus {:.2} GiB for {min_slots} expert slots (use a smaller --ctx, or the CPU)",
+                gib(budget),
+                gib(base),
+                gib(min_slots * largest)
+            );
+        }
+        let mut left = budget - base - min_slots * largest;
+        let n_experts = sizes.experts.iter().map(Vec::len).max().unwrap_or(0);
+        for e in 0..n_experts {
+            for (l, layer) in sizes.experts.iter().enumerate() {
+                if let Some(&bytes) = layer.get(e) {
+                    if bytes <= left {
+                        left -= bytes;
+                        plan.resident[l][e] = true;
+                        plan.resident_bytes += bytes;
+                    }
+                }
+            }
+        }
+        plan.slot_bytes = largest;
+        plan.n_slots = (min_slots + left / largest.max(1)) as usize;
+        Ok(plan)
+    }
+
+    pub fn resident_experts(&self) -> usize {
+        self.resident.iter().flatten().filter(|&&r| r).count()
+    }
+
+    pub fn total_experts(&self) -> usize {
+        self.resident.iter().map(Vec::len).sum()
+    }
+
+    pub fn all_resident(&self) -> bool {
+        self.n_slots == 0
+    }
+
+    /// VRAM the plan uses in total.
+    pub fn vram_bytes(&self) -> u64 {
+        self.dense
+            + self.kv_cache
+            + self.scratch
+            + self.resident_bytes
+            + self.n_slots as u64 * self.slot_bytes
+    }
+}
+
+/// The summary printed at load.
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        writeln!(f, "VRAM plan: {:.2} of {:.2} GiB budget", gib(self.vram_bytes()), gib(self.budget))?;
+        writeln!(
+            f,
+            "  attention, norms, routers, embeddings, output: {:.2} GiB; KV cache (f16): {:.2} GiB; buffers: {:.2} GiB",
+            gib(self.dense),
+            gib(self.kv_cache),
+            gib(self.scratch)
+        )?;
+        write!(
+            f,
+            "  experts in VRAM: {} of {} ({:.2} GiB)",
+            self.resident_experts(),
+            self.total_experts(),
+            gib(self.resident_bytes)
+        )?;
+        if self.n_slots > 0 {
+            write!(
+                f,
+                "; the other {} stay in host memory, streamed through {} cache slots ({:.2} GiB)",
+                self.total_experts() - self.resident_experts(),
+                self.n_slots,
+                gib(self.n_slots as u64 * self.slot_bytes)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::GgmlType;
+    use crate::model::names::LayerTensor;
+
+    const GIB: u64 = 1 << 30;
+
+    /// Mixtral-8x7B as llama.cpp's Q4_K_M lays it out (experts Q4_K, attention q Q4_K, k/v Q8_0,
+    /// output Q5_K, embeddings Q4_K, head Q6_K), with a 4096-token context.
+    fn mixtral_sizes() -> ModelSizes {
+        let cfg = ModelConfig::mixtral_8x7b(32);
+        let bytes = |ty: GgmlType, rows: usize, cols: usize| (rows * ty.bytes_for(cols).unwrap()) as u64;
+        let (h, f) = (cfg.hidden_size, cfg.ffn_size);
+        let attn = bytes(GgmlType::Q4_K, cfg.q_dim(), h)
+            + 2 * bytes(GgmlType::Q8_0, cfg.kv_dim(), h)
+            + bytes(GgmlType::Q5_K, h, cfg.q_dim())
+            + bytes(GgmlType::F32, cfg.n_experts, h);
+        let dense = cfg.n_layers as u64 * attn
+            + bytes(GgmlType::Q4_K, cfg.vocab_size, h)
+            + bytes(GgmlType::Q6_K, cfg.vocab_size, h);
+        let shape = cfg.layer_tensor_shape(LayerTensor::FfnGateExps);
+        assert_eq!(shape, vec![f, h]);
+        let expert = ExpertLayout::from_sizes([
+            bytes(GgmlType::Q4_K, f, h) as usize,
+            bytes(GgmlType::Q4_K, f, h) as usize,
+            bytes(GgmlType::Q4_K, h, f) as usize,
+        ]);
+        ModelSizes {
+            dense,
+            experts: vec![vec![expert.bytes as u64; 8]; 32],
+            kv_cache: kv_cache_bytes(&cfg, 4096),
+            scratch: 256 << 20,
+            n_experts_used: 2,
+        }
+    }
+
+    #[test]
+    fn mixtral_expert_is_about_99_mb_and_kv_cache_128_kib_per_token() {
+        let s = mixtral_sizes();
+        let e = s.experts[0][0] as f64 / 1e6;
+        assert!((e - 99.1).abs() < 0.5, "{e} MB");
+        assert_eq!(s.kv_cache, 4096 * 128 * 1024);
+    }
+
+    #[test]
+    fn a_24_gb_card_keeps_some_experts_on_the_host() {
+        let s = mixtral_sizes();
+        let plan = Plan::new(&s, 24 * GIB).unwrap();
+        let resident = plan.resident_experts();
+        assert!(resident > 150 && resident < 256, "{resident}");
+        assert!(plan.n_slots >= 2);
+        assert!(plan.vram_bytes() <= 24 * GIB);
+        // Nothing more fits: one more expert would break the budget.
+        assert!(plan.vram_bytes() + s.experts[0][0] > 24 * GIB);
+        // Spread over the layers: every layer keeps within one expert of the others.
+        let per_layer: Vec<usize> = plan.resident.iter().map(|l| l.iter().filter(|&&r| r).count()).collect();
+        let (lo, hi) = (per_layer.iter().min().unwrap(), per_layer.iter().max().unwrap());
+        assert!(hi - lo <= 1, "{per_layer:?}");
+        let summary = plan.to_string();
+        assert!(summary.contains(&format!("experts in VRAM: {resident} of 256")), "{summary}");
+        assert!(summary.contains("host memory"), "{summary}");
+    }
+
+    #[test]
+    fn an_80_gb_card_holds_everything() {
+        let s = mixtral_sizes();
+        let plan = Plan::new(&s, 80 * GIB).unwrap();
+        assert!(plan.all_resident());
+        assert_eq!(plan.resident_experts(), 256);
+        assert_eq!(plan.n_slots, 0);
+        assert!(plan.vram_bytes() < 80 * GIB && plan.vram_bytes() > 24 * GIB);
+        assert!(!plan.to_string().contains("host memory"));
+    }
+
+    #[test]
+    fn a_small_budget_streams_every_expert_and_a_tiny_one_is_refused() {
+        let s = mixtral_sizes();
+        let base = s.dense + s.kv_cache + s.scratch;
+        let plan = Plan::new(&s, base + 2 * s.experts[0][0] + 10).unwrap();
+        assert_eq!((plan.resident_experts(), plan.n_slots), (0, 2));
+        let plan = Plan::new(&s, base + 5 * s.experts[0][0]).unwrap();
+        assert_eq!(plan.resident_experts() + plan.n_slots, 5);
+        let err = Plan::new(&s, base).unwrap_err().to_string();
+        assert!(err.contains("too small"), "{err}");
+    }
+
+    #[test]
+    fn layout_aligns_every_matrix() {
+        let l = ExpertLayout::from_sizes([1000, 256, 10]);
+        assert_eq!(l.offsets, [0, 1024, 1280]);
+        assert_eq!(l.bytes, 1536);
+    }
+}
