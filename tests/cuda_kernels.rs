@@ -1,0 +1,542 @@
+//! The CUDA kernels against the CPU's math, and the whole CUDA engine against the CPU engine. Needs an
+//! NVIDIA GPU: without one every test prints "SKIPPED: no CUDA GPU: <test>" and returns (a skip, not a
+//! pass: read the output). Inputs are fresh random numbers on every run; every output buffer is filled
+//! with NaN before the launch, one element longer than the kernel should write, so unwritten elements
+//! and writes past the end are caught; NaN never passes a comparison. Set MIXTRAL_Q_REQUIRE_GPU=1 to
+//! turn the skip into a failure (on a machine that has a GPU, so a broken driver setup cannot hide).
+//!
+//! Tolerances (relative to `S = Σ|w·x|` of each dot product, the scale of its rounding error):
+//! f32 kernels (matvec) 1e-5·S; f16 tensor-core tiles (matmul: weights and activations rounded to f16)
+//! 2e-3·S; attention over the f16 cache (reference reads the same f16 values) 5e-4 absolute.
+
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use half::f16;
+use mixtral_q::engine::cpu::CpuEngine;
+use mixtral_q::engine::cuda::{
+    self, AttentionArgs, AttentionScratch, CudaEngine, CudaOptions, Gpu, WeightView,
+};
+use mixtral_q::engine::Engine;
+use mixtral_q::format::{codec, GgmlType};
+use mixtral_q::model::weights::{Model, SUPPORTED_TYPES};
+use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
+use rand::Rng;
+
+/// The GPU, or `None` after printing the loud skip line.
+fn gpu(test: &str) -> Option<Gpu> {
+    match cuda::cuda_available() {
+        Ok(info) => {
+            eprintln!("{test}: on {info}");
+            Some(Gpu::new(info.ordinal).unwrap_or_else(|e| panic!("{e:#}")))
+        }
+        Err(e) if std::env::var_os("MIXTRAL_Q_REQUIRE_GPU").is_some_and(|v| v == "1") => {
+            panic!("MIXTRAL_Q_REQUIRE_GPU=1 but no CUDA GPU: {e:#}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: no CUDA GPU: {test} ({e:#})");
+            None
+        }
+    }
+}
+
+fn random(n: usize, scale: f32) -> Vec<f32> {
+    let mut rng = rand::rng();
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn upload<T: DeviceRepr>(gpu: &Gpu, data: &[T]) -> CudaSlice<T> {
+    gpu.stream.clone_htod(data).unwrap()
+}
+
+/// `len + 1` NaNs: the extra one must survive every launch.
+fn poisoned(gpu: &Gpu, len: usize) -> CudaSlice<f32> {
+    upload(gpu, &vec![f32::NAN; len + 1])
+}
+
+fn download(gpu: &Gpu, buf: &CudaSlice<f32>) -> Vec<f32> {
+    gpu.stream.clone_dtoh(buf).unwrap()
+}
+
+/// Asserts `got[i]` is within `tol[i]` of `want[i]` (NaN fails), and that the poisoned element after
+/// the output is still NaN.
+fn check(what: &str, got: &[f32], want: &[f64], tol: &[f64]) {
+    assert_eq!(got.len(), want.len() + 1, "{what}");
+    assert!(got[want.len()].is_nan(), "{what}: the kernel wrote past the end of its output");
+    let mut worst = (0.0f64, 0usize);
+    for (i, ((&g, &w), &t)) in got.iter().zip(want).zip(tol).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(err <= t, "{what}: element {i}: got {g}, want {w} (tolerance {t:e})");
+        let ratio = err / t.max(f64::MIN_POSITIVE);
+        if ratio > worst.0 {
+            worst = (ratio, i);
+        }
+    }
+    eprintln!(
+        "{what}: {} values, worst error {:.3} of the tolerance (element {})",
+        want.len(),
+        worst.0,
+        worst.1
+    );
+}
+
+/// Random bytes in `ty`'s block layout with finite, moderate scales: every bit pattern of the
+/// quantized values, none of the NaN/Inf scales random f16 bytes would produce.
+fn random_weights(ty: GgmlType, n: usize) -> Vec<u8> {
+    let mut rng = rand::rng();
+    let scale =
+        |rng: &mut rand::rngs::ThreadRng| f16::from_f32(rng.random_range(-0.02..0.02f32)).to_le_bytes();
+    match ty {
+        GgmlType::F32 => return random(n, 1.0).iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => {
+            return random(n, 1.0).iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect()
+        }
+        GgmlType::BF16 => {
+            return random(n, 1.0).iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()
+        }
+        _ => {}
+    }
+    let mut bytes: Vec<u8> = (0..ty.bytes_for(n).unwrap()).map(|_| rng.random()).collect();
+    let scale_offsets: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        other => panic!("no random blocks for {other}"),
+    };
+    for block in bytes.chunks_exact_mut(ty.block_bytes()) {
+        for &o in scale_offsets {
+            block[o..o + 2].copy_from_slice(&scale(&mut rng));
+        }
+    }
+    bytes
+}
+
+/// `y = W x` in f64 from the CPU's dequantization, and `Σ|w·x|` per row.
+fn reference_products(ty: GgmlType, w: &[u8], rows: usize, cols: usize, xs: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let wf = codec::dequantize_to_vec(ty, w, rows * cols).unwrap();
+    let mut y = Vec::new();
+    let mut s = Vec::new();
+    for x in xs.chunks_exact(cols) {
+        for r in 0..rows {
+            let row = &wf[r * cols..][..cols];
+            y.push(row.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum());
+            s.push(row.iter().zip(x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>());
+        }
+    }
+    (y, s)
+}
+
+fn weight_view<'a>(ty: GgmlType, rows: usize, cols: usize, buf: &'a CudaSlice<u8>) -> WeightView<'a> {
+    WeightView { ty, rows, cols, data: buf.slice(..) }
+}
+
+/// Rows not a multiple of any tile, at Mixtral's row lengths (hidden 4096, FFN 14336).
+const SHAPES: [(usize, usize); 2] = [(203, 4096), (45, 14336)];
+
+#[test]
+fn matvec_every_type_matches_dequantized_f64() {
+    let Some(gpu) = gpu("matvec_every_type_matches_dequantized_f64") else { return };
+    for ty in SUPPORTED_TYPES {
+        for (rows, cols) in SHAPES {
+            let w = random_weights(ty, rows * cols);
+            let x = random(cols, 1.0);
+            let (want, s) = reference_products(ty, &w, rows, cols, &x);
+            let (wd, xd, mut yd) = (upload(&gpu, &w), upload(&gpu, &x), poisoned(&gpu, rows));
+            gpu.matvec(&weight_view(ty, rows, cols, &wd), &xd.slice(..), &mut yd.slice_mut(..)).unwrap();
+            let tol: Vec<f64> = s.iter().map(|s| 1e-5 * s + 1e-6).collect();
+            check(&format!("matvec {ty} {rows}x{cols}"), &download(&gpu, &yd), &want, &tol);
+        }
+    }
+}
+
+#[test]
+fn matvec_experts_reads_ids_and_weights_from_the_device() {
+    let Some(gpu) = gpu("matvec_experts_reads_ids_and_weights_from_the_device") else { return };
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0] {
+        let (rows, cols, n_experts) = (70, 4096, 8);
+        let experts: Vec<Vec<u8>> = (0..n_experts).map(|_| random_weights(ty, rows * cols)).collect();
+        let bufs: Vec<CudaSlice<u8>> = experts.iter().map(|w| upload(&gpu, w)).collect();
+        let table = upload(&gpu, &bufs.iter().map(|b| gpu.address(b)).collect::<Vec<u64>>());
+        let mut rng = rand::rng();
+        let a = rng.random_range(0..n_experts);
+        let ids = [a as i32, ((a + 1 + rng.random_range(0..n_experts - 1)) % n_experts) as i32];
+        let ids_d = upload(&gpu, &ids);
+        // x_stride 0: both experts read one vector (gate/up); x_stride cols: each its own (down).
+        for x_stride in [0, cols] {
+            let x = random(cols + x_stride, 1.0);
+            let (xd, mut yd) = (upload(&gpu, &x), poisoned(&gpu, 2 * rows));
+            gpu.matvec_experts(
+                &table.slice(..),
+                ty,
+                rows,
+                cols,
+                &ids_d.slice(..),
+                &xd.slice(..),
+                x_stride,
+                &mut yd.slice_mut(..),
+            )
+            .unwrap();
+            let (mut want, mut tol) = (Vec::new(), Vec::new());
+            for (slot, &e) in ids.iter().enumerate() {
+                let (y, s) =
+                    reference_products(ty, &experts[e as usize], rows, cols, &x[slot * x_stride..][..cols]);
+                want.extend(y);
+                tol.extend(s.iter().map(|s| 1e-5 * s + 1e-6));
+            }
+            check(
+                &format!("matvec_experts {ty} ids {ids:?} stride {x_stride}"),
+                &download(&gpu, &yd),
+                &want,
+                &tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_every_type_with_and_without_gather() {
+    let Some(gpu) = gpu("matmul_every_type_with_and_without_gather") else { return };
+    let mut rng = rand::rng();
+    for ty in SUPPORTED_TYPES {
+        for (rows, cols) in SHAPES {
+            let (n_x, m) = (50, 37);
+            let w = random_weights(ty, rows * cols);
+            let x = random(n_x * cols, 1.0);
+            let wd = upload(&gpu, &w);
+            let xd = upload(&gpu, &x);
+            let gather: Vec<i32> = (0..m).map(|_| rng.random_range(0..n_x as i32)).collect();
+            let gathered: Vec<f32> =
+                gather.iter().flat_map(|&t| &x[t as usize * cols..][..cols]).copied().collect();
+            for use_gather in [false, true] {
+                let xs = if use_gather { &gathered } else { &x[..m * cols].to_vec() };
+                let (want, s) = reference_products(ty, &w, rows, cols, xs);
+                // Reference is [m, rows] row-major, as the kernel writes.
+                let mut yd = poisoned(&gpu, m * rows);
+                let gd = upload(&gpu, &gather);
+                let gview = gd.slice(..);
+                gpu.matmul(
+                    &weight_view(ty, rows, cols, &wd),
+                    &xd.slice(..),
+                    use_gather.then_some(&gview),
+                    m,
+                    &mut yd.slice_mut(..),
+                )
+                .unwrap();
+                let tol: Vec<f64> = s.iter().map(|s| 2e-3 * s + 1e-5).collect();
+                check(
+                    &format!("matmul {ty} {rows}x{cols} m={m} gather={use_gather}"),
+                    &download(&gpu, &yd),
+                    &want,
+                    &tol,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_rows_are_dequantized_exactly() {
+    let Some(gpu) = gpu("embedding_rows_are_dequantized_exactly") else { return };
+    let (vocab, width) = (300, 4096);
+    for ty in SUPPORTED_TYPES {
+        let table = random_weights(ty, vocab * width);
+        let full = codec::dequantize_to_vec(ty, &table, vocab * width).unwrap();
+        let tokens: Vec<i32> = vec![0, 299, 17, 17, 150];
+        let (td, tok) = (upload(&gpu, &table), upload(&gpu, &tokens));
+        let mut out = poisoned(&gpu, tokens.len() * width);
+        gpu.embed(&weight_view(ty, vocab, width, &td), &tok.slice(..), tokens.len(), &mut out.slice_mut(..))
+            .unwrap();
+        let want: Vec<f64> =
+            tokens.iter().flat_map(|&t| &full[t as usize * width..][..width]).map(|&v| v as f64).collect();
+        check(&format!("embed {ty}"), &download(&gpu, &out), &want, &vec![1e-7; want.len()]);
+    }
+}
+
+#[test]
+fn rms_norm_rope_swiglu_add_match_the_cpu_formulas() {
+    let Some(gpu) = gpu("rms_norm_rope_swiglu_add_match_the_cpu_formulas") else { return };
+    let (n, width, head_dim, eps) = (5, 4096, 128, 1e-5f32);
+    let x = random(n * width, 3.0);
+    let w = random(width, 1.0);
+    let (xd, wd, mut yd) = (upload(&gpu, &x), upload(&gpu, &w), poisoned(&gpu, n * width));
+    gpu.rms_norm(&xd.slice(..), &wd, eps, n, &mut yd.slice_mut(..)).unwrap();
+    let mut want = Vec::new();
+    for row in x.chunks_exact(width) {
+        let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / width as f64;
+        let scale = 1.0 / (ms + eps as f64).sqrt();
+        want.extend(row.iter().zip(&w).map(|(&v, &g)| v as f64 * scale * g as f64));
+    }
+    let tol: Vec<f64> = want.iter().map(|v| 1e-5 * v.abs() + 1e-6).collect();
+    check("rms_norm", &download(&gpu, &yd), &want, &tol);
+
+    // RoPE at positions in the tens of thousands (where f32 angles would be off), adjacent pairs.
+    let theta = 1e6f64;
+    let inv_freq: Vec<f64> =
+        (0..head_dim / 2).map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64)).collect();
+    let pos0 = 30_000 + rand::rng().random_range(0..1000);
+    let v = random(n * width, 1.0);
+    let mut vd = upload(&gpu, &[v.clone(), vec![f32::NAN]].concat());
+    gpu.rope(&mut vd.slice_mut(..n * width), n, width, head_dim, pos0, &upload(&gpu, &inv_freq)).unwrap();
+    let mut want = Vec::new();
+    for (t, row) in v.chunks_exact(width).enumerate() {
+        for (p, pair) in row.chunks_exact(2).enumerate() {
+            let angle = (pos0 + t) as f64 * inv_freq[p % (head_dim / 2)];
+            let (s, c) = ((angle.sin() as f32) as f64, (angle.cos() as f32) as f64);
+            let (a, b) = (pair[0] as f64, pair[1] as f64);
+            want.extend([a * c - b * s, a * s + b * c]);
+        }
+    }
+    check("rope", &download(&gpu, &vd), &want, &vec![1e-6; want.len()]);
+
+    let len = 3 * 14336;
+    let (g, u) = (random(len, 8.0), random(len, 2.0));
+    let mut gd = upload(&gpu, &[g.clone(), vec![f32::NAN]].concat());
+    gpu.swiglu(&mut gd.slice_mut(..len), &upload(&gpu, &u).slice(..), len).unwrap();
+    let want: Vec<f64> =
+        g.iter().zip(&u).map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64).collect();
+    let tol: Vec<f64> = want.iter().map(|v| 1e-6 * v.abs() + 1e-7).collect();
+    check("swiglu", &download(&gpu, &gd), &want, &tol);
+
+    let (a, b) = (random(len, 1.0), random(len, 1.0));
+    let mut ad = upload(&gpu, &[a.clone(), vec![f32::NAN]].concat());
+    gpu.add(&mut ad.slice_mut(..len), &upload(&gpu, &b).slice(..), len).unwrap();
+    let want: Vec<f64> = a.iter().zip(&b).map(|(&a, &b)| (a + b) as f64).collect();
+    check("add", &download(&gpu, &ad), &want, &vec![0.0; len]);
+}
+
+/// The CPU engine's routing: softmax over all, top k (ties to the lower id), renormalized.
+fn reference_route(logits: &[f32], k: usize) -> Vec<(usize, f64)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let p: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    let total: f64 = order.iter().map(|&e| p[e]).sum();
+    order.into_iter().map(|e| (e, p[e] / total)).collect()
+}
+
+#[test]
+fn router_top_k_and_expert_mixing() {
+    let Some(gpu) = gpu("router_top_k_and_expert_mixing") else { return };
+    let (n, ne, k, width) = (300, 8, 2, 4096);
+    let mut logits = random(n * ne, 4.0);
+    // Exact ties: the lower id must win.
+    logits[..ne].copy_from_slice(&[1.0, 3.0, 3.0, 3.0, 0.0, -1.0, 2.0, 2.0]);
+    let ld = upload(&gpu, &logits);
+    let mut ids = upload(&gpu, &vec![-1i32; n * k]);
+    let mut wts = poisoned(&gpu, n * k);
+    gpu.route_top_k(&ld.slice(..), n, ne, k, &mut ids.slice_mut(..), &mut wts.slice_mut(..n * k)).unwrap();
+    let got_ids = gpu.stream.clone_dtoh(&ids).unwrap();
+    let mut want_w = Vec::new();
+    for (t, l) in logits.chunks_exact(ne).enumerate() {
+        let r = reference_route(l, k);
+        let got: Vec<usize> = got_ids[t * k..][..k].iter().map(|&e| e as usize).collect();
+        assert_eq!(got, r.iter().map(|x| x.0).collect::<Vec<_>>(), "token {t}: logits {l:?}");
+        want_w.extend(r.iter().map(|x| x.1));
+    }
+    assert_eq!(&got_ids[..2], &[1, 2]);
+    check("route weights", &download(&gpu, &wts), &want_w, &vec![1e-6; n * k]);
+
+    // Decode mixing: x += Σ w_j y_j.
+    let (x, y, w) = (random(width, 1.0), random(k * width, 1.0), vec![0.7f32, 0.3]);
+    let mut xd = upload(&gpu, &[x.clone(), vec![f32::NAN]].concat());
+    gpu.moe_combine(
+        &mut xd.slice_mut(..width),
+        &upload(&gpu, &y).slice(..),
+        &upload(&gpu, &w).slice(..),
+        k,
+        width,
+    )
+    .unwrap();
+    let want: Vec<f64> = (0..width)
+        .map(|c| x[c] as f64 + 0.7f32 as f64 * y[c] as f64 + 0.3f32 as f64 * y[width + c] as f64)
+        .collect();
+    check("moe_combine", &download(&gpu, &xd), &want, &vec![1e-6; width]);
+
+    // Prompt mixing: rows scattered to their tokens.
+    let (n_tok, m) = (6, 3);
+    let x = random(n_tok * width, 1.0);
+    let y = random(m * width, 1.0);
+    let (tokens, weights) = (vec![4i32, 0, 5], vec![0.25f32, 0.5, 1.0]);
+    let mut xd = upload(&gpu, &[x.clone(), vec![f32::NAN]].concat());
+    gpu.scatter_add(
+        &mut xd.slice_mut(..n_tok * width),
+        &upload(&gpu, &y).slice(..),
+        &upload(&gpu, &tokens).slice(..),
+        &upload(&gpu, &weights).slice(..),
+        m,
+        width,
+    )
+    .unwrap();
+    let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for (i, (&t, &w)) in tokens.iter().zip(&weights).enumerate() {
+        for c in 0..width {
+            want[t as usize * width + c] += w as f64 * y[i * width + c] as f64;
+        }
+    }
+    check("scatter_add", &download(&gpu, &xd), &want, &vec![1e-6; n_tok * width]);
+}
+
+/// Causal GQA in f64 over the f16-rounded cache (`[positions, kv_dim]`).
+fn reference_attention(q: &[f32], k: &[f32], v: &[f32], a: &AttentionArgs) -> Vec<f64> {
+    let (hd, kvd, qd) = (a.head_dim, a.n_kv_heads * a.head_dim, a.n_heads * a.head_dim);
+    let group = a.n_heads / a.n_kv_heads;
+    let mut out = vec![0.0; a.n * qd];
+    for t in 0..a.n {
+        for h in 0..a.n_heads {
+            let g = h / group;
+            let qh = &q[t * qd + h * hd..][..hd];
+            let seen = a.pos0 + t + 1;
+            let s: Vec<f64> = (0..seen)
+                .map(|p| {
+                    let kp = &k[p * kvd + g * hd..][..hd];
+                    qh.iter().zip(kp).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() / (hd as f64).sqrt()
+                })
+                .collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for (p, sp) in s.iter().enumerate() {
+                let wgt = (sp - m).exp() / z;
+                for d in 0..hd {
+                    out[t * qd + h * hd + d] += wgt * v[p * kvd + g * hd + d] as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn kv_store_and_attention_decode_and_prompt() {
+    let Some(gpu) = gpu("kv_store_and_attention_decode_and_prompt") else { return };
+    let (n_heads, n_kv_heads, head_dim) = (32, 8, 128);
+    let kvd = n_kv_heads * head_dim;
+    // Decode early, decode late (many split-K chunks), a prompt after a prefix, a prompt from 0.
+    for (pos0, n) in [(0, 1), (5000, 1), (300, 37), (0, 20)] {
+        let total = pos0 + n;
+        let ctx = total + 3;
+        let (k, v) = (random(total * kvd, 1.0), random(total * kvd, 1.0));
+        let q = random(n * n_heads * head_dim, 1.0);
+        let mut kc = gpu.stream.alloc_zeros::<u16>(ctx * kvd).unwrap();
+        let mut vc = gpu.stream.alloc_zeros::<u16>(ctx * kvd).unwrap();
+        // Fill the cache through the kernel, in two calls.
+        let (kd, vd) = (upload(&gpu, &k), upload(&gpu, &v));
+        let half = total / 2;
+        for (start, len) in [(0, half), (half, total - half)] {
+            if len > 0 {
+                gpu.kv_store(
+                    &kd.slice(start * kvd..(start + len) * kvd),
+                    &vd.slice(start * kvd..(start + len) * kvd),
+                    &mut kc.slice_mut(..),
+                    &mut vc.slice_mut(..),
+                    len,
+                    kvd,
+                    start,
+                )
+                .unwrap();
+            }
+        }
+        let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| f16::from_f32(v).to_f32()).collect() };
+        let stored: Vec<u16> = gpu.stream.clone_dtoh(&kc).unwrap();
+        let want_k: Vec<u16> = k.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+        assert_eq!(&stored[..total * kvd], &want_k[..], "kv_store keys");
+        assert!(stored[total * kvd..].iter().all(|&b| b == 0), "kv_store wrote past the tokens");
+
+        let args = AttentionArgs { n, pos0, n_heads, n_kv_heads, head_dim };
+        let mut scratch = AttentionScratch::new(&gpu.stream, n.max(64), n_heads, head_dim).unwrap();
+        let (qd, mut out) = (upload(&gpu, &q), poisoned(&gpu, n * n_heads * head_dim));
+        gpu.attention(
+            &args,
+            &qd.slice(..),
+            &kc.slice(..),
+            &vc.slice(..),
+            &mut scratch,
+            &mut out.slice_mut(..),
+        )
+        .unwrap();
+        let want = reference_attention(&q, &round(&k), &round(&v), &args);
+        check(&format!("attention pos0={pos0} n={n}"), &download(&gpu, &out), &want, &vec![5e-4; want.len()]);
+    }
+}
+
+fn tiny_gguf(dir: &tempfile::TempDir, target: Target) -> Model {
+    let path = dir.path().join("tiny.gguf");
+    quantize_checkpoint(std::path::Path::new("models/tiny-mixtral"), &path, &QuantizeOptions::new(target))
+        .unwrap();
+    Model::load(&path).unwrap()
+}
+
+fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// The whole model: the CUDA engine against the CPU engine on tiny-mixtral (F32 and Q8_0 weights),
+/// prompt (all logits) then token-by-token decode, all experts resident and all but one streamed
+/// through two cache slots. Tolerance: |Δlogit| ≤ 1e-2·(1 + max|logit|): the GPU keeps the KV cache and
+/// the prompt's tensor-core inputs in f16, the CPU quantizes activations to 8 bits for its dot products.
+#[test]
+fn whole_model_matches_the_cpu_engine() {
+    let Some(gpu_probe) = gpu("whole_model_matches_the_cpu_engine") else { return };
+    drop(gpu_probe);
+    let tokens: Vec<u32> = {
+        let mut rng = rand::rng();
+        (0..12).map(|_| rng.random_range(0..512)).collect()
+    };
+    for target in [Target::F32, Target::Q8_0] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_gguf(&dir, target);
+        let vocab = model.config.vocab_size;
+        let mut cpu = CpuEngine::new(&model, 32).unwrap();
+        let want = cpu.forward(&tokens, true).unwrap();
+        let tol = 1e-2 * (1.0 + max_abs(&want));
+
+        let mut resident = CudaEngine::new(&model, 32, &CudaOptions::default()).unwrap();
+        eprintln!("{}", resident.plan());
+        assert!(resident.plan().all_resident());
+        let got = resident.forward(&tokens, true).unwrap();
+        assert_eq!(got.len(), want.len());
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                m.max(d)
+            }
+        });
+        eprintln!("{target:?} prompt: max |Δlogit| {diff:e} (tolerance {tol:e})");
+        assert!(diff <= tol);
+
+        // Decode: replay the last 4 tokens one at a time.
+        let keep = tokens.len() - 4;
+        resident.truncate(keep);
+        assert_eq!(resident.position(), keep);
+        let plan = resident.plan().clone();
+        let largest = plan.slot_bytes.max(plan.resident_bytes / plan.total_experts() as u64);
+        let budget = plan.dense + plan.kv_cache + plan.scratch + 3 * largest + largest / 2;
+        let mut streamed =
+            CudaEngine::new(&model, 32, &CudaOptions { device: 0, vram_budget: Some(budget) }).unwrap();
+        eprintln!("{}", streamed.plan());
+        assert!(
+            streamed.plan().n_slots >= 2
+                && streamed.plan().resident_experts() < streamed.plan().total_experts()
+        );
+        streamed.forward(&tokens[..keep], false).unwrap();
+        for (i, &t) in tokens.iter().enumerate().skip(keep) {
+            let a = resident.forward(&[t], false).unwrap();
+            let b = streamed.forward(&[t], false).unwrap();
+            let want_i = &want[i * vocab..(i + 1) * vocab];
+            for (name, got) in [("resident", &a), ("streamed", &b)] {
+                let diff = got.iter().zip(want_i).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
+                    if d.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        m.max(d)
+                    }
+                });
+                eprintln!("{target:?} decode {name} token {i}: max |Δlogit| {diff:e}");
+                assert!(diff <= tol, "{name} token {i}");
+            }
+            assert_eq!(a, b, "streaming experts must not change the result");
+        }
+        let stats = streamed.stats_line().unwrap();
+        eprintln!("{stats}");
+        assert!(stats.contains("misses") && !stats.contains(" 0 misses"), "{stats}");
+    }
+}
