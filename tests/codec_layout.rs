@@ -194,7 +194,7 @@ fn q6_k_block() {
 
 #[test]
 fn q2_k_block() {
-    let scales: [u8; 16] = std::array::from_fn(|s| (s as u8 * 5 + 1) % 16 | ((s as u8 * 3) % 16) << 4);
+    let scales: [u8; 16] = std::array::from_fn(|s| ((s as u8 * 5 + 1) % 16) | (((s as u8 * 3) % 16) << 4));
     let qs: [u8; 64] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
     let (d, dmin) = (0.5f32, 0.25f32);
     let mut bytes = [scales.as_slice(), &qs].concat();
