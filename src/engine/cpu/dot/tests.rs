@@ -1,0 +1,315 @@
+//! Kernels against each other and against an f64 dot of dequantized weights.
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+use super::*;
+
+const TYPES: [GgmlType; 11] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+fn f16_bytes(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_le_bytes()
+}
+
+/// Random blocks: random bytes for the quantized values and scales, sane f16 block scales.
+fn random_weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
+    let n = rows * cols;
+    let mut w = vec![0u8; rows * ty.bytes_for(cols).unwrap()];
+    rng.fill_bytes(&mut w);
+    let bb = ty.block_bytes();
+    use GgmlType::*;
+    for b in w.chunks_exact_mut(bb) {
+        match ty {
+            F32 => b.copy_from_slice(&rng.random_range(-1f32..1.0).to_le_bytes()),
+            F16 => b.copy_from_slice(&f16_bytes(rng.random_range(-1f32..1.0))),
+            BF16 => b.copy_from_slice(&((rng.random_range(-1f32..1.0).to_bits() >> 16) as u16).to_le_bytes()),
+            Q4_0 | Q5_0 | Q8_0 | Q6_K => {
+                let at = if ty == Q6_K { 208 } else { 0 };
+                b[at..at + 2].copy_from_slice(&f16_bytes(rng.random_range(0.001f32..0.01)));
+            }
+            Q4_1 | Q5_1 | Q4_K | Q5_K => {
+                b[..2].copy_from_slice(&f16_bytes(rng.random_range(0.001f32..0.01)));
+                b[2..4].copy_from_slice(&f16_bytes(rng.random_range(-0.01f32..0.01)));
+            }
+            _ => unreachable!("no test weights for {ty}"),
+        }
+    }
+    assert_eq!(w.len() / bb * ty.block_len(), n);
+    w
+}
+
+/// Dequantizes one row, written after ggml's reference `dequantize_row_*` loops (independently of the
+/// kernels' index arithmetic).
+fn dequantize(ty: GgmlType, row: &[u8]) -> Vec<f64> {
+    use GgmlType::*;
+    let h = |b: &[u8]| scalar::f16(b) as f64;
+    let mut y = Vec::new();
+    for b in row.chunks_exact(ty.block_bytes()) {
+        match ty {
+            F32 => y.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
+            F16 => y.push(h(b)),
+            BF16 => y.push(f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) as f64),
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 => {
+                let (d, m) = (h(b), if matches!(ty, Q4_1 | Q5_1) { h(&b[2..]) } else { 0.0 });
+                let (qh, qs) = match ty {
+                    Q4_0 => (0, &b[2..18]),
+                    Q4_1 => (0, &b[4..20]),
+                    Q5_0 => (u32::from_le_bytes(b[2..6].try_into().unwrap()), &b[6..22]),
+                    _ => (u32::from_le_bytes(b[4..8].try_into().unwrap()), &b[8..24]),
+                };
+                let offset = match ty {
+                    Q4_0 => 8,
+                    Q5_0 => 16,
+                    _ => 0,
+                };
+                let mut out = [0f64; 32];
+                for j in 0..16 {
+                    let xh0 = ((qh >> j) << 4) & 0x10;
+                    let xh1 = (qh >> (j + 12)) & 0x10;
+                    out[j] = d * (((qs[j] as u32 & 0xF) | xh0) as i32 - offset) as f64 + m;
+                    out[j + 16] = d * (((qs[j] as u32 >> 4) | xh1) as i32 - offset) as f64 + m;
+                }
+                y.extend(out);
+            }
+            Q8_0 => y.extend(b[2..34].iter().map(|&q| h(b) * q as i8 as f64)),
+            Q4_K | Q5_K => {
+                let (d, dmin) = (h(b), h(&b[2..]));
+                let (qh, mut ql) =
+                    if ty == Q5_K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+                let (mut u1, mut u2) = (1u8, 2u8);
+                for is in (0..8).step_by(2) {
+                    let (sc1, m1) = scalar::k4_scale_min(&b[4..16], is);
+                    let (sc2, m2) = scalar::k4_scale_min(&b[4..16], is + 1);
+                    let high = |l: usize, u: u8| if ty == Q5_K && qh[l] & u != 0 { 16.0 } else { 0.0 };
+                    for l in 0..32 {
+                        y.push(d * sc1 as f64 * ((ql[l] & 0xF) as f64 + high(l, u1)) - dmin * m1 as f64);
+                    }
+                    for l in 0..32 {
+                        y.push(d * sc2 as f64 * ((ql[l] >> 4) as f64 + high(l, u2)) - dmin * m2 as f64);
+                    }
+                    ql = &ql[32..];
+                    u1 <<= 2;
+                    u2 <<= 2;
+                }
+            }
+            Q6_K => {
+                let d = h(&b[208..]);
+                let mut out = [0f64; 256];
+                for n in 0..2 {
+                    let (ql, qh, sc) = (&b[64 * n..], &b[128 + 32 * n..], &b[192 + 8 * n..]);
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let o = &mut out[128 * n..];
+                        o[l] = d * (sc[is] as i8 as i32 * q1) as f64;
+                        o[l + 32] = d * (sc[is + 2] as i8 as i32 * q2) as f64;
+                        o[l + 64] = d * (sc[is + 4] as i8 as i32 * q3) as f64;
+                        o[l + 96] = d * (sc[is + 6] as i8 as i32 * q4) as f64;
+                    }
+                }
+                y.extend(out);
+            }
+            _ => unreachable!("no test dequantizer for {ty}"),
+        }
+    }
+    y
+}
+
+fn random_x(n: usize, rng: &mut StdRng) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-2f32..2.0)).collect()
+}
+
+/// Widths to test per type: K-quant rows are whole 256-blocks (4096 and 14336 are Mixtral's), 32-block
+/// types also get widths like the tiny model's FFN (224) that are not multiples of 256.
+fn widths(ty: GgmlType) -> &'static [usize] {
+    match ty.block_len() {
+        256 => &[256, 4096, 14336],
+        32 => &[32, 96, 160, 4096],
+        _ => &[100, 4096], // 100: exercises the SIMD tail
+    }
+}
+
+/// The values the kernels actually multiply: dequantized activations.
+fn dequantized_x(x: &QuantizedActivations) -> Vec<f64> {
+    match &x.blocks {
+        Activations::Q8K(v) => v.iter().flat_map(|b| b.qs.map(|q| b.d as f64 * q as f64)).collect(),
+        Activations::Q8_0(v) => v.iter().flat_map(|b| b.qs.map(|q| b.d as f64 * q as f64)).collect(),
+        Activations::F32(v) => v.iter().map(|&v| v as f64).collect(),
+    }
+}
+
+fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+fn abs_dot64(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(a, b)| (a * b).abs()).sum()
+}
+
+/// Scalar kernels against f64 dots of dequantized weights with the original f32 activations. Bound: the
+/// activation quantization moves each x_i by at most d_b/2 (d_b = max|x| / 127 of its block b), so the dot
+/// moves by at most Σ_b d_b/2 · Σ_{i∈b} |w_i|; f32 accumulation adds a relative 1e-5 of Σ|w_i x_i|.
+#[test]
+fn scalar_matches_dequantized_f64_dot_within_quantization_bound() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for ty in TYPES {
+        for &cols in widths(ty) {
+            let rows = 3;
+            let w = random_weights(ty, rows, cols, &mut rng);
+            let x = random_x(cols, &mut rng);
+            let qx = QuantizedActivations::new(ty, &x).unwrap();
+            let mut out = vec![0f32; rows];
+            matmul_at(SimdLevel::Scalar, ty, &w, rows, cols, std::slice::from_ref(&qx), &mut out).unwrap();
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let act_block = match qx.kind() {
+                ActivationKind::Q8K => 256,
+                ActivationKind::Q8_0 => 32,
+                ActivationKind::F32 => 1,
+            };
+            for (r, row) in w.chunks_exact(w.len() / rows).enumerate() {
+                let wd = dequantize(ty, row);
+                let exact = dot64(&wd, &x64);
+                let quant_err: f64 = if act_block == 1 {
+                    0.0
+                } else {
+                    wd.chunks(act_block)
+                        .zip(x.chunks(act_block))
+                        .map(|(w, x)| {
+                            let d = x.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 127.0;
+                            d / 2.0 * w.iter().map(|v| v.abs()).sum::<f64>()
+                        })
+                        .sum()
+                };
+                let bound = quant_err + 1e-5 * abs_dot64(&wd, &x64);
+                let err = (out[r] as f64 - exact).abs();
+                assert!(
+                    err <= bound,
+                    "{ty} cols {cols} row {r}: {} vs {exact}, error {err} > bound {bound}",
+                    out[r]
+                );
+                // The bound is not vacuous: the result is far closer to the truth than to zero.
+                assert!(bound < 0.2 * abs_dot64(&wd, &x64), "{ty}: bound {bound} too loose to mean anything");
+            }
+        }
+    }
+}
+
+/// Every SIMD level against the scalar kernels on the same quantized activations.
+#[test]
+fn every_simd_level_matches_scalar() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let levels = SimdLevel::available();
+    eprintln!("testing levels {levels:?}");
+    for ty in TYPES {
+        for &cols in widths(ty) {
+            let (rows, n_tok) = (5, 6); // a full tile of 4 and a partial one
+            let w = random_weights(ty, rows, cols, &mut rng);
+            let xs: Vec<_> = (0..n_tok)
+                .map(|_| QuantizedActivations::new(ty, &random_x(cols, &mut rng)).unwrap())
+                .collect();
+            let mut want = vec![0f32; rows * n_tok];
+            matmul_at(SimdLevel::Scalar, ty, &w, rows, cols, &xs, &mut want).unwrap();
+            for &level in &levels[1..] {
+                let mut got = vec![0f32; rows * n_tok];
+                matmul_at(level, ty, &w, rows, cols, &xs, &mut got).unwrap();
+                for (t, x) in xs.iter().enumerate() {
+                    let x64 = dequantized_x(x);
+                    for (r, row) in w.chunks_exact(w.len() / rows).enumerate() {
+                        let scale = abs_dot64(&dequantize(ty, row), &x64);
+                        let (g, s) = (got[t * rows + r], want[t * rows + r]);
+                        assert!(
+                            ((g - s) as f64).abs() <= 1e-5 * scale,
+                            "{ty} {level:?} cols {cols} row {r} token {t}: {g} vs scalar {s} (scale {scale})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Batched products equal one matvec per token, at every level, including the parallel path.
+#[test]
+fn matmul_equals_matvec_per_token() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (ty, rows, cols) in [(GgmlType::Q4_K, 2001, 256), (GgmlType::Q8_0, 37, 160), (GgmlType::F16, 9, 96)] {
+        let w = random_weights(ty, rows, cols, &mut rng);
+        let xs: Vec<_> =
+            (0..7).map(|_| QuantizedActivations::new(ty, &random_x(cols, &mut rng)).unwrap()).collect();
+        for level in SimdLevel::available() {
+            let mut batched = vec![0f32; rows * xs.len()];
+            matmul_at(level, ty, &w, rows, cols, &xs, &mut batched).unwrap();
+            for (t, x) in xs.iter().enumerate() {
+                let mut single = vec![0f32; rows];
+                matmul_at(level, ty, &w, rows, cols, std::slice::from_ref(x), &mut single).unwrap();
+                assert_eq!(&batched[t * rows..(t + 1) * rows], &single[..], "{ty} {level:?} token {t}");
+            }
+        }
+    }
+}
+
+#[test]
+fn public_entry_points_use_the_active_level() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (ty, rows, cols) = (GgmlType::Q6_K, 3, 512);
+    let w = random_weights(ty, rows, cols, &mut rng);
+    let x = QuantizedActivations::new(ty, &random_x(cols, &mut rng)).unwrap();
+    let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+    matvec(ty, &w, rows, cols, &x, &mut a).unwrap();
+    matmul(ty, &w, rows, cols, std::slice::from_ref(&x), &mut b).unwrap();
+    assert_eq!(a, b);
+    assert!(["scalar", "avx2", "avx512"].contains(&simd_level()));
+}
+
+#[test]
+fn wrong_sizes_and_types_are_errors() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let ty = GgmlType::Q4_K;
+    let w = random_weights(ty, 2, 512, &mut rng);
+    let x = QuantizedActivations::new(ty, &random_x(512, &mut rng)).unwrap();
+    let mut out = vec![0f32; 2];
+    assert!(matvec(ty, &w, 2, 512, &x, &mut out).is_ok());
+    assert!(matvec(ty, &w[1..], 2, 512, &x, &mut out).is_err(), "short weights");
+    assert!(matvec(ty, &w, 3, 512, &x, &mut [0f32; 3]).is_err(), "rows beyond the weights");
+    assert!(matvec(ty, &w, 2, 512, &x, &mut [0f32; 3]).is_err(), "output length");
+    assert!(matvec(ty, &w, 4, 256, &x, &mut [0f32; 4]).is_err(), "activation length");
+    assert!(matvec(ty, &w, 1, 1000, &x, &mut [0f32; 1]).is_err(), "partial block");
+    assert!(matvec(ty, &w, usize::MAX, 512, &x, &mut out).is_err(), "overflowing size");
+    let x6 = QuantizedActivations::new(GgmlType::Q6_K, &random_x(512, &mut rng)).unwrap();
+    assert!(matvec(ty, &w, 2, 512, &x6, &mut out).is_ok(), "Q6_K activations are Q8_K like Q4_K's");
+    let x8 = QuantizedActivations::new(GgmlType::Q8_0, &random_x(512, &mut rng)).unwrap();
+    assert!(matvec(ty, &w, 2, 512, &x8, &mut out).is_err(), "Q8_0 activations for Q4_K weights");
+    assert!(matmul(ty, &w, 2, 512, &[x.clone(), x8], &mut [0f32; 4]).is_err(), "one bad token");
+    assert!(QuantizedActivations::new(ty, &[0.0; 100]).is_err(), "partial activation block");
+    assert!(QuantizedActivations::new(GgmlType::Q2_K, &[0.0; 256]).is_err(), "unsupported type");
+    assert!(matvec(GgmlType::Q2_K, &w[..168], 2, 256, &x, &mut out).is_err(), "unsupported type");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn word_wise_k4_scale_unpacking_matches_the_reference() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for _ in 0..1000 {
+        let mut q = [0u8; 12];
+        rng.fill_bytes(&mut q);
+        let (sc, m) = x86::k4_scales_mins(&q);
+        for j in 0..8 {
+            assert_eq!((sc[j], m[j]), scalar::k4_scale_min(&q, j), "{q:?} sub-block {j}");
+        }
+    }
+}
