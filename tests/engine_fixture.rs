@@ -204,3 +204,17 @@ fn q4k_gguf_decodes_like_it_batches_and_is_no_worse_than_llama_cpp() {
         }
     }
 }
+
+#[test]
+fn other_targets_track_the_reference() {
+    // (target, largest relative error on `long`): F16 holds bf16 weights exactly; 8 bits is close.
+    for (target, bound) in [(Target::F16, 1e-4), (Target::Q8_0, 0.1), (Target::Q4_0, 0.45)] {
+        let (_dir, model) = quantized(target);
+        let mut engine = CpuEngine::new(&model, 256).expect("engine");
+        let long = cases().into_iter().find(|c| c.name == "long").expect("long case");
+        let logits = engine.forward(&long.ids, true).expect("forward");
+        let err = relative_error(&logits, &long.logits);
+        println!("{target:?} long: relative error {err:.2e}");
+        assert!(err < bound, "{target:?}: relative error {err} on long");
+    }
+}
