@@ -632,3 +632,24 @@ impl Engine for CudaEngine<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_can_move_between_threads() {
+        fn is_send<T: Send>() {}
+        is_send::<CudaEngine<'static>>();
+    }
+
+    #[test]
+    fn buffer_bytes_at_mixtral_size() {
+        let cfg = ModelConfig::mixtral_8x7b(32);
+        let mib = BufferSizes::new(&cfg, MAX_BATCH).bytes(&cfg) as f64 / (1 << 20) as f64;
+        // Dominated by the logits of 512 tokens (62.5 MiB) and two [512, 14336] expert buffers (56 MiB).
+        assert!(mib > 150.0 && mib < 250.0, "{mib} MiB");
+        let one = BufferSizes::new(&cfg, 1).bytes(&cfg);
+        assert!(one < 8 << 20, "{one}");
+    }
+}

@@ -153,9 +153,10 @@ impl ExpertCache {
         for (m, off) in [expert.gate, expert.up, expert.down].iter().zip(layout.offsets) {
             host[off..off + m.data.len()].copy_from_slice(m.data);
         }
-        let mut dst = self.slots[slot].slice_mut(..layout.bytes);
-        gpu.copy_stream.memcpy_htod(&buf.as_slice()?[..layout.bytes], &mut dst)?;
-        self.bytes_copied += layout.bytes as u64;
+        // The pinned buffer itself (not a slice of it) goes to the copy, so that cudarc records an event
+        // on it and the next `as_mut_slice` waits for this copy. Buffer and slot have the same size.
+        gpu.copy_stream.memcpy_htod(buf, &mut self.slots[slot])?;
+        self.bytes_copied += buf.len() as u64;
         Ok(())
     }
 
