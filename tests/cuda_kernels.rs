@@ -407,10 +407,14 @@ fn reference_attention(q: &[f32], k: &[f32], v: &[f32], a: &AttentionArgs) -> Ve
 #[test]
 fn kv_store_and_attention_decode_and_prompt() {
     let Some(gpu) = gpu("kv_store_and_attention_decode_and_prompt") else { return };
-    let (n_heads, n_kv_heads, head_dim) = (32, 8, 128);
-    let kvd = n_kv_heads * head_dim;
+    // Mixtral's heads, tiny-mixtral's, and a group size (3) between the instantiated ones.
+    let shapes = [(32, 8, 128), (4, 1, 32), (6, 2, 256)];
     // Decode early, decode late (many split-K chunks), a prompt after a prefix, a prompt from 0.
-    for (pos0, n) in [(0, 1), (5000, 1), (300, 37), (0, 20)] {
+    let cases = [(0, 1), (5000, 1), (300, 37), (0, 20)];
+    for ((n_heads, n_kv_heads, head_dim), (pos0, n)) in
+        shapes.iter().flat_map(|s| cases.iter().map(move |c| (*s, *c)))
+    {
+        let kvd = n_kv_heads * head_dim;
         let total = pos0 + n;
         let ctx = total + 3;
         let (k, v) = (random(total * kvd, 1.0), random(total * kvd, 1.0));
@@ -453,7 +457,12 @@ fn kv_store_and_attention_decode_and_prompt() {
         )
         .unwrap();
         let want = reference_attention(&q, &round(&k), &round(&v), &args);
-        check(&format!("attention pos0={pos0} n={n}"), &download(&gpu, &out), &want, &vec![5e-4; want.len()]);
+        check(
+            &format!("attention {n_heads}/{n_kv_heads}x{head_dim} pos0={pos0} n={n}"),
+            &download(&gpu, &out),
+            &want,
+            &vec![5e-4; want.len()],
+        );
     }
 }
 

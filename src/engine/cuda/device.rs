@@ -31,9 +31,6 @@ const MATVEC_ROWS_PER_BLOCK: usize = 16;
 /// Tile of matmul.cu (`BM` weight rows x `BN` tokens).
 const MATMUL_BM: usize = 64;
 const MATMUL_BN: usize = 16;
-/// Limits of attention.cu.
-const ATT_MAX_GROUP: usize = 8;
-const ATT_MAX_HEAD_DIM: usize = 256;
 /// Longest chunk of the sequence one attention block walks before the split-K merge.
 const ATT_MIN_CHUNK: usize = 256;
 /// At most this many (token, chunk) pairs per head: bounds the split-K scratch.
@@ -335,13 +332,15 @@ impl Gpu {
     ) -> Result<()> {
         let AttentionArgs { n, pos0, n_heads, n_kv_heads, head_dim } = *a;
         let group = n_heads / n_kv_heads;
+        let max_group = kernels::ATTENTION_GROUPS[kernels::ATTENTION_GROUPS.len() - 1];
         ensure!(
-            n_heads % n_kv_heads == 0 && group <= ATT_MAX_GROUP,
-            "{n_heads} heads over {n_kv_heads} KV heads"
+            n_heads.is_multiple_of(n_kv_heads) && group <= max_group,
+            "{n_heads} query heads over {n_kv_heads} KV heads: no attention kernel for groups of {group}"
         );
         ensure!(
-            head_dim % 32 == 0 && head_dim <= ATT_MAX_HEAD_DIM,
-            "head_dim {head_dim} is not a multiple of 32 up to 256"
+            kernels::ATTENTION_HEAD_DIMS.contains(&head_dim),
+            "no attention kernel for heads of {head_dim} values (have {:?})",
+            kernels::ATTENTION_HEAD_DIMS
         );
         let kv_dim = n_kv_heads * head_dim;
         ensure!(
@@ -362,9 +361,10 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let scale = 1.0 / (head_dim as f32).sqrt();
-        launch!(self.stream, self.func("attention_partial")?, cfg;
+        let partial = self.func(&kernels::attention_partial_name(group, head_dim))?;
+        launch!(self.stream, partial, cfg;
             q, k_cache, v_cache, &mut scratch.acc, &mut scratch.ml, &(n_heads as i32), &(n_kv_heads as i32),
-            &(head_dim as i32), &(pos0 as i32), &(chunk as i32), &scale)?;
+            &(pos0 as i32), &(chunk as i32), &scale)?;
         let cfg = LaunchConfig {
             grid_dim: (n_heads as u32, n as u32, 1),
             block_dim: (128, 1, 1),

@@ -111,9 +111,25 @@ pub fn kernel_names(file: &str) -> Vec<String> {
             ];
             [fixed.iter().map(|s| s.to_string()).collect(), per_type("embed")].concat()
         }
-        "attention.cu" => vec!["attention_partial".into(), "attention_merge".into()],
+        "attention.cu" => {
+            let partial = ATTENTION_GROUPS
+                .iter()
+                .flat_map(|g| ATTENTION_HEAD_DIMS.iter().map(move |d| attention_partial_name(*g, *d)));
+            partial.chain(["attention_merge".to_string()]).collect()
+        }
         _ => Vec::new(),
     }
+}
+
+/// Query heads per KV head that attention.cu has kernels for (a smaller group uses the next size up).
+pub const ATTENTION_GROUPS: [usize; 4] = [1, 2, 4, 8];
+/// Head sizes attention.cu has kernels for.
+pub const ATTENTION_HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
+
+/// The attention kernel for `group` query heads per KV head (rounded up to an instantiated size).
+pub fn attention_partial_name(group: usize, head_dim: usize) -> String {
+    let g = ATTENTION_GROUPS.iter().copied().find(|&g| g >= group).unwrap_or(group);
+    format!("attention_partial_g{g}_d{head_dim}")
 }
 
 /// Kernel-name suffix of a weight type (`matvec_q4_k`, ...), as in `FOR_EACH_WEIGHT_TYPE` of common.cuh.
