@@ -1,7 +1,7 @@
 // Decode matrix-vector products with fused dequantization: y[r] = sum_c W[r, c] x[c].
 //
 // One warp per weight row (ROWS_PER_WARP rows per warp, WARPS warps per block). The activation vector
-// is staged once per block in shared memory (dynamic: cols floats), then each lane walks the parts of
+// is staged once per block in shared memory (dynamic; padded, see `padded`), then each lane walks the parts of
 // the row's blocks (part i of the row = block i / PARTS, piece i % PARTS), so the 32 lanes of a warp read
 // 32 consecutive pieces of the row; partial sums meet in a warp-shuffle reduction.
 //
@@ -13,10 +13,17 @@
 #define WARPS 8
 #define ROWS_PER_WARP 2
 
+// The activations sit in shared memory with one padding float after every 32 (index i at i + i / 32):
+// the lanes of a warp read values whose indices differ by multiples of 16 or 32 (same position in
+// different parts and blocks), which without padding fall into few of the 32 banks (16-way conflicts
+// for Q4_K/Q5_K/Q8_0, 8-way for Q6_K, 32-way for Q4_0); with it at most 2-way for Q4_K/Q5_K, 4-way for
+// Q6_K, none for the 32-value and float types. Shared memory needed: (cols + cols / 32) floats.
+__device__ __forceinline__ int padded(int i) { return i + (i >> 5); }
+
 template <class T>
 __device__ __forceinline__ void matvec_block(const u8* w, const float* x, float* y, int rows, int cols) {
     extern __shared__ float xs[];
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[i] = x[i];
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[padded(i)] = x[i];
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long row_bytes = (long)(cols / T::BLOCK) * T::BYTES;
@@ -27,9 +34,8 @@ __device__ __forceinline__ void matvec_block(const u8* w, const float* x, float*
         const u8* row = w + r * row_bytes;
         float acc = 0.f;
         for (int i = lane; i < pieces; i += 32) {
-            const int blk = i / T::PARTS;
-            const float* xb = xs + blk * T::BLOCK;
-            T::part(row + (long)blk * T::BYTES, i % T::PARTS, [&](int j, float v) { acc += v * xb[j]; });
+            const int blk = i / T::PARTS, x0 = blk * T::BLOCK;
+            T::part(row + (long)blk * T::BYTES, i % T::PARTS, [&](int j, float v) { acc += v * xs[padded(x0 + j)]; });
         }
         acc = warp_sum(acc);
         if (lane == 0) y[r] = acc;

@@ -141,7 +141,8 @@ impl Gpu {
     }
 
     fn matvec_config(&self, rows: usize, cols: usize, matrices: usize) -> Result<LaunchConfig> {
-        let shared = cols * 4;
+        // The padded activation vector of matvec.cu: one extra float per 32.
+        let shared = (cols + cols / 32) * 4;
         ensure!(
             shared <= self.max_shared_bytes,
             "rows of {cols} values exceed the {} bytes of shared memory per block",
