@@ -63,8 +63,18 @@ impl Gpu {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
             as usize;
         let mut functions = HashMap::new();
-        for (file, source) in kernels::SOURCES {
-            let cubin = kernels::cubin(file, source, arch)?;
+        // Compiling takes seconds per file on a cold cache: one thread per file.
+        let cubins: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+            let jobs: Vec<_> = kernels::SOURCES
+                .iter()
+                .map(|(file, source)| s.spawn(move || kernels::cubin(file, source, arch)))
+                .collect();
+            jobs.into_iter()
+                .map(|j| j.join().unwrap_or_else(|_| Err(anyhow::anyhow!("kernel compiler thread panicked"))))
+                .collect()
+        });
+        for ((file, _), cubin) in kernels::SOURCES.iter().zip(cubins) {
+            let cubin = cubin?;
             let module = ctx
                 .load_module(Ptx::from_binary(cubin))
                 .with_context(|| format!("loading {file} for sm_{arch}"))?;
