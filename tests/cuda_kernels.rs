@@ -197,7 +197,7 @@ fn matmul_every_type_with_and_without_gather() {
     let mut rng = rand::rng();
     for ty in SUPPORTED_TYPES {
         for (rows, cols) in SHAPES {
-            let (n_x, m) = (50, 37);
+            let (n_x, m) = (150, 100);
             let w = random_weights(ty, rows * cols);
             let x = random(n_x * cols, 1.0);
             let wd = upload(&gpu, &w);

@@ -30,7 +30,7 @@ macro_rules! launch {
 const MATVEC_ROWS_PER_BLOCK: usize = 16;
 /// Tile of matmul.cu (`BM` weight rows x `BN` tokens).
 const MATMUL_BM: usize = 64;
-const MATMUL_BN: usize = 16;
+const MATMUL_BN: usize = 64;
 /// Longest chunk of the sequence one attention block walks before the split-K merge.
 const ATT_MIN_CHUNK: usize = 256;
 /// At most this many (token, chunk) pairs per head: bounds the split-K scratch.
@@ -175,6 +175,7 @@ impl Gpu {
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         w.check()?;
+        ensure!(w.cols.is_multiple_of(32), "matmul needs rows of a multiple of 32 values, not {}", w.cols);
         ensure!(y.len() >= m * w.rows, "matmul output too small");
         match gather {
             Some(g) => ensure!(g.len() >= m, "matmul gather list too short"),
