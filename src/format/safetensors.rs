@@ -87,7 +87,9 @@ impl SafetensorsFile {
             // SAFETY: the mapping is read-only and file-backed, so DontNeed only drops clean pages that
             // the kernel re-reads from the file on the next access; no data can be lost. Failure only
             // means the pages stay resident.
-            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first) };
+            let _ = unsafe {
+                self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+            };
         }
     }
 }
