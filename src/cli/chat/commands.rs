@@ -68,13 +68,17 @@ fn help(out: &mut dyn Write) -> Result<()> {
     for (name, args, what) in COMMANDS {
         writeln!(out, "  {:<18} {what}", format!("{name} {args}"))?;
     }
-    writeln!(out, "Multi-line input: end a line with \\ to continue it, or put the text between \"\"\" lines.")?;
+    writeln!(
+        out,
+        "Multi-line input: end a line with \\ to continue it, or put the text between \"\"\" lines."
+    )?;
     writeln!(out, "Ctrl-C stops a reply (what was written stays in the conversation) or clears the line.")?;
     Ok(())
 }
 
 /// The note printed when the template has no system role.
-pub const SYSTEM_FOLDED_NOTE: &str = "note: this model's chat template has no system role: the system prompt is \
+pub const SYSTEM_FOLDED_NOTE: &str =
+    "note: this model's chat template has no system role: the system prompt is \
 added to the start of the first user message instead";
 
 pub fn set_system(text: &str, session: &mut Session, out: &mut dyn Write) -> Result<()> {

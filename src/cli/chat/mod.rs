@@ -38,6 +38,9 @@ pub struct ChatArgs {
     /// After each reply, print how many prompt tokens came from the KV cache and how many were processed.
     #[arg(long)]
     pub verbose: bool,
+    /// Keep generating past EOS (replies end at max_tokens, a full context or Ctrl-C): for benchmarks and tests.
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 pub fn run(args: &ChatArgs) -> Result<()> {
@@ -60,6 +63,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
 
     let mut engine = CpuEngine::new(&loaded.model, loaded.ctx)?;
     let mut session = Session::new(&mut engine, &loaded.tokenizer, template, settings);
+    session.set_ignore_eos(args.ignore_eos);
     let name = metadata.get_str("general.name").unwrap_or("model");
     println!(
         "mixtral-q chat: {name}, context {} tokens. Type a message; /help lists the commands, Ctrl-D or /exit quits.",

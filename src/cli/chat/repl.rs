@@ -39,7 +39,6 @@ pub struct ReplOptions {
 }
 
 pub fn run(session: &mut Session, options: &ReplOptions) -> Result<()> {
-    install_interrupt_handler()?;
     let config = Config::builder()
         .auto_add_history(false)
         .max_history_size(2000)
@@ -47,6 +46,9 @@ pub fn run(session: &mut Session, options: &ReplOptions) -> Result<()> {
         .completion_type(CompletionType::List)
         .build();
     let mut editor: Editor<CommandCompleter, DefaultHistory> = Editor::with_config(config)?;
+    // After the editor: rustyline installs a SIGINT handler of its own when it opens the terminal, which
+    // would otherwise replace this one for the whole session.
+    install_interrupt_handler()?;
     editor.set_helper(Some(CommandCompleter));
     load_history(&mut editor, &options.history);
 

@@ -2,6 +2,7 @@
 //! the chat template, reuses the longest prefix of it already in the KV cache, and processes only the
 //! rest. When the conversation outgrows the context, the oldest turns are dropped.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +10,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use mixtral_q::engine::Engine;
-use mixtral_q::text::{fold_system_prompt, ChatTemplate, Message, Sampler, SamplingParams, StreamDecoder, Tokenizer};
+use mixtral_q::text::{
+    fold_system_prompt, ChatTemplate, Message, Sampler, SamplingParams, StreamDecoder, Tokenizer,
+};
 
 /// Prompt tokens are processed in chunks of this many, so that Ctrl-C stops a long prompt too.
 const PREFILL_CHUNK: usize = 256;
@@ -76,10 +79,16 @@ pub struct Session<'e> {
     cached: Vec<u32>,
     known: Option<KnownPrefix>,
     last: Option<TurnStats>,
+    ignore_eos: bool,
 }
 
 impl<'e> Session<'e> {
-    pub fn new(engine: &'e mut dyn Engine, tok: &'e Tokenizer, template: ChatTemplate, settings: Settings) -> Self {
+    pub fn new(
+        engine: &'e mut dyn Engine,
+        tok: &'e Tokenizer,
+        template: ChatTemplate,
+        settings: Settings,
+    ) -> Self {
         let system_supported = template.supports_system();
         engine.truncate(0);
         Session {
@@ -94,7 +103,13 @@ impl<'e> Session<'e> {
             cached: Vec::new(),
             known: None,
             last: None,
+            ignore_eos: false,
         }
+    }
+
+    /// Never end a reply at EOS (only at max_tokens, a full context or Ctrl-C): `--ignore-eos`.
+    pub fn set_ignore_eos(&mut self, ignore: bool) {
+        self.ignore_eos = ignore;
     }
 
     /// Whether the template has a system role (else the system prompt is folded into the first user message).
@@ -159,9 +174,13 @@ impl<'e> Session<'e> {
 
     /// Loads a conversation saved by `save` (a leading "system" message is taken as the system prompt).
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let json = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let json =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let saved: SavedConversation = serde_json::from_str(&json).with_context(|| {
-            format!("{} is not a saved conversation ({{\"system\", \"messages\", \"settings\"}})", path.display())
+            format!(
+                "{} is not a saved conversation ({{\"system\", \"messages\", \"settings\"}})",
+                path.display()
+            )
         })?;
         let mut system = saved.system;
         let mut messages = saved.messages;
@@ -242,7 +261,11 @@ impl<'e> Session<'e> {
         let mut history = prompt_ids.clone();
         let mut reply_ids = Vec::new();
         let mut reply = String::new();
+        let eos = self.tok.eos_id() as usize;
         let stop_reason = loop {
+            if self.ignore_eos && eos < logits.len() {
+                logits[eos] = f32::NEG_INFINITY;
+            }
             let next = self.sampler.sample(&logits, &history);
             if next == self.tok.eos_id() {
                 break StopReason::Eos;
@@ -250,7 +273,7 @@ impl<'e> Session<'e> {
             reply_ids.push(next);
             history.push(next);
             let piece = decoder.push(next)?;
-            write!(out, "{piece}")?;
+            write!(out, "{}", printable(&piece))?;
             out.flush()?;
             reply.push_str(&piece);
             if stop.load(Ordering::Relaxed) {
@@ -266,7 +289,7 @@ impl<'e> Session<'e> {
             self.cached.push(next);
         };
         let rest = decoder.flush();
-        write!(out, "{rest}")?;
+        write!(out, "{}", printable(&rest))?;
         reply.push_str(&rest);
         let generate_secs = t1.elapsed().as_secs_f64();
 
@@ -354,6 +377,19 @@ impl<'e> Session<'e> {
         ids.extend_from_slice(reply_ids);
         ids.extend(self.tok.encode(after_reply, false)?);
         Ok(Some(KnownPrefix { text, ids }))
+    }
+}
+
+/// The text with control characters other than newline and tab shown as U+FFFD: a reply (from a
+/// random-weight model, say) must not move the cursor or send escape sequences to the terminal.
+fn printable(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if text.contains(unsafe_char) {
+        Cow::Owned(
+            text.chars().map(|c| if unsafe_char(c) { char::REPLACEMENT_CHARACTER } else { c }).collect(),
+        )
+    } else {
+        Cow::Borrowed(text)
     }
 }
 
