@@ -23,11 +23,11 @@ const _: () = assert!(size_of::<BlockQ2K>() == 84);
 impl Block<QK_K> for BlockQ2K {
     fn dequantize(&self, out: &mut [f32; QK_K]) {
         let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
-        for i in 0..QK_K {
+        for (i, y) in out.iter_mut().enumerate() {
             let (h, k, t, l) = (i / 128, i / 32 % 4, i / 16 % 2, i % 16);
             let sc = self.scales[8 * h + 2 * k + t];
             let q = (self.qs[32 * h + 16 * t + l] >> (2 * k)) & 3;
-            out[i] = d * (sc & 0xF) as f32 * q as f32 - dmin * (sc >> 4) as f32;
+            *y = d * (sc & 0xF) as f32 * q as f32 - dmin * (sc >> 4) as f32;
         }
     }
 }

@@ -35,12 +35,12 @@ impl Block<QK_K> for BlockQ3K {
     fn dequantize(&self, out: &mut [f32; QK_K]) {
         let d = self.d.to_f32();
         let scales: [f32; 16] = std::array::from_fn(|s| d * self.scale(s) as f32);
-        for i in 0..QK_K {
+        for (i, y) in out.iter_mut().enumerate() {
             let (h, k, t, l) = (i / 128, i / 32 % 4, i / 16 % 2, i % 16);
             let low = ((self.qs[32 * h + 16 * t + l] >> (2 * k)) & 3) as i8;
             let high_set = self.hmask[16 * t + l] & (1 << (4 * h + k)) != 0;
             let q = low - if high_set { 0 } else { 4 };
-            out[i] = scales[8 * h + 2 * k + t] * q as f32;
+            *y = scales[8 * h + 2 * k + t] * q as f32;
         }
     }
 }

@@ -4,7 +4,8 @@
 //! `fit_symmetric` (weights x²), 8-bit rounding of the scales against `d = max scale / −128`, then
 //! the levels re-rounded against those. It then alternates, while the squared error drops, the
 //! least-squares `d` for the fixed integer scales and levels and, per sub-block, the best of the
-//! neighbouring 8-bit scales (levels re-rounded for each).
+//! neighbouring 8-bit scales (levels re-rounded for each). The same is done from a second start
+//! whose sub-block search uses unit weights, and the better of the two is kept.
 
 use bytemuck::{Pod, Zeroable};
 use half::f16;
@@ -47,43 +48,17 @@ impl Block<QK_K> for BlockQ6K {
 
 impl Quantize<QK_K> for BlockQ6K {
     fn quantize(x: &[f32; QK_K]) -> Self {
-        let mut scales = [0f32; 16];
-        let mut levels = [0u8; 16];
-        let mut weights = [0f32; 16];
-        for (s, scale) in scales.iter_mut().enumerate() {
-            let xs = &x[16 * s..16 * s + 16];
-            for (w, v) in weights.iter_mut().zip(xs) {
-                *w = v * v;
+        let reference = Encoding::start(x, |v| v * v);
+        // Unit weights fit the squared error we measure; they win on most blocks (1.5% lower
+        // error on Gaussian data), the reference on the rest.
+        let unweighted = Encoding::start(x, |_| 1.0);
+        match (reference, unweighted) {
+            (Some(a), Some(b)) => {
+                let (a, b) = (a.refine(x), b.refine(x));
+                if b.total_err() < a.total_err() { b } else { a }.pack()
             }
-            *scale = fit_symmetric(xs, &weights, 32, &mut levels);
+            _ => Self::zeroed(),
         }
-        let (mut max_scale, mut max_abs) = (0f32, 0f32);
-        for &s in &scales {
-            if s.abs() > max_abs {
-                max_abs = s.abs();
-                max_scale = s;
-            }
-        }
-        if max_abs < 1e-15 {
-            return Self::zeroed();
-        }
-        let iscale = -128.0 / max_scale;
-        let sc = scales.map(|s| nearest_int(iscale * s).clamp(-128, 127) as i8);
-        let mut best = Encoding::new(x, through_f16(1.0 / iscale), sc);
-        let mut best_err = best.total_err();
-        let mut cur = best.clone();
-        for _ in 0..3 {
-            let Some(d) = cur.refit_d(x) else { break };
-            cur = Encoding::new(x, d, cur.sc);
-            cur.repick_scales(x);
-            let err = cur.total_err();
-            if !(err < best_err) {
-                break;
-            }
-            best_err = err;
-            best = cur.clone();
-        }
-        best.pack()
     }
 }
 
@@ -114,11 +89,59 @@ fn requantize(x: &[f32], d: f32, sc: i8, q: &mut [u8]) -> f32 {
 }
 
 impl Encoding {
+    /// llama.cpp's `quantize_row_q6_K_ref` choice, with sub-block search weights `weight(x)`
+    /// (the reference uses x²); `None` for an all-zero block.
+    fn start(x: &[f32; QK_K], weight: impl Fn(f32) -> f32) -> Option<Encoding> {
+        let mut scales = [0f32; 16];
+        let mut levels = [0u8; 16];
+        let mut weights = [0f32; 16];
+        for (s, scale) in scales.iter_mut().enumerate() {
+            let xs = &x[16 * s..16 * s + 16];
+            for (w, &v) in weights.iter_mut().zip(xs) {
+                *w = weight(v);
+            }
+            *scale = fit_symmetric(xs, &weights, 32, &mut levels);
+        }
+        let (mut max_scale, mut max_abs) = (0f32, 0f32);
+        for &s in &scales {
+            if s.abs() > max_abs {
+                max_abs = s.abs();
+                max_scale = s;
+            }
+        }
+        if max_abs < 1e-15 {
+            return None;
+        }
+        let iscale = -128.0 / max_scale;
+        let sc = scales.map(|s| nearest_int(iscale * s).clamp(-128, 127) as i8);
+        Some(Encoding::new(x, through_f16(1.0 / iscale), sc))
+    }
+
+    /// Alternates the least-squares `d` and the per-sub-block scale re-pick while the error drops.
+    fn refine(self, x: &[f32; QK_K]) -> Encoding {
+        let mut best_err = self.total_err();
+        let mut best = self;
+        let mut cur = best.clone();
+        for _ in 0..3 {
+            let Some(d) = cur.refit_d(x) else { break };
+            cur = Encoding::new(x, d, cur.sc);
+            cur.repick_scales(x);
+            let err = cur.total_err();
+            if err < best_err {
+                best_err = err;
+                best = cur.clone();
+            } else {
+                break;
+            }
+        }
+        best
+    }
+
     fn new(x: &[f32; QK_K], d: f32, sc: [i8; 16]) -> Encoding {
         let mut e = Encoding { d, sc, q: [32; QK_K], err: [0.0; 16] };
-        for s in 0..16 {
-            let r = 16 * s..16 * s + 16;
-            e.err[s] = requantize(&x[r.clone()], d, sc[s], &mut e.q[r]);
+        let blocks = x.chunks_exact(16).zip(e.q.chunks_exact_mut(16));
+        for (((xs, q), err), &sc) in blocks.zip(&mut e.err).zip(&sc) {
+            *err = requantize(xs, d, sc, q);
         }
         e
     }

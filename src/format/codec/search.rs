@@ -3,7 +3,8 @@
 //!
 //! Every quantizer evaluates candidate encodings by the squared error of what a decoder would
 //! reconstruct, after rounding its scales through f16 exactly as they will be stored. The reference
-//! encoding is always among the candidates, so the encoding kept is never worse than llama.cpp's.
+//! encoding is always among the candidates, so the encoding kept is never worse than llama.cpp's
+//! (up to the summation order of `fit_affine`, which accumulates in lanes to vectorize).
 
 use half::f16;
 
