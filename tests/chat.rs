@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rexpect::session::{spawn_with_options, Options, PtySession};
 use serde_json::Value;
@@ -46,6 +46,19 @@ impl Chat {
     /// Everything printed up to `needle`.
     fn expect(&mut self, needle: &str) -> String {
         self.pty.exp_string(needle).unwrap_or_else(|e| panic!("waiting for {needle:?}: {e}"))
+    }
+
+    /// Waits until `n` more characters have been printed (a reply is streaming).
+    fn read_some(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_millis(TIMEOUT_MS);
+        let mut seen = 0;
+        while seen < n {
+            assert!(Instant::now() < deadline, "no output for {TIMEOUT_MS} ms");
+            match self.pty.try_read() {
+                Some(_) => seen += 1,
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
     }
 
     /// Types `text` and Enter.
@@ -200,7 +213,7 @@ fn ctrl_c_stops_a_long_reply_and_keeps_it() {
     chat.type_line("Tell me a long story.");
     // Let some of the reply stream, then interrupt it.
     chat.expect("Tell me a long story.");
-    std::thread::sleep(Duration::from_millis(300));
+    chat.read_some(20);
     chat.pty.send_control('c').unwrap();
     let out = chat.expect(PROMPT);
     assert!(out.contains("(interrupted)"), "{out}");

@@ -235,3 +235,26 @@ impl Hinter for CommandCompleter {
 impl Highlighter for CommandCompleter {}
 impl Validator for CommandCompleter {}
 impl Helper for CommandCompleter {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn complete(line: &str) -> (usize, Vec<String>) {
+        let history = DefaultHistory::new();
+        let ctx = Context::new(&history);
+        let (start, pairs) = CommandCompleter.complete(line, line.len(), &ctx).unwrap();
+        (start, pairs.into_iter().map(|p| p.replacement).collect())
+    }
+
+    #[test]
+    fn completes_commands_and_set_keys() {
+        assert_eq!(complete("/sh"), (0, vec!["/show ".to_owned()]));
+        assert_eq!(complete("/s").1.len(), 5);
+        assert_eq!(complete("/set top"), (5, vec!["top_k ".to_owned(), "top_p ".to_owned()]));
+        assert_eq!(complete("/set  m"), (6, vec!["min_p ".to_owned(), "max_tokens ".to_owned()]));
+        assert!(complete("/set temp 0").1.is_empty());
+        assert!(complete("hello /s").1.is_empty());
+        assert!(complete("/save /tm").1.is_empty());
+    }
+}

@@ -188,10 +188,12 @@ impl<'e> Session<'e> {
             system = Some(messages.remove(0).content);
         }
         check_alternation(&messages).with_context(|| format!("in {}", path.display()))?;
+        if let Some(settings) = &saved.settings {
+            check_settings(settings).with_context(|| format!("in {}", path.display()))?;
+        }
         self.messages = messages;
         self.set_system(system.as_deref());
         if let Some(settings) = saved.settings {
-            check_settings(&settings).with_context(|| format!("in {}", path.display()))?;
             self.set_settings(settings);
         }
         self.last = None;
@@ -431,4 +433,52 @@ pub fn check_settings(s: &Settings) -> Result<()> {
         bail!("max_tokens must be at least 1");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_not_sent_to_the_terminal() {
+        assert_eq!(printable("a\tb\nc"), "a\tb\nc");
+        assert_eq!(printable("x\u{1b}[2Jy\r\u{7}"), "x\u{FFFD}[2Jy\u{FFFD}\u{FFFD}");
+    }
+
+    #[test]
+    fn saved_conversations_alternate_and_end_with_a_reply() {
+        let m = |role: &str| Message::new(role, "text");
+        assert!(check_alternation(&[]).is_ok());
+        assert!(check_alternation(&[m("user"), m("assistant")]).is_ok());
+        let err = check_alternation(&[m("user")]).unwrap_err().to_string();
+        assert!(err.contains("ends with an assistant reply"), "{err}");
+        let err = check_alternation(&[m("assistant"), m("user")]).unwrap_err().to_string();
+        assert!(err.contains("message 1 has role \"assistant\""), "{err}");
+        assert!(check_alternation(&[m("user"), m("tool")]).is_err());
+    }
+
+    #[test]
+    fn settings_ranges() {
+        let ok = Settings { sampling: SamplingParams::default(), max_tokens: 16 };
+        assert!(check_settings(&ok).is_ok());
+        let with = |f: &dyn Fn(&mut Settings)| {
+            let mut s = ok.clone();
+            f(&mut s);
+            check_settings(&s)
+        };
+        assert!(with(&|s| s.sampling.temperature = 0.0).is_ok());
+        assert!(with(&|s| s.sampling.temperature = -0.1).is_err());
+        assert!(with(&|s| s.sampling.temperature = f32::NAN).is_err());
+        assert!(with(&|s| s.sampling.top_p = 0.0).is_err());
+        assert!(with(&|s| s.sampling.min_p = 1.5).is_err());
+        assert!(with(&|s| s.sampling.repeat_penalty = 0.0).is_err());
+        assert!(with(&|s| s.max_tokens = 0).is_err());
+    }
+
+    #[test]
+    fn common_prefix_length() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+    }
 }
