@@ -350,8 +350,9 @@ fn multi_line_input_completion_and_history() {
 
 #[test]
 fn old_turns_are_dropped_when_the_context_fills() {
-    // Prompts of 24 then 29 tokens and 8-token replies: the third exchange no longer fits in 100 tokens.
-    let mut chat = Chat::start(&["--ctx", "100", "-n", "8", "--temp", "0", "--verbose"]);
+    // Prompts of 24 then 29 tokens and replies of exactly 8 tokens: the third exchange (98 tokens, plus 8
+    // kept for the reply) no longer fits in 100 tokens.
+    let mut chat = Chat::start(&["--ctx", "100", "-n", "8", "--ignore-eos", "--verbose"]);
     chat.turn("Name two experts.");
     let turn2 = chat.turn("What is a mixture of experts?");
     assert!(!turn2.output.contains("dropped"), "{}", turn2.output);

@@ -99,14 +99,14 @@ fn reply(session: &mut Session, text: &str, options: &ReplOptions, out: &mut std
                 StopReason::ContextFull => writeln!(out, "(the context is full: the reply was cut)")?,
             }
             out.flush()?;
-            report(&stats, options);
+            report(&stats, session.engine_stats(), options);
         }
         Err(e) => eprintln!("\nerror: {e:#}"),
     }
     Ok(())
 }
 
-fn report(stats: &TurnStats, options: &ReplOptions) {
+fn report(stats: &TurnStats, engine_stats: Option<String>, options: &ReplOptions) {
     if options.verbose {
         eprintln!(
             "[prompt: {} tokens reused from the cache, {} new processed in {:.2} s; reply: {} tokens, {:.1} tokens/s]",
@@ -116,6 +116,9 @@ fn report(stats: &TurnStats, options: &ReplOptions) {
             stats.generated,
             stats.generated as f64 / stats.generate_secs.max(1e-9)
         );
+        if let Some(line) = engine_stats {
+            eprintln!("[backend: {line}]");
+        }
     }
     if options.debug_ids {
         eprintln!("debug: prompt ids {:?}", stats.prompt_ids);
