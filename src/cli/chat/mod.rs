@@ -19,10 +19,13 @@ mod session;
 
 use session::{check_settings, Session, Settings};
 
+/// The keys of the REPL, for `mixtral-q chat --help`.
+const REPL_HELP: &str = "In the chat: /help lists the commands (/system, /set, /show, /stats, /save, /load, \
+/reset, /exit). End a line with \\ to continue on the next, or put a block between \"\"\" lines. Ctrl-C \
+stops a reply (what was written stays in the conversation) or clears the line; Ctrl-D or /exit quits.";
+
 #[derive(clap::Args, Debug)]
-#[command(after_help = "In the chat: /help lists the commands (/system, /set, /show, /stats, /save, /load, /reset, \
-/exit). End a line with \\ to continue on the next, or put a block between \"\"\" lines. Ctrl-C stops a reply \
-(what was written stays in the conversation) or clears the line; Ctrl-D or /exit quits.")]
+#[command(after_help = REPL_HELP)]
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
