@@ -193,11 +193,28 @@ fn q4k_gguf_decodes_like_it_batches_and_is_no_worse_than_llama_cpp() {
             })
             .count() as f64
             / n as f64;
-        println!("q4k {}: relative error {err:.3}, top-1 agreement {agree:.2} ({n} tokens)", case.name);
+        println!(
+            "q4k {}: relative error {err:.3}, top-1 agreement {agree:.2} ({n} tokens), decode vs batch {diff:.1e}",
+            case.name
+        );
         if case.name == "long" {
             // llama.cpp's Q4_K_M on this model: relative error 0.21, top-1 agreement 0.69.
             assert!(err <= 0.21, "long: relative error {err} is worse than llama.cpp's Q4_K_M (0.21)");
             assert!(agree >= 0.69, "long: top-1 agreement {agree} is worse than llama.cpp's Q4_K_M (0.69)");
         }
+    }
+}
+
+#[test]
+fn other_targets_track_the_reference() {
+    // (target, largest relative error on `long`): F16 holds bf16 weights exactly; 8 bits is close.
+    for (target, bound) in [(Target::F16, 1e-4), (Target::Q8_0, 0.1), (Target::Q4_0, 0.45)] {
+        let (_dir, model) = quantized(target);
+        let mut engine = CpuEngine::new(&model, 256).expect("engine");
+        let long = cases().into_iter().find(|c| c.name == "long").expect("long case");
+        let logits = engine.forward(&long.ids, true).expect("forward");
+        let err = relative_error(&logits, &long.logits);
+        println!("{target:?} long: relative error {err:.2e}");
+        assert!(err < bound, "{target:?}: relative error {err} on long");
     }
 }
