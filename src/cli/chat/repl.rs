@@ -51,6 +51,8 @@ pub fn run(session: &mut Session, options: &ReplOptions) -> Result<()> {
     install_interrupt_handler()?;
     editor.set_helper(Some(CommandCompleter));
     load_history(&mut editor, &options.history);
+    // Dropped after a failed write, so that the warning is printed once.
+    let mut history_file = Some(options.history.as_path());
 
     let mut stdout = std::io::stdout();
     loop {
@@ -62,7 +64,9 @@ pub fn run(session: &mut Session, options: &ReplOptions) -> Result<()> {
         if text.trim().is_empty() {
             continue;
         }
-        add_history(&mut editor, &text, &options.history);
+        if !add_history(&mut editor, &text, history_file) {
+            history_file = None;
+        }
         if text.trim_start().starts_with('/') {
             match commands::run(&text, session, &mut stdout) {
                 Ok(Outcome::Exit) => break,
@@ -190,15 +194,28 @@ fn load_history(editor: &mut Editor<CommandCompleter, DefaultHistory>, path: &Pa
 }
 
 /// Adds to the history and appends it to the file at once, so that it survives a crash or kill.
-fn add_history(editor: &mut Editor<CommandCompleter, DefaultHistory>, text: &str, path: &Path) {
+/// Returns false when the file cannot be written (after saying so).
+fn add_history(
+    editor: &mut Editor<CommandCompleter, DefaultHistory>,
+    text: &str,
+    path: Option<&Path>,
+) -> bool {
     if !matches!(editor.add_history_entry(text), Ok(true)) {
-        return;
+        return true;
     }
+    let Some(path) = path else { return true };
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    if let Err(e) = editor.append_history(path) {
-        eprintln!("warning: cannot write the history file {}: {e}", path.display());
+    match editor.append_history(path) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "warning: cannot write the history file {}: {e} (history is kept for this session only)",
+                path.display()
+            );
+            false
+        }
     }
 }
 
