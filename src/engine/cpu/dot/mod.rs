@@ -100,7 +100,7 @@ enum RowKernel {
 }
 
 /// Tokens handled per kernel call in [`matmul`]: each weight block is unpacked once for all of them.
-const TILE: usize = 4;
+const TILE: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum SimdLevel {

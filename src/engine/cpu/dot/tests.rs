@@ -217,7 +217,7 @@ fn every_simd_level_matches_scalar() {
     eprintln!("testing levels {levels:?}");
     for ty in TYPES {
         for &cols in widths(ty) {
-            let (rows, n_tok) = (5, 6); // a full tile of 4 and a partial one
+            let (rows, n_tok) = (5, 11); // full tiles (4 and 8 tokens) and partial ones
             let w = random_weights(ty, rows, cols, &mut rng);
             let xs: Vec<_> = (0..n_tok)
                 .map(|_| QuantizedActivations::new(ty, &random_x(cols, &mut rng)).unwrap())

@@ -1,0 +1,180 @@
+//! AVX-512 (F, BW, VL, VNNI): the 256-bit kernels with `vpdpwssd`/`vpdpbusd`, and 512-bit kernels for the
+//! K-quants, which carry nearly all of Mixtral's weights. A 512-bit register holds 64 weights of one
+//! K-quant block, so one `vpmaddubsw` + one `vpdpwssd` per token does 64 multiply-adds, and up to 8
+//! tokens share each unpacked block (32 vector registers hold their accumulators).
+
+#[inline]
+#[target_feature(enable = "avx512vl,avx512vnni")]
+fn madd_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, a, b)
+}
+
+#[inline]
+#[target_feature(enable = "avx512vl,avx512vnni")]
+fn dot_acc(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, u, s)
+}
+
+simd_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+
+pub(in crate::engine::cpu::dot) fn kernel(ty: GgmlType) -> Option<RowKernel> {
+    Some(match ty {
+        GgmlType::Q4_K => {
+            RowKernel::Q8K(|w, xs, out| by_tile!(k45_512::<_, 0>, 144, w, xs, out, [1 2 3 4 5 6 7 8], 8))
+        }
+        GgmlType::Q5_K => {
+            RowKernel::Q8K(|w, xs, out| by_tile!(k45_512::<_, 1>, 176, w, xs, out, [1 2 3 4 5 6 7 8], 8))
+        }
+        GgmlType::Q6_K => {
+            RowKernel::Q8K(|w, xs, out| by_tile!(q6k_512::<_, 0>, 210, w, xs, out, [1 2 3 4 5 6 7 8], 8))
+        }
+        _ => return kernel_256(ty),
+    })
+}
+
+/// `acc` + pairwise i16 products summed into i32 lanes, as one `vpdpwssd`: written as assembly because
+/// LLVM's generic x86-64 tuning splits the intrinsic into `vpmaddwd` + `vpaddd` (two instructions).
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: a register-only instruction of a feature this function requires.
+    unsafe {
+        std::arch::asm!("vpdpwssd {acc}, {a}, {b}", acc = inout(zmm_reg) acc, a = in(zmm_reg) a, b = in(zmm_reg) b,
+            options(pure, nomem, nostack));
+    }
+    acc
+}
+
+/// A 512-bit vector with `lo` in its low 256 bits and `hi` in its high 256 bits.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn halves(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+}
+
+/// The 32 bytes at `p` in both halves of a 512-bit vector.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn both_halves(p: *const u8) -> __m512i {
+    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()))
+}
+
+/// Q4_K (Q5 = 0) and Q5_K (Q5 = 1), 64 values per register: the low nibbles of a 32-byte chunk (sub-block
+/// 2j) in the low half, its high nibbles (sub-block 2j + 1) in the high half, matching 64 consecutive
+/// activations.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
+    let (block_bytes, qs_at) = if Q5 == 1 { (176, 48) } else { (144, 16) };
+    let mask = _mm512_set1_epi8(0xF);
+    let sixteen = _mm512_set1_epi8(16);
+    let nibble_shift = halves(_mm256_setzero_si256(), _mm256_set1_epi16(4));
+    let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    // Lane indices that spread scale 2j over the low half and scale 2j + 1 over the high half.
+    let mut pick = [_mm512_setzero_si512(); 4];
+    for (j, p) in pick.iter_mut().enumerate() {
+        *p = halves(_mm256_set1_epi16(2 * j as i16), _mm256_set1_epi16(2 * j as i16 + 1));
+    }
+    let mut acc = [_mm512_setzero_ps(); N];
+    for (i, b) in w.chunks_exact(block_bytes).enumerate() {
+        let p = b.as_ptr();
+        let (d, dmin) = (_mm512_set1_ps(f16_at(p)), _mm512_set1_ps(f16_at(p.add(2))));
+        let (sc, mins) = super::k4_scales_mins(&b[4..16]);
+        // Each sub-block's minimum twice: it applies to two 16-value bsums.
+        let mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_loadl_epi64(mins.as_ptr().cast()), dup));
+        let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr().cast())));
+        let high_bits = if Q5 == 1 { both_halves(p.add(16)) } else { _mm512_setzero_si512() };
+        let mut q = [_mm512_setzero_si512(); 4];
+        let mut scale = [_mm512_setzero_si512(); 4];
+        for j in 0..4 {
+            q[j] =
+                _mm512_and_si512(_mm512_srlv_epi16(both_halves(p.add(qs_at + 32 * j)), nibble_shift), mask);
+            if Q5 == 1 {
+                // Sub-block k's fifth bits are bit k of the 32 high-bit bytes.
+                let bit = halves(
+                    _mm256_set1_epi8((1u8 << (2 * j)) as i8),
+                    _mm256_set1_epi8((2u8 << (2 * j)) as i8),
+                );
+                q[j] = _mm512_or_si512(
+                    q[j],
+                    _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(high_bits, bit), sixteen),
+                );
+            }
+            scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
+        }
+        for t in 0..N {
+            let x = xs[t].get_unchecked(i);
+            let mut sumi = _mm512_setzero_si512();
+            for j in 0..4 {
+                let x8 = _mm512_loadu_si512(x.qs.as_ptr().add(64 * j).cast());
+                sumi = dpwssd(sumi, _mm512_maddubs_epi16(q[j], x8), scale[j]);
+            }
+            // d * Σ sc q x - dmin * Σ m bsums (the minimums' 8 sums in the low half, the high half is
+            // zero), times the activations' scale.
+            let sum_mins = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), mins16);
+            let block = _mm512_fnmadd_ps(
+                dmin,
+                _mm512_cvtepi32_ps(_mm512_zextsi256_si512(sum_mins)),
+                _mm512_mul_ps(d, _mm512_cvtepi32_ps(sumi)),
+            );
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(x.d), block, acc[t]);
+        }
+    }
+    for t in 0..N {
+        out[t] = _mm512_reduce_add_ps(acc[t]);
+    }
+}
+
+/// Q6_K, 64 values per register: per half of the block, quarters 0-1 in one register and 2-3 in
+/// another; `w = d * sc[i / 16] * (q - 32)`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6k_512<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
+    let m4 = _mm512_set1_epi8(0xF);
+    let m30 = _mm512_set1_epi8(0x30);
+    // High-bit pairs of quarters 0/1 sit at bits 0/2 of qh, of quarters 2/3 at bits 4/6.
+    let shift_01 = halves(_mm256_setzero_si256(), _mm256_set1_epi16(2));
+    let shift_23 = halves(_mm256_set1_epi16(4), _mm256_set1_epi16(6));
+    // Register r of the block (64 values) uses the 16-value scales 4r..4r+4, 8 i16 lanes each.
+    let mut pick = [_mm512_setzero_si512(); 4];
+    for (r, p) in pick.iter_mut().enumerate() {
+        let g = 4 * r as i16;
+        *p = halves(
+            _mm256_setr_m128i(_mm_set1_epi16(g), _mm_set1_epi16(g + 1)),
+            _mm256_setr_m128i(_mm_set1_epi16(g + 2), _mm_set1_epi16(g + 3)),
+        );
+    }
+    let mut acc = [_mm512_setzero_ps(); N];
+    for (i, b) in w.chunks_exact(210).enumerate() {
+        let p = b.as_ptr();
+        let d = _mm512_set1_ps(f16_at(p.add(208)));
+        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));
+        let sc512 = _mm512_castsi256_si512(sc16);
+        let mut q = [_mm512_setzero_si512(); 4];
+        for h in 0..2 {
+            let ql = _mm512_loadu_si512(p.add(64 * h).cast());
+            let qh = both_halves(p.add(128 + 32 * h));
+            let high = |shift| _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi16(qh, shift), 4), m30);
+            q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4), high(shift_01));
+            q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), high(shift_23));
+        }
+        let mut scale = [_mm512_setzero_si512(); 4];
+        for r in 0..4 {
+            scale[r] = _mm512_permutexvar_epi16(pick[r], sc512);
+        }
+        for t in 0..N {
+            let x = xs[t].get_unchecked(i);
+            let mut sumi = _mm512_setzero_si512();
+            for r in 0..4 {
+                let x8 = _mm512_loadu_si512(x.qs.as_ptr().add(64 * r).cast());
+                sumi = dpwssd(sumi, _mm512_maddubs_epi16(q[r], x8), scale[r]);
+            }
+            // The offset of 32: 32 * Σ sc[g] * bsums[g], in the low half (the high half is zero).
+            let offset = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), sc16);
+            let sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(_mm256_slli_epi32(offset, 5)));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.d)), _mm512_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    for t in 0..N {
+        out[t] = _mm512_reduce_add_ps(acc[t]);
+    }
+}
