@@ -46,6 +46,13 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     acc
 }
 
+/// The two 256-bit halves of `v` added.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn fold(v: __m512i) -> __m256i {
+    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1))
+}
+
 /// A 512-bit vector with `lo` in its low 256 bits and `hi` in its high 256 bits.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -75,10 +82,10 @@ unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], ou
     for (j, p) in pick.iter_mut().enumerate() {
         *p = halves(_mm256_set1_epi16(2 * j as i16), _mm256_set1_epi16(2 * j as i16 + 1));
     }
-    let mut acc = [_mm512_setzero_ps(); N];
+    let mut acc = [_mm256_setzero_ps(); N];
     for (i, b) in w.chunks_exact(block_bytes).enumerate() {
         let p = b.as_ptr();
-        let (d, dmin) = (_mm512_set1_ps(f16_at(p)), _mm512_set1_ps(f16_at(p.add(2))));
+        let (d, dmin) = (_mm256_set1_ps(f16_at(p)), _mm256_set1_ps(f16_at(p.add(2))));
         let (sc, mins) = super::k4_scales_mins(&b[4..16]);
         // Each sub-block's minimum twice: it applies to two 16-value bsums.
         let mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_loadl_epi64(mins.as_ptr().cast()), dup));
@@ -109,19 +116,19 @@ unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], ou
                 let x8 = _mm512_loadu_si512(x.qs.as_ptr().add(64 * j).cast());
                 sumi = dpwssd(sumi, _mm512_maddubs_epi16(q[j], x8), scale[j]);
             }
-            // d * Σ sc q x - dmin * Σ m bsums (the minimums' 8 sums in the low half, the high half is
-            // zero), times the activations' scale.
+            // d * Σ sc q x - dmin * Σ m bsums, times the activations' scale, in 256 bits: the float
+            // operations share the multiply pipes with the integer ones.
             let sum_mins = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), mins16);
-            let block = _mm512_fnmadd_ps(
+            let block = _mm256_fnmadd_ps(
                 dmin,
-                _mm512_cvtepi32_ps(_mm512_zextsi256_si512(sum_mins)),
-                _mm512_mul_ps(d, _mm512_cvtepi32_ps(sumi)),
+                _mm256_cvtepi32_ps(sum_mins),
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(fold(sumi))),
             );
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(x.d), block, acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(x.d), block, acc[t]);
         }
     }
     for t in 0..N {
-        out[t] = _mm512_reduce_add_ps(acc[t]);
+        out[t] = hsum(acc[t]);
     }
 }
 
@@ -143,10 +150,10 @@ unsafe fn q6k_512<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out
             _mm256_setr_m128i(_mm_set1_epi16(g + 2), _mm_set1_epi16(g + 3)),
         );
     }
-    let mut acc = [_mm512_setzero_ps(); N];
+    let mut acc = [_mm256_setzero_ps(); N];
     for (i, b) in w.chunks_exact(210).enumerate() {
         let p = b.as_ptr();
-        let d = _mm512_set1_ps(f16_at(p.add(208)));
+        let d = _mm256_set1_ps(f16_at(p.add(208)));
         let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));
         let sc512 = _mm512_castsi256_si512(sc16);
         let mut q = [_mm512_setzero_si512(); 4];
@@ -168,13 +175,13 @@ unsafe fn q6k_512<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out
                 let x8 = _mm512_loadu_si512(x.qs.as_ptr().add(64 * r).cast());
                 sumi = dpwssd(sumi, _mm512_maddubs_epi16(q[r], x8), scale[r]);
             }
-            // The offset of 32: 32 * Σ sc[g] * bsums[g], in the low half (the high half is zero).
+            // The offset of 32: 32 * Σ sc[g] * bsums[g].
             let offset = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), sc16);
-            let sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(_mm256_slli_epi32(offset, 5)));
-            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x.d)), _mm512_cvtepi32_ps(sumi), acc[t]);
+            let sumi = _mm256_sub_epi32(fold(sumi), _mm256_slli_epi32(offset, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x.d)), _mm256_cvtepi32_ps(sumi), acc[t]);
         }
     }
     for t in 0..N {
-        out[t] = _mm512_reduce_add_ps(acc[t]);
+        out[t] = hsum(acc[t]);
     }
 }
