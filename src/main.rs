@@ -1,3 +1,20 @@
-fn main() {
-    println!("mixtral-q");
+//! The `mixtral-q` command line. Library code lives in the `mixtral_q` crate; this binary parses
+//! arguments, calls it, and turns every error into one line on stderr and a non-zero exit.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` joins the context chain into one line: "cannot read x.gguf: No such file or directory".
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

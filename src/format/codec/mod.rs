@@ -1,1 +1,152 @@
-//! (in progress)
+//! ggml block codecs: quantize and dequantize, bit-compatible with ggml (`ggml-common.h`, `ggml-quants.c`).
+//!
+//! Every quantized type packs a fixed number of values (32 or 256) into a fixed-size block; the
+//! per-type modules document each layout byte by byte. Block structs are `#[repr(C)]` and `Pod`, with
+//! the field order of ggml, so `bytemuck` can view a row of blocks as bytes and back (little-endian
+//! hosts, as ggml). The functions here read and write blocks unaligned, so any byte slice works.
+//!
+//! Dequantization follows ggml's formulas exactly. Quantization produces valid ggml blocks but is not
+//! byte-identical to llama.cpp: each quantizer starts from llama.cpp's reference choice, then searches
+//! nearby encodings and keeps whichever reconstructs the block with the smallest squared error, so
+//! its error is never worse than the reference's, block by block (see `search`).
+
+mod float;
+mod kquant_mins;
+mod q2_k;
+mod q3_k;
+mod q4_0;
+mod q4_1;
+mod q4_k;
+mod q5_0;
+mod q5_1;
+mod q5_k;
+mod q6_k;
+mod q8_0;
+mod q8_k;
+mod search;
+
+use anyhow::{bail, Result};
+use bytemuck::Pod;
+
+use crate::format::GgmlType;
+
+pub use kquant_mins::get_scale_min_k4;
+pub use q2_k::BlockQ2K;
+pub use q3_k::BlockQ3K;
+pub use q4_0::BlockQ4_0;
+pub use q4_1::BlockQ4_1;
+pub use q4_k::BlockQ4K;
+pub use q5_0::BlockQ5_0;
+pub use q5_1::BlockQ5_1;
+pub use q5_k::BlockQ5K;
+pub use q6_k::BlockQ6K;
+pub use q8_0::{BlockQ8_0, BlockQ8_1};
+pub use q8_k::BlockQ8K;
+
+/// Values per K-quant super-block (ggml's `QK_K`).
+pub const QK_K: usize = 256;
+
+/// A ggml block of `N` values that can be decoded.
+trait Block<const N: usize>: Pod {
+    fn dequantize(&self, out: &mut [f32; N]);
+}
+
+/// A block type this crate can also encode.
+trait Quantize<const N: usize>: Block<N> {
+    fn quantize(x: &[f32; N]) -> Self;
+}
+
+/// Decodes `dst.len()` values of type `ty` from `src` (which must be exactly `ty.bytes_for(dst.len())` bytes).
+pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    check_sizes(ty, dst.len(), src.len())?;
+    use GgmlType::*;
+    match ty {
+        F32 => float::decode_f32(src, dst),
+        F16 => float::decode_f16(src, dst),
+        BF16 => float::decode_bf16(src, dst),
+        Q4_0 => decode_blocks::<BlockQ4_0, 32>(src, dst),
+        Q4_1 => decode_blocks::<BlockQ4_1, 32>(src, dst),
+        Q5_0 => decode_blocks::<BlockQ5_0, 32>(src, dst),
+        Q5_1 => decode_blocks::<BlockQ5_1, 32>(src, dst),
+        Q8_0 => decode_blocks::<BlockQ8_0, 32>(src, dst),
+        Q8_1 => decode_blocks::<BlockQ8_1, 32>(src, dst),
+        Q2_K => decode_blocks::<BlockQ2K, QK_K>(src, dst),
+        Q3_K => decode_blocks::<BlockQ3K, QK_K>(src, dst),
+        Q4_K => decode_blocks::<BlockQ4K, QK_K>(src, dst),
+        Q5_K => decode_blocks::<BlockQ5K, QK_K>(src, dst),
+        Q6_K => decode_blocks::<BlockQ6K, QK_K>(src, dst),
+        Q8_K => decode_blocks::<BlockQ8K, QK_K>(src, dst),
+    }
+    Ok(())
+}
+
+/// Encodes `src` (a whole number of blocks) into `dst` (exactly `ty.bytes_for(src.len())` bytes).
+pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
+    check_sizes(ty, src.len(), dst.len())?;
+    use GgmlType::*;
+    match ty {
+        F32 => float::encode_f32(src, dst),
+        F16 => float::encode_f16(src, dst),
+        BF16 => float::encode_bf16(src, dst),
+        Q4_0 => encode_blocks::<BlockQ4_0, 32>(src, dst),
+        Q4_1 => encode_blocks::<BlockQ4_1, 32>(src, dst),
+        Q5_0 => encode_blocks::<BlockQ5_0, 32>(src, dst),
+        Q5_1 => encode_blocks::<BlockQ5_1, 32>(src, dst),
+        Q8_0 => encode_blocks::<BlockQ8_0, 32>(src, dst),
+        Q4_K => encode_blocks::<BlockQ4K, QK_K>(src, dst),
+        Q5_K => encode_blocks::<BlockQ5K, QK_K>(src, dst),
+        Q6_K => encode_blocks::<BlockQ6K, QK_K>(src, dst),
+        Q8_K => encode_blocks::<BlockQ8K, QK_K>(src, dst),
+        Q8_1 | Q2_K | Q3_K => bail!("quantizing to {ty} is not supported"),
+    }
+    Ok(())
+}
+
+/// Whether `quantize` supports `ty`.
+pub fn can_quantize(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::Q8_1 | GgmlType::Q2_K | GgmlType::Q3_K)
+}
+
+pub fn quantize_to_vec(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>> {
+    let mut dst = vec![0u8; byte_len(ty, src.len())?];
+    quantize(ty, src, &mut dst)?;
+    Ok(dst)
+}
+
+pub fn dequantize_to_vec(ty: GgmlType, src: &[u8], n: usize) -> Result<Vec<f32>> {
+    let mut dst = vec![0f32; n];
+    dequantize(ty, src, &mut dst)?;
+    Ok(dst)
+}
+
+fn byte_len(ty: GgmlType, n: usize) -> Result<usize> {
+    match ty.bytes_for(n) {
+        Some(bytes) => Ok(bytes),
+        None => bail!("{n} values are not a whole number of {ty} blocks of {}", ty.block_len()),
+    }
+}
+
+fn check_sizes(ty: GgmlType, n: usize, bytes: usize) -> Result<()> {
+    let expected = byte_len(ty, n)?;
+    if bytes != expected {
+        bail!("{n} values of {ty} take {expected} bytes, got a buffer of {bytes}");
+    }
+    Ok(())
+}
+
+fn decode_blocks<B: Block<N>, const N: usize>(src: &[u8], dst: &mut [f32]) {
+    let (values, _) = dst.as_chunks_mut::<N>();
+    for (bytes, out) in src.chunks_exact(size_of::<B>()).zip(values) {
+        bytemuck::pod_read_unaligned::<B>(bytes).dequantize(out);
+    }
+}
+
+fn encode_blocks<B: Quantize<N>, const N: usize>(src: &[f32], dst: &mut [u8]) {
+    let (values, _) = src.as_chunks::<N>();
+    for (x, bytes) in values.iter().zip(dst.chunks_exact_mut(size_of::<B>())) {
+        bytes.copy_from_slice(bytemuck::bytes_of(&B::quantize(x)));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,112 @@
+//! What every inference command shares: `-m`, `--threads`, `--ctx`, and the demo model used when no
+//! `-m` is given (the bundled tiny checkpoint, quantized on first use into the cache folder).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use mixtral_q::model::weights::Model;
+use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
+use mixtral_q::text::Tokenizer;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file (ours or llama.cpp's). Without it, the bundled random-weight demo model runs.
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(short = 'c', long)]
+    pub ctx: Option<usize>,
+}
+
+/// A loaded model with its tokenizer.
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub ctx: usize,
+    pub is_demo: bool,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Loaded> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                bail!("--threads must be at least 1");
+            }
+            // Errors only if a pool was already built: then that pool is used, which is fine.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        }
+        let (path, is_demo) = match &self.model {
+            Some(p) => (p.clone(), false),
+            None => (demo_model()?, true),
+        };
+        let model = Model::load(&path)?;
+        let tokenizer = Tokenizer::from_gguf(&model.file.metadata, &path)
+            .with_context(|| format!("no usable tokenizer in {}", path.display()))?;
+        let ctx = match self.ctx {
+            Some(0) => bail!("--ctx must be at least 1"),
+            Some(c) => c,
+            None => model.config.context_length.min(4096),
+        };
+        Ok(Loaded { model, tokenizer, ctx, is_demo })
+    }
+}
+
+pub const DEMO_NOTICE: &str =
+    "note: no -m given, running the bundled tiny demo model (random weights: its text is \
+gibberish). For real Mixtral, download mistralai/Mixtral-8x7B-Instruct-v0.1 (safetensors) and run \
+`mixtral-q quantize <dir> -o mixtral.gguf`, or use any Mixtral GGUF with -m.";
+
+/// The bundled checkpoint, embedded in the binary so that it runs from anywhere.
+const DEMO_FILES: [(&str, &[u8]); 6] = [
+    ("config.json", include_bytes!("../../models/tiny-mixtral/config.json")),
+    (
+        "model.safetensors.index.json",
+        include_bytes!("../../models/tiny-mixtral/model.safetensors.index.json"),
+    ),
+    (
+        "model-00001-of-00002.safetensors",
+        include_bytes!("../../models/tiny-mixtral/model-00001-of-00002.safetensors"),
+    ),
+    (
+        "model-00002-of-00002.safetensors",
+        include_bytes!("../../models/tiny-mixtral/model-00002-of-00002.safetensors"),
+    ),
+    ("tokenizer.json", include_bytes!("../../models/tiny-mixtral/tokenizer.json")),
+    ("tokenizer_config.json", include_bytes!("../../models/tiny-mixtral/tokenizer_config.json")),
+];
+
+/// `$MIXTRAL_Q_CACHE`, else `$XDG_CACHE_HOME/mixtral-q`, else `~/.cache/mixtral-q`.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("MIXTRAL_Q_CACHE") {
+        return Ok(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(Path::new(&d).join("mixtral-q"));
+    }
+    let home = std::env::var_os("HOME").context("neither MIXTRAL_Q_CACHE nor HOME is set")?;
+    Ok(Path::new(&home).join(".cache/mixtral-q"))
+}
+
+/// The demo model as a Q4_K GGUF in the cache folder, converted on first use.
+pub fn demo_model() -> Result<PathBuf> {
+    let dir = cache_dir()?;
+    let gguf = dir.join("tiny-mixtral-q4_k.gguf");
+    if gguf.exists() {
+        return Ok(gguf);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = tempfile::tempdir_in(&dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+    // The folder name becomes the model's `general.name`.
+    let src = tmp.path().join("tiny-mixtral");
+    std::fs::create_dir(&src).with_context(|| format!("cannot create {}", src.display()))?;
+    for (name, bytes) in DEMO_FILES {
+        std::fs::write(src.join(name), bytes)
+            .with_context(|| format!("cannot write {}", src.join(name).display()))?;
+    }
+    eprintln!("preparing the demo model in {} (first use)", gguf.display());
+    quantize_checkpoint(&src, &gguf, &QuantizeOptions::new(Target::Q4K))?;
+    Ok(gguf)
+}

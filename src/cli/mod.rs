@@ -1,0 +1,62 @@
+//! Subcommands, one module each.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+pub mod bench;
+pub mod generate;
+pub mod info;
+pub mod load;
+pub mod perplexity;
+pub mod quantize;
+pub mod synth;
+pub mod tokenize;
+
+#[derive(Parser, Debug)]
+#[command(name = "mixtral-q", version, about = "Mixtral-8x7B in 4 bits: quantize, inspect, generate, chat")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Convert a Hugging Face Mixtral checkpoint (safetensors) to a GGUF file.
+    Quantize(quantize::QuantizeArgs),
+    /// Show what a GGUF file holds: hyperparameters, tensor types, size, tokenizer.
+    Info(info::InfoArgs),
+    /// Make a random-weight Mixtral (real Mixtral-8x7B shapes by default) for tests and benchmarks.
+    Synth(synth::SynthArgs),
+    /// Generate a continuation of a prompt, streaming it.
+    Generate(generate::GenerateArgs),
+    /// Perplexity of a text file.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Show the token ids of a text, or of a chat rendered with the model's template.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Prompt and decode speed, in llama-bench's table form.
+    Bench(bench::BenchArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Quantize(a) => quantize::run(&a),
+        Command::Info(a) => info::run(&a),
+        Command::Synth(a) => synth::run(&a),
+        Command::Generate(a) => generate::run(&a),
+        Command::Perplexity(a) => perplexity::run(&a),
+        Command::Tokenize(a) => tokenize::run(&a),
+        Command::Bench(a) => bench::run(&a),
+    }
+}
+
+/// Formats a byte count as llama.cpp does in its logs (MiB / GiB).
+pub fn human_bytes(n: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let n = n as f64;
+    if n >= GIB {
+        format!("{:.2} GiB", n / GIB)
+    } else {
+        format!("{:.2} MiB", n / MIB)
+    }
+}

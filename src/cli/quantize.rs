@@ -1,0 +1,70 @@
+//! `mixtral-q quantize <HF_DIR> -o <OUT.gguf>`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Result;
+use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, QuantizeReport, Target};
+
+use super::human_bytes;
+
+#[derive(clap::Args, Debug)]
+pub struct QuantizeArgs {
+    /// Hugging Face checkpoint directory (config.json, safetensors shards, tokenizer.json).
+    pub hf_dir: PathBuf,
+    /// Output GGUF file (written to a temporary file beside it and renamed at the end).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Weight type: q4_k is the 4-bit grouped format (llama.cpp Q4_K_M-like).
+    #[arg(long = "type", value_enum, default_value = "q4_k")]
+    pub target: Target,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print every tensor's type and relative RMSE.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+pub fn run(args: &QuantizeArgs) -> Result<()> {
+    let mut opts = QuantizeOptions::new(args.target);
+    opts.threads = args.threads;
+    opts.verbose = args.verbose;
+    opts.progress = std::io::stderr().is_terminal();
+    opts.cancel = Some(cancel_on_ctrl_c());
+    let report = quantize_checkpoint(&args.hf_dir, &args.output, &opts)?;
+    print_report(&report, args.verbose);
+    Ok(())
+}
+
+/// Ctrl-C sets a flag that the conversion polls: it stops, removes its temporary file and returns an
+/// error, so an interrupted run never leaves a half-written output.
+pub fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = flag.clone();
+    // Failing to install the handler only loses the clean-up on Ctrl-C; the conversion still works.
+    let _ = ctrlc::set_handler(move || set.store(true, Ordering::Relaxed));
+    flag
+}
+
+pub fn print_report(report: &QuantizeReport, verbose: bool) {
+    if verbose {
+        for t in &report.tensors {
+            let err = t.rel_rmse.map(|e| format!("{e:.5}")).unwrap_or_default();
+            println!("{:<32} {:<5} {:>12} {err}", t.name, t.ty.name(), t.n_elements);
+        }
+    }
+    let params: u64 = report.tensors.iter().map(|t| t.n_elements).sum();
+    let secs = report.seconds.max(1e-9);
+    println!(
+        "wrote {}: {} tensors, {}, {:.2} bits per weight, in {:.1} s ({:.1} MB/s of input)",
+        report.output.display(),
+        report.tensors.len(),
+        human_bytes(report.output_bytes),
+        report.output_bytes as f64 * 8.0 / params.max(1) as f64,
+        secs,
+        report.input_bytes as f64 / 1e6 / secs,
+    );
+}

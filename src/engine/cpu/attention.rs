@@ -1,0 +1,142 @@
+//! Causal grouped-query attention over the KV cache.
+
+use rayon::prelude::*;
+
+use crate::model::ModelConfig;
+
+/// `q` holds the (rotated) queries of `n` new tokens at positions `start .. start + n`
+/// (`[n, n_heads * head_dim]`); `keys`/`values` hold every cached position up to `start + n`
+/// (`[start + n, n_kv_heads * head_dim]`). Token t sees positions `0 ..= start + t`; query head h reads
+/// KV head `h / (n_heads / n_kv_heads)`. Writes `[n, n_heads * head_dim]` into `out`.
+/// One rayon task per (token, head).
+pub fn causal_attention(
+    cfg: &ModelConfig,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    start: usize,
+    out: &mut [f32],
+) {
+    let (hd, kv_dim) = (cfg.head_dim, cfg.kv_dim());
+    let group = cfg.n_heads / cfg.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd).zip(q.par_chunks(hd)).enumerate().for_each(|(i, (o, qh))| {
+        let (t, h) = (i / cfg.n_heads, i % cfg.n_heads);
+        let kv_off = (h / group) * hd;
+        let seen = start + t + 1;
+        let mut scores: Vec<f32> = (0..seen)
+            .map(|p| {
+                let k = &keys[p * kv_dim + kv_off..][..hd];
+                qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        softmax(&mut scores);
+        o.fill(0.0);
+        for (p, &w) in scores.iter().enumerate() {
+            let v = &values[p * kv_dim + kv_off..][..hd];
+            for (acc, &x) in o.iter_mut().zip(v) {
+                *acc += w * x;
+            }
+        }
+    });
+}
+
+/// In place, subtracting the maximum first so that large logits do not overflow.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> ModelConfig {
+        ModelConfig {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            hidden_size: n_heads * head_dim,
+            ..ModelConfig::mixtral_8x7b(1)
+        }
+    }
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The textbook version: f64, explicit loops, full score matrix with a causal mask.
+    fn naive(cfg: &ModelConfig, q: &[f32], k: &[f32], v: &[f32], start: usize, n: usize) -> Vec<f64> {
+        let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
+        let mut out = vec![0.0f64; n * qd];
+        for t in 0..n {
+            for h in 0..cfg.n_heads {
+                let g = h * cfg.n_kv_heads / cfg.n_heads;
+                let total = start + n;
+                let mut s = vec![f64::NEG_INFINITY; total];
+                for (p, sp) in s.iter_mut().enumerate().take(start + t + 1) {
+                    *sp = (0..hd)
+                        .map(|d| q[t * qd + h * hd + d] as f64 * k[p * kvd + g * hd + d] as f64)
+                        .sum::<f64>()
+                        / (hd as f64).sqrt();
+                }
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (p, sp) in s.iter().enumerate() {
+                    let w = (sp - m).exp() / z;
+                    for d in 0..hd {
+                        out[t * qd + h * hd + d] += w * v[p * kvd + g * hd + d] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_naive_grouped_query_attention() {
+        let cfg = cfg(4, 2, 8);
+        let (start, n) = (5, 3);
+        let q: Vec<f32> = pseudo_random(n * cfg.q_dim(), 1).iter().map(|x| x * 3.0).collect();
+        let k = pseudo_random((start + n) * cfg.kv_dim(), 2);
+        let v = pseudo_random((start + n) * cfg.kv_dim(), 3);
+        let mut out = vec![0.0; n * cfg.q_dim()];
+        causal_attention(&cfg, &q, &k, &v, start, &mut out);
+        let want = naive(&cfg, &q, &k, &v, start, n);
+        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-5, "{i}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn first_token_returns_its_own_value() {
+        let cfg = cfg(2, 1, 4);
+        let q = pseudo_random(cfg.q_dim(), 4);
+        let k = pseudo_random(cfg.kv_dim(), 5);
+        let v = pseudo_random(cfg.kv_dim(), 6);
+        let mut out = vec![0.0; cfg.q_dim()];
+        causal_attention(&cfg, &q, &k, &v, 0, &mut out);
+        assert_eq!(&out[..4], &v[..]);
+        assert_eq!(&out[4..], &v[..]);
+    }
+
+    #[test]
+    fn softmax_survives_large_logits() {
+        let mut x = [1000.0f32, 1000.0, -1000.0];
+        softmax(&mut x);
+        assert_eq!(x, [0.5, 0.5, 0.0]);
+    }
+}

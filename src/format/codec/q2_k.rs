@@ -1,0 +1,33 @@
+//! Q2_K (decode only): 256 values in 84 bytes, 16 sub-blocks of 16 with 4-bit scales and mins.
+
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+use super::{Block, QK_K};
+
+/// Layout (ggml `block_q2_K`): bytes 0..16 `scales`: byte `s` is sub-block `s`'s scale (low nibble)
+/// and min (high nibble); bytes 16..80 `qs`, 2-bit levels; bytes 80..82 `d`, 82..84 `dmin` (f16).
+/// Value `128h + 32k + 16t + l` (h < 2, k < 4, t < 2, l < 16) is bits `2k..2k+2` of
+/// `qs[32h + 16t + l]`, in sub-block `8h + 2k + t`, and decodes as `d·sc·q − dmin·m`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct BlockQ2K {
+    pub scales: [u8; 16],
+    pub qs: [u8; 64],
+    pub d: f16,
+    pub dmin: f16,
+}
+
+const _: () = assert!(size_of::<BlockQ2K>() == 84);
+
+impl Block<QK_K> for BlockQ2K {
+    fn dequantize(&self, out: &mut [f32; QK_K]) {
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        for (i, y) in out.iter_mut().enumerate() {
+            let (h, k, t, l) = (i / 128, i / 32 % 4, i / 16 % 2, i % 16);
+            let sc = self.scales[8 * h + 2 * k + t];
+            let q = (self.qs[32 * h + 16 * t + l] >> (2 * k)) & 3;
+            *y = d * (sc & 0xF) as f32 * q as f32 - dmin * (sc >> 4) as f32;
+        }
+    }
+}

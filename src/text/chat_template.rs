@@ -1,0 +1,151 @@
+//! Chat templates (Jinja, as in HF `tokenizer_config.json`), rendered with minijinja the way
+//! `transformers` renders them: trim_blocks and lstrip_blocks on, `raise_exception` available, and the
+//! Python string/dict methods templates commonly call (`.strip()`, `.items()`, ...).
+//!
+//! System prompts: Mixtral-Instruct's template accepts only alternating user/assistant messages and raises
+//! on a system message, so `supports_system()` is false for it. Callers then fold the system prompt into
+//! the first user message with [`fold_system_prompt`] (what ollama does for Mistral models) and tell the
+//! user so.
+
+use anyhow::{anyhow, Result};
+use minijinja::value::{Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind, State};
+
+use crate::format::gguf::Metadata;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message { role: role.to_owned(), content: content.to_owned() }
+    }
+}
+
+/// Mixtral-8x7B-Instruct-v0.1's template, as in its tokenizer_config.json.
+const MIXTRAL_INSTRUCT: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+const TEMPLATE_NAME: &str = "chat";
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    /// From `tokenizer.chat_template` in GGUF metadata, else the built-in Mixtral-Instruct template.
+    /// BOS/EOS texts come from the GGUF vocabulary when it has one, else `<s>` / `</s>`.
+    pub fn from_metadata(meta: &Metadata) -> Result<ChatTemplate> {
+        let mut template = match meta.get_str("tokenizer.chat_template") {
+            Some(source) => Self::from_source(source)?,
+            None => Self::mixtral_instruct(),
+        };
+        let token_text = |key: &str| -> Option<String> {
+            let id = meta.get_u64(key)?;
+            let tokens = meta.get_array("tokenizer.ggml.tokens")?;
+            tokens.get(usize::try_from(id).ok()?)?.as_str().map(str::to_owned)
+        };
+        if let Some(bos) = token_text("tokenizer.ggml.bos_token_id") {
+            template.bos_token = bos;
+        }
+        if let Some(eos) = token_text("tokenizer.ggml.eos_token_id") {
+            template.eos_token = eos;
+        }
+        Ok(template)
+    }
+
+    pub fn from_source(source: &str) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.add_function("raise_exception", raise_exception);
+        env.set_unknown_method_callback(python_method);
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(|e| anyhow!("chat template does not parse: {e}"))?;
+        Ok(ChatTemplate { env, bos_token: "<s>".into(), eos_token: "</s>".into() })
+    }
+
+    pub fn mixtral_instruct() -> ChatTemplate {
+        Self::from_source(MIXTRAL_INSTRUCT).expect("the built-in Mixtral template parses")
+    }
+
+    /// Renders with minijinja (bos_token/eos_token variables, raise_exception function, add_generation_prompt).
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| anyhow!("chat template: {e}"))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(|e| anyhow!("chat template: {}", error_message(&e)))
+    }
+
+    /// Whether a system message renders (Mixtral's template raises an exception on one → false).
+    pub fn supports_system(&self) -> bool {
+        self.render(&[Message::new("system", "s"), Message::new("user", "u")], true).is_ok()
+    }
+}
+
+/// For templates without system support: the system prompt becomes the first paragraph of the first
+/// user message (no user message: it becomes one). Messages without a system message pass unchanged.
+pub fn fold_system_prompt(messages: &[Message]) -> Vec<Message> {
+    let (system, rest): (Vec<&Message>, Vec<&Message>) = messages.iter().partition(|m| m.role == "system");
+    if system.is_empty() {
+        return messages.to_vec();
+    }
+    let prompt = system.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
+    let mut out: Vec<Message> = rest.into_iter().cloned().collect();
+    match out.iter_mut().find(|m| m.role == "user") {
+        Some(first_user) => first_user.content = format!("{prompt}\n\n{}", first_user.content),
+        None => out.insert(0, Message::new("user", &prompt)),
+    }
+    out
+}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// The message of `raise_exception` (or the render error) without minijinja's template excerpt.
+fn error_message(e: &Error) -> String {
+    e.detail().map(str::to_owned).unwrap_or_else(|| e.to_string())
+}
+
+/// Python methods that HF chat templates call on strings and dicts.
+fn python_method(state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
+    let unknown = || Err(Error::from(ErrorKind::UnknownMethod));
+    match value.kind() {
+        ValueKind::String => {
+            let s = value.as_str().unwrap_or_default();
+            let chars = args.first().and_then(Value::as_str);
+            let strip_set = |c: char| chars.map_or(c.is_whitespace(), |set| set.contains(c));
+            let text = match method {
+                "strip" => s.trim_matches(strip_set).to_owned(),
+                "lstrip" => s.trim_start_matches(strip_set).to_owned(),
+                "rstrip" => s.trim_end_matches(strip_set).to_owned(),
+                "upper" => s.to_uppercase(),
+                "lower" => s.to_lowercase(),
+                "startswith" => return Ok(Value::from(chars.is_some_and(|p| s.starts_with(p)))),
+                "endswith" => return Ok(Value::from(chars.is_some_and(|p| s.ends_with(p)))),
+                _ => return unknown(),
+            };
+            Ok(Value::from(text))
+        }
+        ValueKind::Map => match method {
+            "items" => state.apply_filter("items", std::slice::from_ref(value)),
+            "get" => {
+                let key = args.first().cloned().unwrap_or_default();
+                let found = value.get_item(&key)?;
+                Ok(if found.is_undefined() { args.get(1).cloned().unwrap_or_default() } else { found })
+            }
+            _ => unknown(),
+        },
+        _ => unknown(),
+    }
+}
