@@ -15,7 +15,7 @@ pub(super) fn has_avx512() -> bool {
 }
 
 /// Scales and minimums (6 bits each) of the 8 sub-blocks of a Q4_K/Q5_K block from its 12 packed bytes,
-/// unpacked with word operations (same result as `scalar::k4_scale_min` for j = 0..8).
+/// unpacked with word operations (same result as `codec::get_scale_min_k4` for j = 0..8).
 #[inline(always)]
 pub(super) fn k4_scales_mins(q: &[u8]) -> ([u8; 8], [u8; 8]) {
     const LOW6: u32 = 0x3f3f_3f3f;
