@@ -158,7 +158,7 @@ impl SimdLevel {
         })
     }
 
-    /// Every level this CPU runs, lowest first (for tests and benches).
+    /// Every level this CPU runs, lowest first.
     #[cfg(test)]
     fn available() -> Vec<SimdLevel> {
         [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
@@ -168,6 +168,7 @@ impl SimdLevel {
     }
 
     /// The kernel for `ty` at this level, falling back to the scalar one for types without a SIMD kernel.
+    /// Only ever called with a level at or below `detected()`: the SIMD kernels assume their CPU features.
     fn kernel(self, ty: GgmlType) -> Option<RowKernel> {
         #[cfg(target_arch = "x86_64")]
         {

@@ -40,10 +40,37 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     let mut acc = acc;
     // SAFETY: a register-only instruction of a feature this function requires.
     unsafe {
-        std::arch::asm!("vpdpwssd {acc}, {a}, {b}", acc = inout(zmm_reg) acc, a = in(zmm_reg) a, b = in(zmm_reg) b,
-            options(pure, nomem, nostack));
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack)
+        );
     }
     acc
+}
+
+/// The 8 scales (bytes 0..8) and 8 minimums (bytes 8..16), 6 bits each, of a Q4_K/Q5_K block from its 12
+/// packed scale bytes at `p`, as `codec::get_scale_min_k4` unpacks them. Reads 16 bytes: the block goes on
+/// after its scales.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
+    let v = _mm_loadu_si128(p.cast());
+    // Bytes 0..4 and 8..12: scales 0-3 and minimums 0-3 in their low 6 bits; bytes 4..8 and 12..16 (packed
+    // bytes 8..12): the low 4 bits of scales 4-7 and minimums 4-7 in their low and high nibbles, whose
+    // top 2 bits are the top 2 bits of packed bytes 0..4 and 4..8.
+    let a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    let b = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    let low = _mm_or_si128(
+        _mm_and_si128(a, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+        _mm_and_si128(
+            _mm_srli_epi16(a, 4),
+            _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15),
+        ),
+    );
+    _mm_or_si128(low, _mm_and_si128(_mm_srli_epi16(b, 2), _mm_set1_epi8(0x30)))
 }
 
 /// The two 256-bit halves of `v` added.
@@ -76,7 +103,7 @@ unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], ou
     let mask = _mm512_set1_epi8(0xF);
     let sixteen = _mm512_set1_epi8(16);
     let nibble_shift = halves(_mm256_setzero_si256(), _mm256_set1_epi16(4));
-    let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let dup_mins = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
     // Lane indices that spread scale 2j over the low half and scale 2j + 1 over the high half.
     let mut pick = [_mm512_setzero_si512(); 4];
     for (j, p) in pick.iter_mut().enumerate() {
@@ -86,10 +113,10 @@ unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], ou
     for (i, b) in w.chunks_exact(block_bytes).enumerate() {
         let p = b.as_ptr();
         let (d, dmin) = (_mm256_set1_ps(f16_at(p)), _mm256_set1_ps(f16_at(p.add(2))));
-        let (sc, mins) = super::k4_scales_mins(&b[4..16]);
+        let scales_mins = k4_scales_mins(p.add(4));
         // Each sub-block's minimum twice: it applies to two 16-value bsums.
-        let mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_loadl_epi64(mins.as_ptr().cast()), dup));
-        let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(sc.as_ptr().cast())));
+        let mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales_mins, dup_mins));
+        let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(scales_mins));
         let high_bits = if Q5 == 1 { both_halves(p.add(16)) } else { _mm512_setzero_si512() };
         let mut q = [_mm512_setzero_si512(); 4];
         let mut scale = [_mm512_setzero_si512(); 4];
@@ -183,5 +210,31 @@ unsafe fn q6k_512<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out
     }
     for t in 0..N {
         out[t] = hsum(acc[t]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{rngs::StdRng, RngCore, SeedableRng};
+
+    use crate::format::codec::get_scale_min_k4;
+
+    #[test]
+    fn vector_k4_scale_unpacking_matches_the_codec() {
+        if !super::super::has_avx2() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..1000 {
+            let mut q = [0u8; 16];
+            rng.fill_bytes(&mut q);
+            let mut got = [0u8; 16];
+            // SAFETY: AVX2 is present (checked above); `q` has the 16 bytes the function reads.
+            unsafe { super::_mm_storeu_si128(got.as_mut_ptr().cast(), super::k4_scales_mins(q.as_ptr())) };
+            for j in 0..8 {
+                let scales: &[u8; 12] = q[..12].try_into().unwrap();
+                assert_eq!((got[j], got[8 + j]), get_scale_min_k4(j, scales), "{q:?} sub-block {j}");
+            }
+        }
     }
 }

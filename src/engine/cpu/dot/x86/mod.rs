@@ -35,7 +35,15 @@ pub(super) fn k4_scales_mins(q: &[u8]) -> ([u8; 8], [u8; 8]) {
 /// per token), then runs `$f` on groups of at most `$max` tokens (the largest of the listed `$n`), each
 /// with the instance for its token count.
 macro_rules! by_tile {
-    ($f:ident::<_, $variant:literal>, $block_bytes:literal, $w:ident, $xs:ident, $out:ident, [$($n:literal)+], $max:literal) => {{
+    (
+        $f:ident::<_, $variant:literal>,
+        $block_bytes:literal,
+        $w:ident,
+        $xs:ident,
+        $out:ident,
+        [$($n:literal)+],
+        $max:literal
+    ) => {{
         let blocks = $w.len() / $block_bytes;
         assert!(
             $w.len() % $block_bytes == 0 && $out.len() == $xs.len() && $xs.iter().all(|x| x.len() == blocks),
