@@ -59,7 +59,7 @@ impl QuantizedActivations {
     pub fn new(weight_ty: GgmlType, x: &[f32]) -> Result<Self> {
         let kind = activation_kind(weight_ty)?;
         ensure!(
-            x.len() % weight_ty.block_len() == 0,
+            x.len().is_multiple_of(weight_ty.block_len()),
             "activation length {} is not a multiple of the {weight_ty} block length {}",
             x.len(),
             weight_ty.block_len()

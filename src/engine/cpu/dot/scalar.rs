@@ -12,7 +12,7 @@ pub(super) fn kernel(ty: GgmlType) -> Option<RowKernel> {
         F32 => RowKernel::F32(|w, xs, out| {
             rows_f32(w, xs, out, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         }),
-        F16 => RowKernel::F32(|w, xs, out| rows_f32(w, xs, out, 2, |b| f16(b))),
+        F16 => RowKernel::F32(|w, xs, out| rows_f32(w, xs, out, 2, f16)),
         BF16 => RowKernel::F32(|w, xs, out| {
             rows_f32(w, xs, out, 2, |b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
         }),

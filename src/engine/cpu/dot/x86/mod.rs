@@ -97,11 +97,22 @@ macro_rules! simd_kernels {
             _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
         }
 
-        /// The little-endian f16 at `p`.
+        /// The little-endian f16 at `p`. Moved into a vector register with `vmovd` written out: from
+        /// the intrinsics LLVM emits `vpinsrw` into whatever register it likes (an accumulator, say), a
+        /// false dependency that serialized whole loops.
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn f16_at(p: *const u8) -> f32 {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<u16>().read_unaligned() as i32)))
+            let bits = p.cast::<u16>().read_unaligned() as u32;
+            let v: __m128i;
+            // SAFETY: a register-only instruction (AVX is part of every feature set here).
+            std::arch::asm!(
+                "vmovd {v}, {bits:e}",
+                v = out(xmm_reg) v,
+                bits = in(reg) bits,
+                options(pure, nomem, nostack)
+            );
+            _mm_cvtss_f32(_mm_cvtph_ps(v))
         }
 
         #[inline]
