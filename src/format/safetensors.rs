@@ -72,6 +72,26 @@ impl SafetensorsFile {
     fn file_size(&self) -> u64 {
         self.map.len() as u64
     }
+
+    /// Drops the pages of tensor `name` from this process's memory (they are read again from the
+    /// file if touched later). Converting a 93 GB checkpoint would otherwise keep every page read so
+    /// far resident in the mapping.
+    pub fn release(&self, name: &str) {
+        let Some(info) = self.header.info(name) else { return };
+        let (start, end) = info.data_offsets;
+        // Advice needs a page-aligned start: round inward so no neighbouring tensor is affected.
+        let page = 4096;
+        let first = (self.data_start + start).div_ceil(page) * page;
+        let last = (self.data_start + end) / page * page;
+        if last > first {
+            // SAFETY: the mapping is read-only and file-backed, so DontNeed only drops clean pages that
+            // the kernel re-reads from the file on the next access; no data can be lost. Failure only
+            // means the pages stay resident.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+            };
+        }
+    }
 }
 
 /// The source dtypes we convert from.
@@ -244,6 +264,13 @@ impl Checkpoint {
         match self.shard_of.get(name) {
             Some(&i) => self.shards[i].tensor(name),
             None => bail!("tensor {name} is not in the checkpoint ({} shards)", self.shards.len()),
+        }
+    }
+
+    /// See [`SafetensorsFile::release`].
+    pub fn release(&self, name: &str) {
+        if let Some(&i) = self.shard_of.get(name) {
+            self.shards[i].release(name);
         }
     }
 

@@ -52,7 +52,7 @@ impl<'a> Matrix<'a> {
     }
 
     pub fn row_bytes(&self) -> usize {
-        self.data.len() / self.rows
+        self.cols / self.ty.block_len() * self.ty.block_bytes()
     }
 
     /// The encoded bytes of row `r`.

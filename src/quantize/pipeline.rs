@@ -83,6 +83,8 @@ pub trait RowSource: Sync {
     fn read_row(&self, name: &str, row: usize, out: &mut [f32]) -> Result<()>;
     /// Bytes the tensor takes in the source (for the progress bar and the throughput).
     fn source_bytes(&self, name: &str) -> u64;
+    /// Called once a source tensor is converted: its memory may be released.
+    fn done_with(&self, _name: &str) {}
 }
 
 impl RowSource for Checkpoint {
@@ -92,6 +94,10 @@ impl RowSource for Checkpoint {
 
     fn source_bytes(&self, name: &str) -> u64 {
         self.tensor(name).map(|t| t.data.len() as u64).unwrap_or(0)
+    }
+
+    fn done_with(&self, name: &str) {
+        self.release(name);
     }
 }
 
@@ -250,6 +256,7 @@ fn convert_all(
                     }
                     let (bytes, sums) = convert_matrix(source_rows, source, job, opts.verbose)
                         .with_context(|| format!("converting tensor {source} to {}", job.ty))?;
+                    source_rows.done_with(source);
                     err.add(sums);
                     let len = bytes.len() as u64;
                     if send.send(Piece { tensor: index, offset, bytes }).is_err() {

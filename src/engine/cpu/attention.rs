@@ -8,7 +8,8 @@ use crate::model::ModelConfig;
 /// (`[n, n_heads * head_dim]`); `keys`/`values` hold every cached position up to `start + n`
 /// (`[start + n, n_kv_heads * head_dim]`). Token t sees positions `0 ..= start + t`; query head h reads
 /// KV head `h / (n_heads / n_kv_heads)`. Writes `[n, n_heads * head_dim]` into `out`.
-/// One rayon task per (token, head).
+/// One rayon task per (token, KV head): the query heads sharing a KV head are handled together, so
+/// each cached key and value is read once per group instead of once per query head.
 pub fn causal_attention(
     cfg: &ModelConfig,
     q: &[f32],
@@ -20,25 +21,52 @@ pub fn causal_attention(
     let (hd, kv_dim) = (cfg.head_dim, cfg.kv_dim());
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd).zip(q.par_chunks(hd)).enumerate().for_each(|(i, (o, qh))| {
-        let (t, h) = (i / cfg.n_heads, i % cfg.n_heads);
-        let kv_off = (h / group) * hd;
+    // Query heads of one group are adjacent, so a chunk of `group * hd` values is one (token, KV head).
+    out.par_chunks_mut(group * hd).zip(q.par_chunks(group * hd)).enumerate().for_each(|(i, (o, qg))| {
+        let (t, kv_off) = (i / cfg.n_kv_heads, (i % cfg.n_kv_heads) * hd);
         let seen = start + t + 1;
-        let mut scores: Vec<f32> = (0..seen)
-            .map(|p| {
-                let k = &keys[p * kv_dim + kv_off..][..hd];
-                qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
-            })
-            .collect();
-        softmax(&mut scores);
+        // scores[j * seen + p]: query head j of the group against position p.
+        let mut scores = vec![0.0; group * seen];
+        for p in 0..seen {
+            let k = &keys[p * kv_dim + kv_off..][..hd];
+            for (j, qh) in qg.chunks_exact(hd).enumerate() {
+                scores[j * seen + p] = dot(qh, k) * scale;
+            }
+        }
+        for s in scores.chunks_exact_mut(seen) {
+            softmax(s);
+        }
         o.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
+        for p in 0..seen {
             let v = &values[p * kv_dim + kv_off..][..hd];
-            for (acc, &x) in o.iter_mut().zip(v) {
-                *acc += w * x;
+            for (j, oh) in o.chunks_exact_mut(hd).enumerate() {
+                axpy(oh, scores[j * seen + p], v);
             }
         }
     });
+}
+
+/// Lanes of independent partial sums: a single running sum is a dependency chain the compiler may
+/// not reorder, so it would stay scalar; 16 lanes become vector registers.
+const LANES: usize = 16;
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `o += w · v`.
+fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
+    for (a, &x) in o.iter_mut().zip(v) {
+        *a += w * x;
+    }
 }
 
 /// In place, subtracting the maximum first so that large logits do not overflow.
@@ -108,7 +136,8 @@ mod tests {
 
     #[test]
     fn matches_naive_grouped_query_attention() {
-        let cfg = cfg(4, 2, 8);
+        // head_dim 40: two full 16-lane chunks and a remainder in `dot`.
+        let cfg = cfg(4, 2, 40);
         let (start, n) = (5, 3);
         let q: Vec<f32> = pseudo_random(n * cfg.q_dim(), 1).iter().map(|x| x * 3.0).collect();
         let k = pseudo_random((start + n) * cfg.kv_dim(), 2);
