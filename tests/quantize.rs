@@ -323,3 +323,51 @@ fn full_disk_is_an_error_and_leaves_nothing() {
     assert!(err.contains("out.gguf"), "{err}");
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
+
+/// Ctrl-C during a conversion: non-zero exit, one line, no output and no temporary file left.
+#[test]
+fn ctrl_c_stops_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let hf = d.path().join("hf");
+    let o = run(&[
+        "synth",
+        "--hf",
+        "-o",
+        hf.to_str().unwrap(),
+        "--layers",
+        "2",
+        "--hidden",
+        "512",
+        "--ffn",
+        "1024",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("model.gguf");
+    let mut child = bin()
+        .args(["quantize", hf.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the temporary output exists, i.e. the conversion is under way.
+    let started = std::time::Instant::now();
+    while std::fs::read_dir(&out_dir).unwrap().count() == 0 {
+        assert!(started.elapsed().as_secs() < 60, "the conversion never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: sends SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "an interrupted conversion must fail");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let left: Vec<_> =
+        std::fs::read_dir(&out_dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

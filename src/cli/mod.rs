@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod chat;
 pub mod generate;
 pub mod info;
 pub mod load;
@@ -35,6 +36,8 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Prompt and decode speed, in llama-bench's table form.
     Bench(bench::BenchArgs),
+    /// Chat with the model in an interactive prompt (the KV cache carries over between turns).
+    Chat(chat::ChatArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -46,6 +49,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => perplexity::run(&a),
         Command::Tokenize(a) => tokenize::run(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Chat(a) => chat::run(&a),
     }
 }
 

@@ -361,9 +361,11 @@ fn create_temp_beside(out: &Path) -> Result<tempfile::NamedTempFile> {
         _ => PathBuf::from("."),
     };
     let file_name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // 0666 minus the umask, like any new file: tempfile's default (0600) would survive the rename.
     tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
         .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))
 }

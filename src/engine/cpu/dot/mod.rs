@@ -59,7 +59,7 @@ impl QuantizedActivations {
     pub fn new(weight_ty: GgmlType, x: &[f32]) -> Result<Self> {
         let kind = activation_kind(weight_ty)?;
         ensure!(
-            x.len() % weight_ty.block_len() == 0,
+            x.len().is_multiple_of(weight_ty.block_len()),
             "activation length {} is not a multiple of the {weight_ty} block length {}",
             x.len(),
             weight_ty.block_len()
@@ -100,7 +100,7 @@ enum RowKernel {
 }
 
 /// Tokens handled per kernel call in [`matmul`]: each weight block is unpacked once for all of them.
-const TILE: usize = 4;
+const TILE: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum SimdLevel {
@@ -158,7 +158,7 @@ impl SimdLevel {
         })
     }
 
-    /// Every level this CPU runs, lowest first (for tests and benches).
+    /// Every level this CPU runs, lowest first.
     #[cfg(test)]
     fn available() -> Vec<SimdLevel> {
         [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
@@ -168,6 +168,7 @@ impl SimdLevel {
     }
 
     /// The kernel for `ty` at this level, falling back to the scalar one for types without a SIMD kernel.
+    /// Only ever called with a level at or below `detected()`: the SIMD kernels assume their CPU features.
     fn kernel(self, ty: GgmlType) -> Option<RowKernel> {
         #[cfg(target_arch = "x86_64")]
         {

@@ -3,6 +3,7 @@
 
 use super::activations::{BlockQ8K, BlockQ8_0};
 use super::RowKernel;
+use crate::format::codec::get_scale_min_k4;
 use crate::format::GgmlType;
 
 pub(super) fn kernel(ty: GgmlType) -> Option<RowKernel> {
@@ -11,7 +12,7 @@ pub(super) fn kernel(ty: GgmlType) -> Option<RowKernel> {
         F32 => RowKernel::F32(|w, xs, out| {
             rows_f32(w, xs, out, 4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         }),
-        F16 => RowKernel::F32(|w, xs, out| rows_f32(w, xs, out, 2, |b| f16(b))),
+        F16 => RowKernel::F32(|w, xs, out| rows_f32(w, xs, out, 2, f16)),
         BF16 => RowKernel::F32(|w, xs, out| {
             rows_f32(w, xs, out, 2, |b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
         }),
@@ -97,23 +98,14 @@ fn dot_q8_0(b: &[u8], x: &BlockQ8_0) -> f32 {
     f16(b) * x.d * sum_i32(&x.qs, |i| b[2 + i] as i8 as i32) as f32
 }
 
-/// Scale and minimum (6 bits each) of sub-block `j` (0..8) of a Q4_K/Q5_K block, from the 12 packed bytes
-/// (ggml's `get_scale_min_k4`).
-pub(super) fn k4_scale_min(q: &[u8], j: usize) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
-    }
-}
-
 /// Q4_K/Q5_K block: `w = d * sc[j] * q - dmin * m[j]` for sub-block `j` of 32 values; `q(i)` is the
 /// unsigned quantized value of element `i`.
 fn dot_k4_like(b: &[u8], x: &BlockQ8K, q: impl Fn(usize) -> i32) -> f32 {
     let (d, dmin) = (f16(b) * x.d, f16(&b[2..]) * x.d);
     let (mut sum_q, mut sum_m) = (0i32, 0i32);
+    let scales: &[u8; 12] = b[4..16].try_into().expect("12 scale bytes");
     for j in 0..8 {
-        let (sc, m) = k4_scale_min(&b[4..16], j);
+        let (sc, m) = get_scale_min_k4(j, scales);
         let s: i32 = (32 * j..32 * j + 32).map(|i| q(i) * x.qs[i] as i32).sum();
         sum_q += sc as i32 * s;
         sum_m += m as i32 * (x.bsums[2 * j] as i32 + x.bsums[2 * j + 1] as i32);

@@ -4,6 +4,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 use super::*;
+use crate::format::codec;
 
 const TYPES: [GgmlType; 11] = [
     GgmlType::F32,
@@ -50,84 +51,10 @@ fn random_weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> V
     w
 }
 
-/// Dequantizes one row, written after ggml's reference `dequantize_row_*` loops (independently of the
-/// kernels' index arithmetic).
+/// One row dequantized by the codec (written independently of these kernels, after ggml's formulas).
 fn dequantize(ty: GgmlType, row: &[u8]) -> Vec<f64> {
-    use GgmlType::*;
-    let h = |b: &[u8]| scalar::f16(b) as f64;
-    let mut y = Vec::new();
-    for b in row.chunks_exact(ty.block_bytes()) {
-        match ty {
-            F32 => y.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64),
-            F16 => y.push(h(b)),
-            BF16 => y.push(f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) as f64),
-            Q4_0 | Q4_1 | Q5_0 | Q5_1 => {
-                let (d, m) = (h(b), if matches!(ty, Q4_1 | Q5_1) { h(&b[2..]) } else { 0.0 });
-                let (qh, qs) = match ty {
-                    Q4_0 => (0, &b[2..18]),
-                    Q4_1 => (0, &b[4..20]),
-                    Q5_0 => (u32::from_le_bytes(b[2..6].try_into().unwrap()), &b[6..22]),
-                    _ => (u32::from_le_bytes(b[4..8].try_into().unwrap()), &b[8..24]),
-                };
-                let offset = match ty {
-                    Q4_0 => 8,
-                    Q5_0 => 16,
-                    _ => 0,
-                };
-                let mut out = [0f64; 32];
-                for j in 0..16 {
-                    let xh0 = ((qh >> j) << 4) & 0x10;
-                    let xh1 = (qh >> (j + 12)) & 0x10;
-                    out[j] = d * (((qs[j] as u32 & 0xF) | xh0) as i32 - offset) as f64 + m;
-                    out[j + 16] = d * (((qs[j] as u32 >> 4) | xh1) as i32 - offset) as f64 + m;
-                }
-                y.extend(out);
-            }
-            Q8_0 => y.extend(b[2..34].iter().map(|&q| h(b) * q as i8 as f64)),
-            Q4_K | Q5_K => {
-                let (d, dmin) = (h(b), h(&b[2..]));
-                let (qh, mut ql) =
-                    if ty == Q5_K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
-                let (mut u1, mut u2) = (1u8, 2u8);
-                for is in (0..8).step_by(2) {
-                    let (sc1, m1) = scalar::k4_scale_min(&b[4..16], is);
-                    let (sc2, m2) = scalar::k4_scale_min(&b[4..16], is + 1);
-                    let high = |l: usize, u: u8| if ty == Q5_K && qh[l] & u != 0 { 16.0 } else { 0.0 };
-                    for l in 0..32 {
-                        y.push(d * sc1 as f64 * ((ql[l] & 0xF) as f64 + high(l, u1)) - dmin * m1 as f64);
-                    }
-                    for l in 0..32 {
-                        y.push(d * sc2 as f64 * ((ql[l] >> 4) as f64 + high(l, u2)) - dmin * m2 as f64);
-                    }
-                    ql = &ql[32..];
-                    u1 <<= 2;
-                    u2 <<= 2;
-                }
-            }
-            Q6_K => {
-                let d = h(&b[208..]);
-                let mut out = [0f64; 256];
-                for n in 0..2 {
-                    let (ql, qh, sc) = (&b[64 * n..], &b[128 + 32 * n..], &b[192 + 8 * n..]);
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        let o = &mut out[128 * n..];
-                        o[l] = d * (sc[is] as i8 as i32 * q1) as f64;
-                        o[l + 32] = d * (sc[is + 2] as i8 as i32 * q2) as f64;
-                        o[l + 64] = d * (sc[is + 4] as i8 as i32 * q3) as f64;
-                        o[l + 96] = d * (sc[is + 6] as i8 as i32 * q4) as f64;
-                    }
-                }
-                y.extend(out);
-            }
-            _ => unreachable!("no test dequantizer for {ty}"),
-        }
-    }
-    y
+    let n = row.len() / ty.block_bytes() * ty.block_len();
+    codec::dequantize_to_vec(ty, row, n).unwrap().into_iter().map(f64::from).collect()
 }
 
 fn random_x(n: usize, rng: &mut StdRng) -> Vec<f32> {
@@ -217,7 +144,7 @@ fn every_simd_level_matches_scalar() {
     eprintln!("testing levels {levels:?}");
     for ty in TYPES {
         for &cols in widths(ty) {
-            let (rows, n_tok) = (5, 6); // a full tile of 4 and a partial one
+            let (rows, n_tok) = (5, 11); // full tiles (4 and 8 tokens) and partial ones
             let w = random_weights(ty, rows, cols, &mut rng);
             let xs: Vec<_> = (0..n_tok)
                 .map(|_| QuantizedActivations::new(ty, &random_x(cols, &mut rng)).unwrap())
@@ -309,7 +236,7 @@ fn word_wise_k4_scale_unpacking_matches_the_reference() {
         rng.fill_bytes(&mut q);
         let (sc, m) = x86::k4_scales_mins(&q);
         for j in 0..8 {
-            assert_eq!((sc[j], m[j]), scalar::k4_scale_min(&q, j), "{q:?} sub-block {j}");
+            assert_eq!((sc[j], m[j]), codec::get_scale_min_k4(j, &q), "{q:?} sub-block {j}");
         }
     }
 }

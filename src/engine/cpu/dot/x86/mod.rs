@@ -1,6 +1,6 @@
-//! x86-64 kernels. One body of kernels ([`simd_kernels!`]) is compiled twice: for AVX2+FMA+F16C, and for
-//! AVX-512 with VNNI, where the multiply-accumulate helpers become single `vpdpwssd`/`vpdpbusd`
-//! instructions (256 bits wide: on AMD Zen 4 a 512-bit operation costs two 256-bit ones anyway).
+//! x86-64 kernels. One body of 256-bit kernels ([`simd_kernels!`]) is compiled twice: for AVX2+FMA+F16C,
+//! and for AVX-512 with VNNI, where the multiply-accumulate helpers become single `vpdpwssd`/`vpdpbusd`
+//! instructions. The AVX-512 level also has 512-bit kernels for the K-quants (`avx512.rs`).
 
 pub(super) fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
@@ -15,7 +15,8 @@ pub(super) fn has_avx512() -> bool {
 }
 
 /// Scales and minimums (6 bits each) of the 8 sub-blocks of a Q4_K/Q5_K block from its 12 packed bytes,
-/// unpacked with word operations (same result as `scalar::k4_scale_min` for j = 0..8).
+/// unpacked with word operations (same result as `codec::get_scale_min_k4` for j = 0..8).
+#[inline(always)]
 pub(super) fn k4_scales_mins(q: &[u8]) -> ([u8; 8], [u8; 8]) {
     const LOW6: u32 = 0x3f3f_3f3f;
     const LOW4: u32 = 0x0f0f_0f0f;
@@ -31,24 +32,29 @@ pub(super) fn k4_scales_mins(q: &[u8]) -> ([u8; 8], [u8; 8]) {
 }
 
 /// Checks the sizes the kernels rely on (one block of activations per weight block, one output
-/// per token, at most `TILE` tokens), then runs the instance of `$f` for the tile's token count.
+/// per token), then runs `$f` on groups of at most `$max` tokens (the largest of the listed `$n`), each
+/// with the instance for its token count.
 macro_rules! by_tile {
-    ($f:ident, $variant:literal, $block_bytes:literal, $w:ident, $xs:ident, $out:ident) => {{
+    (
+        $f:ident::<_, $variant:literal>,
+        $block_bytes:literal,
+        $w:ident,
+        $xs:ident,
+        $out:ident,
+        [$($n:literal)+],
+        $max:literal
+    ) => {{
         let blocks = $w.len() / $block_bytes;
         assert!(
             $w.len() % $block_bytes == 0 && $out.len() == $xs.len() && $xs.iter().all(|x| x.len() == blocks),
             "dot kernel called with inconsistent sizes"
         );
-        // SAFETY: sizes checked above; CPU features: see `kernel`.
-        unsafe {
-            match $xs.len() {
-                0 => {}
-                1 => $f::<1, $variant>($w, $xs, $out),
-                2 => $f::<2, $variant>($w, $xs, $out),
-                3 => $f::<3, $variant>($w, $xs, $out),
-                n => {
-                    assert_eq!(n, TILE, "dot kernel called with more than TILE tokens");
-                    $f::<TILE, $variant>($w, $xs, $out)
+        for (xs, out) in $xs.chunks($max).zip($out.chunks_mut($max)) {
+            // SAFETY: sizes checked above; CPU features: see `kernel`.
+            unsafe {
+                match xs.len() {
+                    $($n => $f::<$n, $variant>($w, xs, out),)+
+                    _ => unreachable!("chunks of at most {} tokens", $max),
                 }
             }
         }
@@ -63,22 +69,22 @@ macro_rules! simd_kernels {
         use std::arch::x86_64::*;
 
         use crate::engine::cpu::dot::activations::{BlockQ8K, BlockQ8_0};
-        use crate::engine::cpu::dot::{RowKernel, TILE};
+        use crate::engine::cpu::dot::RowKernel;
         use crate::format::GgmlType;
 
-        /// The kernel for `ty`, or None where only the scalar one exists. Callers hand these out only for
-        /// a level the CPU has (that is what makes the `unsafe` calls below sound).
-        pub(in crate::engine::cpu::dot) fn kernel(ty: GgmlType) -> Option<RowKernel> {
+        /// The 256-bit kernel for `ty`, or None where only the scalar one exists. Callers hand these out
+        /// only for a level the CPU has (that is what makes the `unsafe` calls below sound).
+        fn kernel_256(ty: GgmlType) -> Option<RowKernel> {
             use GgmlType::*;
             Some(match ty {
-                F32 => RowKernel::F32(|w, xs, out| by_tile!(float_n, 0, 4, w, xs, out)),
-                F16 => RowKernel::F32(|w, xs, out| by_tile!(float_n, 1, 2, w, xs, out)),
-                BF16 => RowKernel::F32(|w, xs, out| by_tile!(float_n, 2, 2, w, xs, out)),
-                Q4_0 => RowKernel::Q8_0(|w, xs, out| by_tile!(q4_0_n, 0, 18, w, xs, out)),
-                Q8_0 => RowKernel::Q8_0(|w, xs, out| by_tile!(q8_0_n, 0, 34, w, xs, out)),
-                Q4_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n, 0, 144, w, xs, out)),
-                Q5_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n, 1, 176, w, xs, out)),
-                Q6_K => RowKernel::Q8K(|w, xs, out| by_tile!(q6k_n, 0, 210, w, xs, out)),
+                F32 => RowKernel::F32(|w, xs, out| by_tile!(float_n::<_, 0>, 4, w, xs, out, [1 2 3 4], 4)),
+                F16 => RowKernel::F32(|w, xs, out| by_tile!(float_n::<_, 1>, 2, w, xs, out, [1 2 3 4], 4)),
+                BF16 => RowKernel::F32(|w, xs, out| by_tile!(float_n::<_, 2>, 2, w, xs, out, [1 2 3 4], 4)),
+                Q4_0 => RowKernel::Q8_0(|w, xs, out| by_tile!(q4_0_n::<_, 0>, 18, w, xs, out, [1 2 3 4], 4)),
+                Q8_0 => RowKernel::Q8_0(|w, xs, out| by_tile!(q8_0_n::<_, 0>, 34, w, xs, out, [1 2 3 4], 4)),
+                Q4_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n::<_, 0>, 144, w, xs, out, [1 2 3 4], 4)),
+                Q5_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n::<_, 1>, 176, w, xs, out, [1 2 3 4], 4)),
+                Q6_K => RowKernel::Q8K(|w, xs, out| by_tile!(q6k_n::<_, 0>, 210, w, xs, out, [1 2 3 4], 4)),
                 _ => return None,
             })
         }
@@ -91,11 +97,22 @@ macro_rules! simd_kernels {
             _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
         }
 
-        /// The little-endian f16 at `p`.
+        /// The little-endian f16 at `p`. Moved into a vector register with `vmovd` written out: from
+        /// the intrinsics LLVM emits `vpinsrw` into whatever register it likes (an accumulator, say), a
+        /// false dependency that serialized whole loops.
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn f16_at(p: *const u8) -> f32 {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<u16>().read_unaligned() as i32)))
+            let bits = p.cast::<u16>().read_unaligned() as u32;
+            let v: __m128i;
+            // SAFETY: a register-only instruction (AVX is part of every feature set here).
+            std::arch::asm!(
+                "vmovd {v}, {bits:e}",
+                v = out(xmm_reg) v,
+                bits = in(reg) bits,
+                options(pure, nomem, nostack)
+            );
+            _mm_cvtss_f32(_mm_cvtph_ps(v))
         }
 
         #[inline]
@@ -339,22 +356,10 @@ pub(super) mod avx2 {
     }
 
     simd_kernels!("avx2,fma,f16c");
+
+    pub(in crate::engine::cpu::dot) fn kernel(ty: GgmlType) -> Option<RowKernel> {
+        kernel_256(ty)
+    }
 }
 
-pub(super) mod avx512 {
-    use std::arch::x86_64::{__m256i, _mm256_dpbusd_epi32, _mm256_dpwssd_epi32};
-
-    #[inline]
-    #[target_feature(enable = "avx512vl,avx512vnni")]
-    fn madd_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
-        _mm256_dpwssd_epi32(acc, a, b)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512vl,avx512vnni")]
-    fn dot_acc(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, u, s)
-    }
-
-    simd_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
-}
+pub(super) mod avx512;

@@ -1,0 +1,240 @@
+//! AVX-512 (F, BW, VL, VNNI): the 256-bit kernels with `vpdpwssd`/`vpdpbusd`, and 512-bit kernels for the
+//! K-quants, which carry nearly all of Mixtral's weights. A 512-bit register holds 64 weights of one
+//! K-quant block, so one `vpmaddubsw` + one `vpdpwssd` per token does 64 multiply-adds, and up to 8
+//! tokens share each unpacked block (32 vector registers hold their accumulators).
+
+#[inline]
+#[target_feature(enable = "avx512vl,avx512vnni")]
+fn madd_acc(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, a, b)
+}
+
+#[inline]
+#[target_feature(enable = "avx512vl,avx512vnni")]
+fn dot_acc(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, u, s)
+}
+
+simd_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+
+pub(in crate::engine::cpu::dot) fn kernel(ty: GgmlType) -> Option<RowKernel> {
+    Some(match ty {
+        GgmlType::Q4_K => {
+            RowKernel::Q8K(|w, xs, out| by_tile!(k45_512::<_, 0>, 144, w, xs, out, [1 2 3 4 5 6 7 8], 8))
+        }
+        GgmlType::Q5_K => {
+            RowKernel::Q8K(|w, xs, out| by_tile!(k45_512::<_, 1>, 176, w, xs, out, [1 2 3 4 5 6 7 8], 8))
+        }
+        GgmlType::Q6_K => {
+            RowKernel::Q8K(|w, xs, out| by_tile!(q6k_512::<_, 0>, 210, w, xs, out, [1 2 3 4 5 6 7 8], 8))
+        }
+        _ => return kernel_256(ty),
+    })
+}
+
+/// `acc` + pairwise i16 products summed into i32 lanes, as one `vpdpwssd`: written as assembly because
+/// LLVM's generic x86-64 tuning splits the intrinsic into `vpmaddwd` + `vpaddd` (two instructions).
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: a register-only instruction of a feature this function requires.
+    unsafe {
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack)
+        );
+    }
+    acc
+}
+
+/// The 8 scales (bytes 0..8) and 8 minimums (bytes 8..16), 6 bits each, of a Q4_K/Q5_K block from its 12
+/// packed scale bytes at `p`, as `codec::get_scale_min_k4` unpacks them. Reads 16 bytes: the block goes on
+/// after its scales.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
+    let v = _mm_loadu_si128(p.cast());
+    // Bytes 0..4 and 8..12: scales 0-3 and minimums 0-3 in their low 6 bits; bytes 4..8 and 12..16 (packed
+    // bytes 8..12): the low 4 bits of scales 4-7 and minimums 4-7 in their low and high nibbles, whose
+    // top 2 bits are the top 2 bits of packed bytes 0..4 and 4..8.
+    let a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    let b = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    let low = _mm_or_si128(
+        _mm_and_si128(a, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0)),
+        _mm_and_si128(
+            _mm_srli_epi16(a, 4),
+            _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15),
+        ),
+    );
+    _mm_or_si128(low, _mm_and_si128(_mm_srli_epi16(b, 2), _mm_set1_epi8(0x30)))
+}
+
+/// The two 256-bit halves of `v` added.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn fold(v: __m512i) -> __m256i {
+    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1))
+}
+
+/// A 512-bit vector with `lo` in its low 256 bits and `hi` in its high 256 bits.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn halves(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+}
+
+/// The 32 bytes at `p` in both halves of a 512-bit vector.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn both_halves(p: *const u8) -> __m512i {
+    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()))
+}
+
+/// Q4_K (Q5 = 0) and Q5_K (Q5 = 1), 64 values per register: the low nibbles of a 32-byte chunk (sub-block
+/// 2j) in the low half, its high nibbles (sub-block 2j + 1) in the high half, matching 64 consecutive
+/// activations.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
+    let (block_bytes, qs_at) = if Q5 == 1 { (176, 48) } else { (144, 16) };
+    let mask = _mm512_set1_epi8(0xF);
+    let sixteen = _mm512_set1_epi8(16);
+    let nibble_shift = halves(_mm256_setzero_si256(), _mm256_set1_epi16(4));
+    let dup_mins = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+    // Lane indices that spread scale 2j over the low half and scale 2j + 1 over the high half.
+    let mut pick = [_mm512_setzero_si512(); 4];
+    for (j, p) in pick.iter_mut().enumerate() {
+        *p = halves(_mm256_set1_epi16(2 * j as i16), _mm256_set1_epi16(2 * j as i16 + 1));
+    }
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, b) in w.chunks_exact(block_bytes).enumerate() {
+        let p = b.as_ptr();
+        let (d, dmin) = (_mm256_set1_ps(f16_at(p)), _mm256_set1_ps(f16_at(p.add(2))));
+        let scales_mins = k4_scales_mins(p.add(4));
+        // Each sub-block's minimum twice: it applies to two 16-value bsums.
+        let mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales_mins, dup_mins));
+        let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(scales_mins));
+        let high_bits = if Q5 == 1 { both_halves(p.add(16)) } else { _mm512_setzero_si512() };
+        let mut q = [_mm512_setzero_si512(); 4];
+        let mut scale = [_mm512_setzero_si512(); 4];
+        for j in 0..4 {
+            q[j] =
+                _mm512_and_si512(_mm512_srlv_epi16(both_halves(p.add(qs_at + 32 * j)), nibble_shift), mask);
+            if Q5 == 1 {
+                // Sub-block k's fifth bits are bit k of the 32 high-bit bytes.
+                let bit = halves(
+                    _mm256_set1_epi8((1u8 << (2 * j)) as i8),
+                    _mm256_set1_epi8((2u8 << (2 * j)) as i8),
+                );
+                q[j] = _mm512_or_si512(
+                    q[j],
+                    _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(high_bits, bit), sixteen),
+                );
+            }
+            scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
+        }
+        for t in 0..N {
+            let x = xs[t].get_unchecked(i);
+            let mut sumi = _mm512_setzero_si512();
+            for j in 0..4 {
+                let x8 = _mm512_loadu_si512(x.qs.as_ptr().add(64 * j).cast());
+                sumi = dpwssd(sumi, _mm512_maddubs_epi16(q[j], x8), scale[j]);
+            }
+            // d * Σ sc q x - dmin * Σ m bsums, times the activations' scale, in 256 bits: the float
+            // operations share the multiply pipes with the integer ones.
+            let sum_mins = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), mins16);
+            let block = _mm256_fnmadd_ps(
+                dmin,
+                _mm256_cvtepi32_ps(sum_mins),
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(fold(sumi))),
+            );
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(x.d), block, acc[t]);
+        }
+    }
+    for t in 0..N {
+        out[t] = hsum(acc[t]);
+    }
+}
+
+/// Q6_K, 64 values per register: per half of the block, quarters 0-1 in one register and 2-3 in
+/// another; `w = d * sc[i / 16] * (q - 32)`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6k_512<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
+    let m4 = _mm512_set1_epi8(0xF);
+    let m30 = _mm512_set1_epi8(0x30);
+    // High-bit pairs of quarters 0/1 sit at bits 0/2 of qh, of quarters 2/3 at bits 4/6.
+    let shift_01 = halves(_mm256_setzero_si256(), _mm256_set1_epi16(2));
+    let shift_23 = halves(_mm256_set1_epi16(4), _mm256_set1_epi16(6));
+    // Register r of the block (64 values) uses the 16-value scales 4r..4r+4, 8 i16 lanes each.
+    let mut pick = [_mm512_setzero_si512(); 4];
+    for (r, p) in pick.iter_mut().enumerate() {
+        let g = 4 * r as i16;
+        *p = halves(
+            _mm256_setr_m128i(_mm_set1_epi16(g), _mm_set1_epi16(g + 1)),
+            _mm256_setr_m128i(_mm_set1_epi16(g + 2), _mm_set1_epi16(g + 3)),
+        );
+    }
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, b) in w.chunks_exact(210).enumerate() {
+        let p = b.as_ptr();
+        let d = _mm256_set1_ps(f16_at(p.add(208)));
+        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));
+        let sc512 = _mm512_castsi256_si512(sc16);
+        let mut q = [_mm512_setzero_si512(); 4];
+        for h in 0..2 {
+            let ql = _mm512_loadu_si512(p.add(64 * h).cast());
+            let qh = both_halves(p.add(128 + 32 * h));
+            let high = |shift| _mm512_and_si512(_mm512_slli_epi16(_mm512_srlv_epi16(qh, shift), 4), m30);
+            q[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, m4), high(shift_01));
+            q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), high(shift_23));
+        }
+        let mut scale = [_mm512_setzero_si512(); 4];
+        for r in 0..4 {
+            scale[r] = _mm512_permutexvar_epi16(pick[r], sc512);
+        }
+        for t in 0..N {
+            let x = xs[t].get_unchecked(i);
+            let mut sumi = _mm512_setzero_si512();
+            for r in 0..4 {
+                let x8 = _mm512_loadu_si512(x.qs.as_ptr().add(64 * r).cast());
+                sumi = dpwssd(sumi, _mm512_maddubs_epi16(q[r], x8), scale[r]);
+            }
+            // The offset of 32: 32 * Σ sc[g] * bsums[g].
+            let offset = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), sc16);
+            let sumi = _mm256_sub_epi32(fold(sumi), _mm256_slli_epi32(offset, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x.d)), _mm256_cvtepi32_ps(sumi), acc[t]);
+        }
+    }
+    for t in 0..N {
+        out[t] = hsum(acc[t]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{rngs::StdRng, RngCore, SeedableRng};
+
+    use crate::format::codec::get_scale_min_k4;
+
+    #[test]
+    fn vector_k4_scale_unpacking_matches_the_codec() {
+        if !super::super::has_avx2() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..1000 {
+            let mut q = [0u8; 16];
+            rng.fill_bytes(&mut q);
+            let mut got = [0u8; 16];
+            // SAFETY: AVX2 is present (checked above); `q` has the 16 bytes the function reads.
+            unsafe { super::_mm_storeu_si128(got.as_mut_ptr().cast(), super::k4_scales_mins(q.as_ptr())) };
+            for j in 0..8 {
+                let scales: &[u8; 12] = q[..12].try_into().unwrap();
+                assert_eq!((got[j], got[8 + j]), get_scale_min_k4(j, scales), "{q:?} sub-block {j}");
+            }
+        }
+    }
+}

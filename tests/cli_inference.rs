@@ -1,0 +1,196 @@
+//! The inference commands as a user runs them: generate, perplexity, tokenize, bench, and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::fixture::{cases, id_list, perplexity, reference_json};
+use common::*;
+
+/// The tiny fixture converted with the CLI, in a temp dir.
+fn convert(dir: &Path, target: &str) -> PathBuf {
+    let out = dir.join(format!("tiny-{target}.gguf"));
+    let o =
+        run(&["quantize", tiny_model_dir().to_str().unwrap(), "-o", out.to_str().unwrap(), "--type", target]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    out
+}
+
+fn json_of(args: &[&str]) -> serde_json::Value {
+    let o = run(args);
+    assert!(o.status.success(), "mixtral-q {args:?}: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)))
+}
+
+#[test]
+fn greedy_generate_reproduces_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "f32");
+    for g in reference_json()["greedy"].as_array().unwrap() {
+        let want = id_list(&g["greedy_new_ids"]);
+        let n = want.len().to_string();
+        let json = json_of(&[
+            "generate",
+            "-m",
+            model.to_str().unwrap(),
+            "-p",
+            g["text"].as_str().unwrap(),
+            "-n",
+            &n,
+            "--temp",
+            "0",
+            "--json",
+        ]);
+        assert_eq!(id_list(&json["prompt_ids"]), id_list(&g["input_ids"]));
+        assert_eq!(id_list(&json["generated_ids"]), want, "{}", g["text"]);
+        assert!(json["timings"]["generate_tokens_per_second"].as_f64().unwrap() > 0.0);
+    }
+}
+
+/// `perplexity` over one window holding the whole `long` case equals the reference logits' perplexity.
+#[test]
+fn perplexity_matches_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "f32");
+    let long =
+        reference_json()["cases"].as_array().unwrap().iter().find(|c| c["name"] == "long").unwrap().clone();
+    let text = dir.path().join("long.txt");
+    std::fs::write(&text, long["text"].as_str().unwrap()).unwrap();
+    let json = json_of(&[
+        "perplexity",
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--ctx",
+        "512",
+        "--json",
+    ]);
+    let case = cases().into_iter().find(|c| c.name == "long").unwrap();
+    let want = perplexity(&case.logits, &case.ids, case.logits.len() / case.ids.len());
+    let got = json["perplexity"].as_f64().unwrap();
+    assert!(((got - want) / want).abs() < 1e-4, "perplexity {got} vs reference {want}");
+    assert_eq!(json["tokens_scored"].as_u64().unwrap() as usize, case.ids.len() - 1);
+
+    // Smaller windows: consecutive windows of --ctx tokens, each starting with BOS, all scored.
+    let json = json_of(&[
+        "perplexity",
+        "-m",
+        model.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--ctx",
+        "32",
+        "--json",
+    ]);
+    assert_eq!(json["tokens_scored"].as_u64().unwrap() as usize, case.ids.len() - 1);
+    assert!(json["perplexity"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn tokenize_renders_the_chat_template_like_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "q8_0");
+    for chat in reference_json()["chat"].as_array().unwrap() {
+        let messages = dir.path().join("messages.json");
+        std::fs::write(&messages, chat["messages"].to_string()).unwrap();
+        let json = json_of(&[
+            "tokenize",
+            "-m",
+            model.to_str().unwrap(),
+            "--chat",
+            messages.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(json["text"], chat["rendered"]);
+        assert_eq!(id_list(&json["ids"]), id_list(&chat["input_ids"]));
+    }
+    for t in reference_json()["tokenizer"].as_array().unwrap() {
+        let json =
+            json_of(&["tokenize", "-m", model.to_str().unwrap(), t["text"].as_str().unwrap(), "--json"]);
+        assert_eq!(id_list(&json["ids"]), id_list(&t["input_ids"]), "{}", t["text"]);
+    }
+}
+
+#[test]
+fn bench_reports_both_tests() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "q4_k");
+    let json =
+        json_of(&["bench", "-m", model.to_str().unwrap(), "-p", "16", "-n", "8", "-r", "2", "-o", "json"]);
+    let rows = json.as_array().unwrap();
+    let tests: Vec<&str> = rows.iter().map(|r| r["test"].as_str().unwrap()).collect();
+    assert_eq!(tests, ["pp16", "tg8"]);
+    for r in rows {
+        assert_eq!(r["samples_ts"].as_array().unwrap().len(), 2);
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
+    }
+}
+
+/// One line on stderr, non-zero exit, no panic, naming `needle`.
+fn expect_error(args: &[&str], needle: &str) {
+    let o = run(args);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "mixtral-q {args:?} succeeded");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(last.starts_with("error: ") && last.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "q8_0");
+    let m = model.to_str().unwrap();
+    expect_error(&["generate", "-m", m, "-p", ""], "empty");
+    let long_prompt = "word ".repeat(50);
+    expect_error(&["generate", "-m", m, "-p", &long_prompt, "--ctx", "16"], "context");
+    let not_gguf = dir.path().join("not.gguf");
+    std::fs::write(&not_gguf, b"definitely not a model").unwrap();
+    expect_error(&["generate", "-m", not_gguf.to_str().unwrap(), "-p", "hi"], "not.gguf");
+    expect_error(
+        &["generate", "-m", dir.path().join("missing.gguf").to_str().unwrap(), "-p", "hi"],
+        "missing.gguf",
+    );
+    expect_error(&["perplexity", "-m", m, "-f", dir.path().join("nope.txt").to_str().unwrap()], "nope.txt");
+    expect_error(&["info", not_gguf.to_str().unwrap()], "not.gguf");
+    // A truncated copy of a real model.
+    let bytes = std::fs::read(&model).unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    expect_error(&["generate", "-m", truncated.to_str().unwrap(), "-p", "hi"], "truncated.gguf");
+}
+
+/// A GGUF that is not Mixtral (a dense llama: no experts), and one without any tokenizer.
+#[test]
+fn non_mixtral_and_tokenizer_less_files_are_rejected() {
+    use mixtral_q::format::gguf::{GgufFileWriter, GgufLayout, MetaValue, Metadata};
+    use mixtral_q::format::GgmlType;
+    use mixtral_q::model::ModelConfig;
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |path: &Path, meta: Metadata, tensors: Vec<(String, Vec<u64>)>| {
+        let layout =
+            GgufLayout::new(meta, tensors.into_iter().map(|(n, d)| (n, d, GgmlType::F32)).collect()).unwrap();
+        let file = std::fs::File::create(path).unwrap();
+        let writer = GgufFileWriter::new(&file, layout).unwrap();
+        for (i, t) in writer.layout().tensors().to_vec().iter().enumerate() {
+            writer.write_tensor(i, &vec![0u8; t.n_bytes() as usize]).unwrap();
+        }
+        writer.finish().unwrap();
+    };
+    let cfg = ModelConfig::from_hf_config_file(&tiny_model_dir().join("config.json")).unwrap();
+
+    let mut dense = Metadata::new();
+    cfg.to_gguf(&mut dense);
+    dense.set("llama.expert_count", MetaValue::U32(0));
+    let dense_path = dir.path().join("dense.gguf");
+    write(&dense_path, dense, vec![("token_embd.weight".into(), vec![128, 512])]);
+    expect_error(&["generate", "-m", dense_path.to_str().unwrap(), "-p", "hi"], "not Mixtral");
+
+    let mut no_tok = Metadata::new();
+    cfg.to_gguf(&mut no_tok);
+    let no_tok_path = dir.path().join("no-tokenizer.gguf");
+    write(&no_tok_path, no_tok, cfg.gguf_tensors());
+    expect_error(&["generate", "-m", no_tok_path.to_str().unwrap(), "-p", "hi"], "tokenizer");
+}
