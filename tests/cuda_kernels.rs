@@ -466,8 +466,8 @@ fn kv_store_and_attention_decode_and_prompt() {
     }
 }
 
-fn tiny_gguf(dir: &tempfile::TempDir, target: Target) -> Model {
-    let path = dir.path().join("tiny.gguf");
+fn tiny_gguf(dir: &tempfile::TempDir, target: Target, name: &str) -> Model {
+    let path = dir.path().join(name);
     quantize_checkpoint(std::path::Path::new("models/tiny-mixtral"), &path, &QuantizeOptions::new(target))
         .unwrap();
     Model::load(&path).unwrap()
@@ -477,7 +477,8 @@ fn max_abs(a: &[f32]) -> f32 {
     a.iter().fold(0.0, |m, v| m.max(v.abs()))
 }
 
-/// The whole model: the CUDA engine against the CPU engine on tiny-mixtral (F32 and Q8_0 weights),
+/// The whole model: the CUDA engine against the CPU engine on tiny-mixtral (F32, Q8_0 and llama.cpp's
+/// Q4_K_M file),
 /// prompt (all logits) then token-by-token decode, all experts resident and all but one streamed
 /// through two cache slots. Tolerance: |Δlogit| ≤ 1e-2·(1 + max|logit|): the GPU keeps the KV cache and
 /// the prompt's tensor-core inputs in f16, the CPU quantizes activations to 8 bits for its dot products.
@@ -489,15 +490,23 @@ fn whole_model_matches_the_cpu_engine() {
         let mut rng = rand::rng();
         (0..12).map(|_| rng.random_range(0..512)).collect()
     };
-    for target in [Target::F32, Target::Q8_0] {
-        let dir = tempfile::tempdir().unwrap();
-        let model = tiny_gguf(&dir, target);
+    let dir = tempfile::tempdir().unwrap();
+    // Ours in F32 and Q8_0, and llama.cpp's own Q4_K_M file (mixed block types).
+    let models = [
+        ("F32", tiny_gguf(&dir, Target::F32, "f32.gguf")),
+        ("Q8_0", tiny_gguf(&dir, Target::Q8_0, "q8_0.gguf")),
+        (
+            "llama.cpp Q4_K_M",
+            Model::load(std::path::Path::new("tests/fixtures/llamacpp/tiny-q4_k_m.gguf")).unwrap(),
+        ),
+    ];
+    for (target, model) in &models {
         let vocab = model.config.vocab_size;
-        let mut cpu = CpuEngine::new(&model, 32).unwrap();
+        let mut cpu = CpuEngine::new(model, 32).unwrap();
         let want = cpu.forward(&tokens, true).unwrap();
         let tol = 1e-2 * (1.0 + max_abs(&want));
 
-        let mut resident = CudaEngine::new(&model, 32, &CudaOptions::default()).unwrap();
+        let mut resident = CudaEngine::new(model, 32, &CudaOptions::default()).unwrap();
         eprintln!("{}", resident.plan());
         assert!(resident.plan().all_resident());
         let got = resident.forward(&tokens, true).unwrap();
@@ -509,7 +518,7 @@ fn whole_model_matches_the_cpu_engine() {
                 m.max(d)
             }
         });
-        eprintln!("{target:?} prompt: max |Δlogit| {diff:e} (tolerance {tol:e})");
+        eprintln!("{target} prompt: max |Δlogit| {diff:e} (tolerance {tol:e})");
         assert!(diff <= tol);
 
         // Decode: replay the last 4 tokens one at a time.
@@ -520,7 +529,7 @@ fn whole_model_matches_the_cpu_engine() {
         let largest = plan.slot_bytes.max(plan.resident_bytes / plan.total_experts() as u64);
         let budget = plan.dense + plan.kv_cache + plan.scratch + 3 * largest + largest / 2;
         let mut streamed =
-            CudaEngine::new(&model, 32, &CudaOptions { device: 0, vram_budget: Some(budget) }).unwrap();
+            CudaEngine::new(model, 32, &CudaOptions { device: 0, vram_budget: Some(budget) }).unwrap();
         eprintln!("{}", streamed.plan());
         assert!(
             streamed.plan().n_slots >= 2
@@ -539,7 +548,7 @@ fn whole_model_matches_the_cpu_engine() {
                         m.max(d)
                     }
                 });
-                eprintln!("{target:?} decode {name} token {i}: max |Δlogit| {diff:e}");
+                eprintln!("{target} decode {name} token {i}: max |Δlogit| {diff:e}");
                 assert!(diff <= tol, "{name} token {i}");
             }
             assert_eq!(a, b, "streaming experts must not change the result");

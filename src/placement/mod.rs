@@ -296,6 +296,28 @@ mod tests {
     }
 
     #[test]
+    fn sizes_of_a_real_file_account_for_every_tensor() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llamacpp/tiny-q4_k_m.gguf");
+        let model = crate::model::weights::Model::load(&path).unwrap();
+        let w = model.weights().unwrap();
+        let s = ModelSizes::of(&w, &model.config, 64, 0);
+        let unpadded: usize = w
+            .layers
+            .iter()
+            .flat_map(|l| &l.experts)
+            .map(|e| e.gate.data.len() + e.up.data.len() + e.down.data.len())
+            .sum();
+        let file_total: u64 = model.file.tensors.iter().map(|t| t.n_bytes()).sum();
+        assert_eq!(s.dense + unpadded as u64, file_total);
+        let padded: u64 = s.experts.iter().flatten().sum();
+        assert!(padded >= unpadded as u64 && padded < unpadded as u64 + 3 * 256 * 16);
+        assert_eq!(s.kv_cache, kv_cache_bytes(&model.config, 64));
+        let all = Plan::new(&s, u64::MAX).unwrap();
+        assert!(all.all_resident());
+    }
+
+    #[test]
     fn layout_aligns_every_matrix() {
         let l = ExpertLayout::from_sizes([1000, 256, 10]);
         assert_eq!(l.offsets, [0, 1024, 1280]);
