@@ -203,6 +203,8 @@ fn candidates() -> Vec<PathBuf> {
     for site in python_site_packages() {
         out.push(site.join("nvidia/cuda_nvrtc/lib/libnvrtc.so.12"));
     }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(p.clone()));
     out
 }
 
