@@ -349,7 +349,7 @@ fn ctrl_c_stops_cleanly() {
     let out_dir = d.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let out = out_dir.join("model.gguf");
-    let mut child = bin()
+    let child = bin()
         .args(["quantize", hf.to_str().unwrap(), "-o", out.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -6,19 +6,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use super::*;
 use crate::format::codec;
 
-const TYPES: [GgmlType; 11] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
+/// Every type the engines compute with.
+const TYPES: [GgmlType; 11] = crate::model::weights::SUPPORTED_TYPES;
 
 fn f16_bytes(v: f32) -> [u8; 2] {
     half::f16::from_f32(v).to_le_bytes()
