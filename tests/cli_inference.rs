@@ -127,14 +127,15 @@ fn bench_reports_both_tests() {
     }
 }
 
-/// One line on stderr, non-zero exit, no panic, naming `needle`.
+/// An `error: ` line naming `needle`, non-zero exit, no panic.
 fn expect_error(args: &[&str], needle: &str) {
     let o = run(args);
     let err = stderr(&o);
     assert!(!o.status.success(), "mixtral-q {args:?} succeeded");
     assert!(!err.contains("panicked"), "{err}");
-    let last = err.trim_end().lines().last().unwrap_or("");
-    assert!(last.starts_with("error: ") && last.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+    // Our errors are the last line; clap's usage errors add a "For more information" hint after theirs.
+    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or("");
+    assert!(line.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
 }
 
 #[test]
@@ -193,4 +194,27 @@ fn non_mixtral_and_tokenizer_less_files_are_rejected() {
     let no_tok_path = dir.path().join("no-tokenizer.gguf");
     write(&no_tok_path, no_tok, cfg.gguf_tensors());
     expect_error(&["generate", "-m", no_tok_path.to_str().unwrap(), "-p", "hi"], "tokenizer");
+}
+
+/// `--device cuda` needs a usable GPU: without one it is a clear error, and `auto` falls back to the
+/// CPU with a one-line notice; with one, both run.
+#[test]
+fn device_choice_without_and_with_a_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "q8_0");
+    let m = model.to_str().unwrap();
+    let has_gpu = mixtral_q::engine::cuda::cuda_available().is_ok();
+    let auto = run(&["generate", "-m", m, "-p", "hi", "-n", "2", "--device", "auto"]);
+    assert!(auto.status.success(), "{}", stderr(&auto));
+    if has_gpu {
+        let o = run(&["generate", "-m", m, "-p", "hi", "-n", "2", "--device", "cuda"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    } else {
+        expect_error(&["generate", "-m", m, "-p", "hi", "--device", "cuda"], "NVIDIA");
+        let notices: Vec<_> =
+            stderr(&auto).lines().filter(|l| l.contains("using the CPU")).map(String::from).collect();
+        assert_eq!(notices.len(), 1, "{}", stderr(&auto));
+    }
+    expect_error(&["generate", "-m", m, "-p", "hi", "--device", "tpu"], "tpu");
+    expect_error(&["generate", "-m", m, "-p", "hi", "--vram-budget", "lots"], "lots");
 }

@@ -4,8 +4,6 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use mixtral_q::engine::cpu::{dot, CpuEngine};
-use mixtral_q::engine::Engine;
 
 use super::human_bytes;
 use super::load::ModelArgs;
@@ -60,7 +58,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut model_args = args.model.clone();
     model_args.ctx = Some(args.model.ctx.unwrap_or(0).max(args.n_prompt.max(args.n_gen + 1)));
     let loaded = model_args.load()?;
-    let mut engine = CpuEngine::new(&loaded.model, loaded.ctx)?;
+    let mut engine = loaded.engine()?;
     let vocab = engine.config().vocab_size as u32;
     // Token ids spread over the vocabulary, as llama-bench uses random tokens.
     let tokens = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7919 + 1) % vocab).collect() };
@@ -100,7 +98,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let size = loaded.model.file.file_size();
     let params = cfg.n_params();
     let threads = rayon::current_num_threads();
-    let backend = format!("CPU ({})", dot::simd_level());
+    let backend = loaded.backend();
     let name = format!(
         "mixtral {}L {}x{} {}",
         cfg.n_layers,

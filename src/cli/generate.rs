@@ -4,8 +4,6 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use mixtral_q::engine::cpu::CpuEngine;
-use mixtral_q::engine::Engine;
 use mixtral_q::text::{Sampler, SamplingParams, StreamDecoder};
 
 use super::load::{ModelArgs, DEMO_NOTICE};
@@ -84,7 +82,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             loaded.ctx
         );
     }
-    let mut engine = CpuEngine::new(&loaded.model, loaded.ctx)?;
+    let mut engine = loaded.engine()?;
     let mut sampler = Sampler::new(args.sampling.params());
     let mut decoder = StreamDecoder::new(tok);
     let mut history = prompt_ids.clone();

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use mixtral_q::engine::cpu::{dot, CpuEngine};
+use mixtral_q::engine::cuda::{parse_bytes, CudaEngine, CudaOptions, DeviceChoice};
+use mixtral_q::engine::Engine;
 use mixtral_q::model::weights::Model;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
 use mixtral_q::text::Tokenizer;
@@ -19,6 +22,13 @@ pub struct ModelArgs {
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(short = 'c', long)]
     pub ctx: Option<usize>,
+    /// Where the forward pass runs: auto (a CUDA GPU when one is usable, else the CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// GPU memory to use, e.g. 22G (default: free VRAM minus a reserve); experts that do not fit are
+    /// streamed from host memory.
+    #[arg(long, value_parser = parse_bytes)]
+    pub vram_budget: Option<u64>,
 }
 
 /// A loaded model with its tokenizer.
@@ -27,6 +37,40 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
     pub ctx: usize,
     pub is_demo: bool,
+    device: DeviceChoice,
+    vram_budget: Option<u64>,
+}
+
+impl Loaded {
+    /// The engine on the chosen device; a GPU prints its placement plan, and `auto` on a machine
+    /// without a usable GPU says in one line why it runs on the CPU.
+    pub fn engine(&self) -> Result<Box<dyn Engine + '_>> {
+        let (device, why_cpu) = self.device.resolve()?;
+        match device {
+            Some(device) => {
+                let opts = CudaOptions { device, vram_budget: self.vram_budget };
+                let engine = CudaEngine::new(&self.model, self.ctx, &opts)?;
+                eprintln!("{}\n{}", engine.device(), engine.plan());
+                Ok(Box::new(engine))
+            }
+            None => {
+                if let Some(why) = why_cpu {
+                    eprintln!("note: {why}");
+                }
+                Ok(Box::new(CpuEngine::new(&self.model, self.ctx)?))
+            }
+        }
+    }
+
+    /// The backend, for reports: "CPU (avx512)" or the GPU's name.
+    pub fn backend(&self) -> String {
+        match self.device.resolve() {
+            Ok((Some(n), _)) => mixtral_q::engine::cuda::device_info(n)
+                .map(|d| format!("CUDA ({})", d.name))
+                .unwrap_or_else(|_| "CUDA".into()),
+            _ => format!("CPU ({})", dot::simd_level()),
+        }
+    }
 }
 
 impl ModelArgs {
@@ -50,7 +94,7 @@ impl ModelArgs {
             Some(c) => c,
             None => model.config.context_length.min(4096),
         };
-        Ok(Loaded { model, tokenizer, ctx, is_demo })
+        Ok(Loaded { model, tokenizer, ctx, is_demo, device: self.device, vram_budget: self.vram_budget })
     }
 }
 

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use mixtral_q::engine::cpu::CpuEngine;
-use mixtral_q::engine::Engine;
 
 use super::load::ModelArgs;
 
@@ -33,7 +31,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
     if loaded.ctx < 2 {
         bail!("--ctx must be at least 2 for perplexity");
     }
-    let mut engine = CpuEngine::new(&loaded.model, loaded.ctx)?;
+    let mut engine = loaded.engine()?;
     let vocab = engine.config().vocab_size;
     let start = Instant::now();
     let (mut nll, mut scored, mut processed) = (0f64, 0usize, 0usize);

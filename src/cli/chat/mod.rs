@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use mixtral_q::engine::cpu::CpuEngine;
 use mixtral_q::text::ChatTemplate;
 
 use super::generate::SamplingArgs;
@@ -67,8 +66,8 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         debug_ids: std::env::var_os("MIXTRAL_Q_CHAT_DEBUG").is_some_and(|v| !v.is_empty() && v != "0"),
     };
 
-    let mut engine = CpuEngine::new(&loaded.model, loaded.ctx)?;
-    let mut session = Session::new(&mut engine, &loaded.tokenizer, template, settings);
+    let mut engine = loaded.engine()?;
+    let mut session = Session::new(engine.as_mut(), &loaded.tokenizer, template, settings);
     session.set_ignore_eos(args.ignore_eos);
     let name = metadata.get_str("general.name").unwrap_or("model");
     println!(
