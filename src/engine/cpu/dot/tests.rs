@@ -163,7 +163,12 @@ fn every_simd_level_matches_scalar() {
 #[test]
 fn matmul_equals_matvec_per_token() {
     let mut rng = StdRng::seed_from_u64(3);
-    for (ty, rows, cols) in [(GgmlType::Q4_K, 2001, 256), (GgmlType::Q8_0, 37, 160), (GgmlType::F16, 9, 96)] {
+    for (ty, rows, cols) in [
+        (GgmlType::Q4_K, 2001, 256),
+        (GgmlType::Q4_K, 37, 4096),
+        (GgmlType::Q8_0, 37, 160),
+        (GgmlType::F16, 9, 96),
+    ] {
         let w = random_weights(ty, rows, cols, &mut rng);
         let xs: Vec<_> =
             (0..7).map(|_| QuantizedActivations::new(ty, &random_x(cols, &mut rng)).unwrap()).collect();
