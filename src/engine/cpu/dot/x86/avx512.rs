@@ -145,13 +145,17 @@ unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], ou
             }
             scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
         }
+        // Tokens innermost: their dependency chains interleave instead of queueing one after another.
+        let mut sumi = [_mm512_setzero_si512(); N];
+        for j in 0..4 {
+            for t in 0..N {
+                let x8 = _mm512_loadu_si512(xs[t].get_unchecked(i).qs.as_ptr().add(64 * j).cast());
+                sumi[t] = dpwssd(sumi[t], _mm512_maddubs_epi16(q[j], x8), scale[j]);
+            }
+        }
         for t in 0..N {
             let x = xs[t].get_unchecked(i);
-            let mut sumi = _mm512_setzero_si512();
-            for j in 0..4 {
-                let x8 = _mm512_loadu_si512(x.qs.as_ptr().add(64 * j).cast());
-                sumi = dpwssd(sumi, _mm512_maddubs_epi16(q[j], x8), scale[j]);
-            }
+            let sumi = sumi[t];
             // d * Σ sc q x - dmin * Σ m bsums, times the activations' scale, in 256 bits: the float
             // operations share the multiply pipes with the integer ones.
             let sum_mins = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), mins16);
