@@ -56,16 +56,19 @@ fn perplexity_matches_the_reference() {
         reference_json()["cases"].as_array().unwrap().iter().find(|c| c["name"] == "long").unwrap().clone();
     let text = dir.path().join("long.txt");
     std::fs::write(&text, long["text"].as_str().unwrap()).unwrap();
-    let json = json_of(&[
-        "perplexity",
-        "-m",
-        model.to_str().unwrap(),
-        "-f",
-        text.to_str().unwrap(),
-        "--ctx",
-        "512",
-        "--json",
-    ]);
+    let ppl = |ctx: &str| {
+        json_of(&[
+            "perplexity",
+            "-m",
+            model.to_str().unwrap(),
+            "-f",
+            text.to_str().unwrap(),
+            "--ctx",
+            ctx,
+            "--json",
+        ])
+    };
+    let json = ppl("512");
     let case = cases().into_iter().find(|c| c.name == "long").unwrap();
     let want = perplexity(&case.logits, &case.ids, case.logits.len() / case.ids.len());
     let got = json["perplexity"].as_f64().unwrap();
@@ -73,16 +76,7 @@ fn perplexity_matches_the_reference() {
     assert_eq!(json["tokens_scored"].as_u64().unwrap() as usize, case.ids.len() - 1);
 
     // Smaller windows: consecutive windows of --ctx tokens, each starting with BOS, all scored.
-    let json = json_of(&[
-        "perplexity",
-        "-m",
-        model.to_str().unwrap(),
-        "-f",
-        text.to_str().unwrap(),
-        "--ctx",
-        "32",
-        "--json",
-    ]);
+    let json = ppl("32");
     assert_eq!(json["tokens_scored"].as_u64().unwrap() as usize, case.ids.len() - 1);
     assert!(json["perplexity"].as_f64().unwrap() > 1.0);
 }
