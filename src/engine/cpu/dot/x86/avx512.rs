@@ -1,7 +1,8 @@
 //! AVX-512 (F, BW, VL, VNNI): the 256-bit kernels with `vpdpwssd`/`vpdpbusd`, and 512-bit kernels for the
 //! K-quants, which carry nearly all of Mixtral's weights. A 512-bit register holds 64 weights of one
-//! K-quant block, so one `vpmaddubsw` + one `vpdpwssd` per token does 64 multiply-adds, and up to 8
-//! tokens share each unpacked block (32 vector registers hold their accumulators). Q4_K against one token
+//! K-quant block; per token, Q4_K/Q5_K spend three multiplies per 128 multiply-adds (`block_sums_512`),
+//! Q6_K four, and up to 8 tokens share each unpacked block (32 vector registers hold their
+//! accumulators). Q4_K against one token
 //! (decode) has its own 256-bit kernel, and one-token products over long rows prefetch their weights.
 
 #[inline]
@@ -60,6 +61,25 @@ fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     acc
 }
 
+/// `acc` + products of the unsigned bytes `u` and the signed bytes `s`, summed by fours into i32 lanes:
+/// one `vpdpbusd` (written out like `dpwssd`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: a register-only instruction of a feature this function requires.
+    unsafe {
+        std::arch::asm!(
+            "vpdpbusd {acc}, {u}, {s}",
+            acc = inout(zmm_reg) acc,
+            u = in(zmm_reg) u,
+            s = in(zmm_reg) s,
+            options(pure, nomem, nostack)
+        );
+    }
+    acc
+}
+
 /// The 8 scales (bytes 0..8) and 8 minimums (bytes 8..16), 6 bits each, of a Q4_K/Q5_K block from its 12
 /// packed scale bytes at `p`, as `codec::get_scale_min_k4` unpacks them. Reads 16 bytes: the block goes on
 /// after its scales.
@@ -105,7 +125,7 @@ unsafe fn both_halves(p: *const u8) -> __m512i {
 
 /// Q4_K (Q5 = 0) and Q5_K (Q5 = 1), 64 values per register: the low nibbles of a 32-byte chunk (sub-block
 /// 2j) in the low half, its high nibbles (sub-block 2j + 1) in the high half, matching 64 consecutive
-/// activations.
+/// activations. Products go through [`block_sums_512`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
     let (block_bytes, qs_at) = if Q5 == 1 { (176, 48) } else { (144, 16) };
@@ -113,11 +133,14 @@ unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], ou
     let sixteen = _mm512_set1_epi8(16);
     let nibble_shift = halves(_mm256_setzero_si256(), _mm256_set1_epi16(4));
     let dup_mins = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-    // Lane indices that spread scale 2j over the low half and scale 2j + 1 over the high half.
-    let mut pick = [_mm512_setzero_si512(); 4];
-    for (j, p) in pick.iter_mut().enumerate() {
-        *p = halves(_mm256_set1_epi16(2 * j as i16), _mm256_set1_epi16(2 * j as i16 + 1));
-    }
+    // Scale lanes of the packed pair (registers 2k, 2k + 1): see `block_sums_512`.
+    let pick: [__m512i; 2] = std::array::from_fn(|k| {
+        let s = |a: usize, b: usize| {
+            let (a, b) = ((4 * k + a) as i16, (4 * k + b) as i16);
+            _mm_setr_epi16(a, a, a, a, b, b, b, b)
+        };
+        halves(_mm256_setr_m128i(s(0, 2), s(0, 2)), _mm256_setr_m128i(s(1, 3), s(1, 3)))
+    });
     let mut acc = [_mm256_setzero_ps(); N];
     for (i, b) in w.chunks_exact(block_bytes).enumerate() {
         let p = b.as_ptr();
@@ -127,42 +150,28 @@ unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], ou
         let mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales_mins, dup_mins));
         let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(scales_mins));
         let high_bits = if Q5 == 1 { both_halves(p.add(16)) } else { _mm512_setzero_si512() };
-        let mut q = [_mm512_setzero_si512(); 4];
-        let mut scale = [_mm512_setzero_si512(); 4];
-        for j in 0..4 {
-            q[j] =
+        let q: [__m512i; 4] = std::array::from_fn(|j| {
+            let q =
                 _mm512_and_si512(_mm512_srlv_epi16(both_halves(p.add(qs_at + 32 * j)), nibble_shift), mask);
-            if Q5 == 1 {
-                // Sub-block k's fifth bits are bit k of the 32 high-bit bytes.
-                let bit = halves(
-                    _mm256_set1_epi8((1u8 << (2 * j)) as i8),
-                    _mm256_set1_epi8((2u8 << (2 * j)) as i8),
-                );
-                q[j] = _mm512_or_si512(
-                    q[j],
-                    _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(high_bits, bit), sixteen),
-                );
+            if Q5 == 0 {
+                return q;
             }
-            scale[j] = _mm512_permutexvar_epi16(pick[j], sc16);
-        }
-        // Tokens innermost: their dependency chains interleave instead of queueing one after another.
-        let mut sumi = [_mm512_setzero_si512(); N];
-        for j in 0..4 {
-            for t in 0..N {
-                let x8 = _mm512_loadu_si512(xs[t].get_unchecked(i).qs.as_ptr().add(64 * j).cast());
-                sumi[t] = dpwssd(sumi[t], _mm512_maddubs_epi16(q[j], x8), scale[j]);
-            }
-        }
+            // Sub-block k's fifth bits are bit k of the 32 high-bit bytes.
+            let bit =
+                halves(_mm256_set1_epi8((1u8 << (2 * j)) as i8), _mm256_set1_epi8((2u8 << (2 * j)) as i8));
+            _mm512_or_si512(q, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(high_bits, bit), sixteen))
+        });
+        let scale = pick.map(|pick| _mm512_permutexvar_epi16(pick, sc16));
+        let sumi: [__m512i; N] = block_sums_512(&q, &scale, |t| xs[t].get_unchecked(i).qs.as_ptr());
         for t in 0..N {
             let x = xs[t].get_unchecked(i);
-            let sumi = sumi[t];
             // d * Σ sc q x - dmin * Σ m bsums, times the activations' scale, in 256 bits: the float
             // operations share the multiply pipes with the integer ones.
             let sum_mins = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), mins16);
             let block = _mm256_fnmadd_ps(
                 dmin,
                 _mm256_cvtepi32_ps(sum_mins),
-                _mm256_mul_ps(d, _mm256_cvtepi32_ps(fold(sumi))),
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(fold(sumi[t]))),
             );
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(x.d), block, acc[t]);
         }
@@ -170,6 +179,37 @@ unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], ou
     for t in 0..N {
         out[t] = hsum(acc[t]);
     }
+}
+
+/// Σ scale × (q · x) over one 256-value block for each of N tokens, in i32 lanes, from four registers of
+/// 64 unsigned weights (`q[j]` matches activations 64j..64j + 64) whose 8-value groups share a scale.
+///
+/// `vpdpbusd` sums the products by fours (at most 4 × 63 × 127 < 2^15 for weights below 64), so two of
+/// its results pack into one register of i16 without saturating, and one `vpdpwssd` applies the scales:
+/// three multiplies per 128 products instead of four with `vpmaddubsw`. Packing interleaves the two
+/// registers per 128-bit lane, so `scale[k]` (for registers 2k and 2k + 1) holds, per 128-bit lane, four
+/// i16 scales for the first register's values there and four for the second's.
+///
+/// Which products share an i32 lane matters for bit-identical results with [`q4k_256`], which builds
+/// the same lanes from 32-value registers (see there).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn block_sums_512<const N: usize>(
+    q: &[__m512i; 4],
+    scale: &[__m512i; 2],
+    x: impl Fn(usize) -> *const i8,
+) -> [__m512i; N] {
+    let mut sumi = [_mm512_setzero_si512(); N];
+    // Tokens innermost: their dependency chains interleave instead of queueing one after another.
+    for k in 0..2 {
+        for (t, sumi) in sumi.iter_mut().enumerate() {
+            let x = x(t).add(128 * k);
+            let a = dpbusd(_mm512_setzero_si512(), q[2 * k], _mm512_loadu_si512(x.cast()));
+            let b = dpbusd(_mm512_setzero_si512(), q[2 * k + 1], _mm512_loadu_si512(x.add(64).cast()));
+            *sumi = dpwssd(*sumi, _mm512_packs_epi32(a, b), scale[k]);
+        }
+    }
+    sumi
 }
 
 /// Rows at least this long have their weights prefetched (see `prefetch_ahead`).
@@ -192,16 +232,26 @@ fn prefetch_ahead(p: *const u8, len: usize) {
     }
 }
 
-/// Q4_K for one token (decode) in 256-bit registers: one register per 32-value sub-block, its scale spread
-/// by an in-lane byte shuffle (no `vpermw`, no variable shifts), four independent integer sums (short
-/// dependency chains keep more blocks in flight). The integer lanes and float operations are those of
-/// `k45_512`, so both kernels give bit-identical results.
+/// Q4_K for one token (decode) in 256-bit registers: one register per 32-value sub-block, scales spread by
+/// in-lane byte shuffles (no `vpermw`, no variable shifts), two independent integer sums (short dependency
+/// chains keep more blocks in flight).
+///
+/// Products are summed by fours (`vpdpbusd`) and packed in pairs of sub-blocks (0, 2), (1, 3), (4, 6),
+/// (5, 7) before `vpdpwssd` applies the scales, as in [`block_sums_512`]: an i32 lane then holds, for
+/// the same 8 value positions, sub-blocks 0, 1, 4, 5 (or 2, 3, 6, 7), exactly the lanes that
+/// `block_sums_512` + `fold` produce. With the same float operations after that, both kernels give
+/// bit-identical results, so a token's logits do not depend on the batch it was computed in.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4k_256<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
+    const PAIRS: [(usize, usize); 4] = [(0, 2), (1, 3), (4, 6), (5, 7)];
     let mask = _mm256_set1_epi8(0xF);
     let dup_mins = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-    // Byte shuffles that spread scale k (a byte) as i16 over a whole register.
-    let spread: [__m256i; 8] = std::array::from_fn(|k| _mm256_set1_epi16(0x8000u16 as i16 | k as i16));
+    // Byte shuffles that spread the scales (bytes) of a packed pair as i16: 4 lanes of the first
+    // sub-block's, then 4 of the second's, in each 128-bit lane.
+    let spread: [__m256i; 4] = PAIRS.map(|(a, b)| {
+        let (a, b) = (0x8000u16 as i16 | a as i16, 0x8000u16 as i16 | b as i16);
+        _mm256_broadcastsi128_si256(_mm_setr_epi16(a, a, a, a, b, b, b, b))
+    });
     let mut acc = [_mm256_setzero_ps(); N];
     let prefetch = w.len() >= LONG_ROW_BYTES;
     for (i, b) in w.chunks_exact(144).enumerate() {
@@ -219,16 +269,18 @@ unsafe fn q4k_256<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out
             q[2 * j] = _mm256_and_si256(v, mask);
             q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
         }
-        let scale: [__m256i; 8] = std::array::from_fn(|k| _mm256_shuffle_epi8(sc, spread[k]));
+        let scale = spread.map(|s| _mm256_shuffle_epi8(sc, s));
         for t in 0..N {
             let x = xs[t].get_unchecked(i);
-            let mut sumi = [_mm256_setzero_si256(); 4];
-            for k in 0..8 {
+            let fours: [__m256i; 8] = std::array::from_fn(|k| {
                 let x8 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * k).cast());
-                sumi[k % 4] = dpwssd256(sumi[k % 4], _mm256_maddubs_epi16(q[k], x8), scale[k]);
+                dot_acc(_mm256_setzero_si256(), q[k], x8)
+            });
+            let mut sumi = [_mm256_setzero_si256(); 2];
+            for (m, (a, b)) in PAIRS.into_iter().enumerate() {
+                sumi[m % 2] = dpwssd256(sumi[m % 2], _mm256_packs_epi32(fours[a], fours[b]), scale[m]);
             }
-            let sumi =
-                _mm256_add_epi32(_mm256_add_epi32(sumi[0], sumi[1]), _mm256_add_epi32(sumi[2], sumi[3]));
+            let sumi = _mm256_add_epi32(sumi[0], sumi[1]);
             let sum_mins = _mm256_madd_epi16(_mm256_loadu_si256(x.bsums.as_ptr().cast()), mins16);
             let block = _mm256_fnmadd_ps(
                 _mm256_set1_ps(dmin),
