@@ -12,10 +12,12 @@ mod norm;
 mod rope;
 
 use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
 
 use self::kv_cache::KvCache;
 use self::rope::Rope;
 use super::Engine;
+use crate::format::GgmlType;
 use crate::model::weights::{LayerWeights, Matrix, Model, ModelWeights};
 use crate::model::ModelConfig;
 
@@ -97,7 +99,7 @@ impl<'a> CpuEngine<'a> {
         };
         let xn = norm::rms_norm_rows(rows, &self.weights.output_norm, cfg.rms_norm_eps);
         let mut out = vec![0.0; rows.len() / hidden * cfg.vocab_size];
-        matmul(&self.weights.output, &xn, &mut out)?;
+        Input::new(&xn).matmul(&self.weights.output, &mut out)?;
         Ok((out, trace))
     }
 }
@@ -193,9 +195,10 @@ fn attention_block(
     let mut q = vec![0.0; n * cfg.q_dim()];
     let mut k = vec![0.0; n * cfg.kv_dim()];
     let mut v = vec![0.0; n * cfg.kv_dim()];
-    matmul(&layer.attn_q, &xn, &mut q)?;
-    matmul(&layer.attn_k, &xn, &mut k)?;
-    matmul(&layer.attn_v, &xn, &mut v)?;
+    let mut input = Input::new(&xn);
+    input.matmul(&layer.attn_q, &mut q)?;
+    input.matmul(&layer.attn_k, &mut k)?;
+    input.matmul(&layer.attn_v, &mut v)?;
     for (t, (qt, kt)) in q.chunks_exact_mut(cfg.q_dim()).zip(k.chunks_exact_mut(cfg.kv_dim())).enumerate() {
         rope.apply(qt, start + t);
         rope.apply(kt, start + t);
@@ -204,7 +207,7 @@ fn attention_block(
     let mut att = vec![0.0; n * cfg.q_dim()];
     attention::causal_attention(cfg, &q, cache.keys(l), cache.values(l), start, &mut att);
     let mut out = vec![0.0; n * cfg.hidden_size];
-    matmul(&layer.attn_output, &att, &mut out)?;
+    Input::new(&att).matmul(&layer.attn_output, &mut out)?;
     Ok(out)
 }
 
@@ -214,15 +217,37 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `out[t, r] = Σ_c w[r, c] · xs[t, c]` for every row `t` of `xs` (`[n, w.cols]` → `[n, w.rows]`).
-/// The one place the engine multiplies by a weight matrix: activations are quantized for `w`'s type,
-/// then `dot` reads each weight row once for all tokens.
-fn matmul(w: &Matrix, xs: &[f32], out: &mut [f32]) -> Result<()> {
-    let acts = xs
-        .chunks_exact(w.cols)
-        .map(|x| dot::QuantizedActivations::new(w.ty, x))
-        .collect::<Result<Vec<_>>>()?;
-    dot::matmul(w.ty, w.data, w.rows, w.cols, &acts, out)
+/// Rows of activations (`[n, cols]`) on their way into weight matrices. They are quantized for a
+/// matrix's type (in parallel, over tokens) the first time one needs it, and kept: the matrices that
+/// read the same input (q, k and v; an expert's gate and up) share the quantization.
+struct Input<'a> {
+    xs: &'a [f32],
+    quantized: Vec<(GgmlType, Vec<dot::QuantizedActivations>)>,
+}
+
+impl<'a> Input<'a> {
+    fn new(xs: &'a [f32]) -> Input<'a> {
+        Input { xs, quantized: Vec::new() }
+    }
+
+    /// `out[t, r] = Σ_c w[r, c] · xs[t, c]` for every row `t` (`[n, w.cols]` → `[n, w.rows]`). The one
+    /// place the engine multiplies by a weight matrix: `dot` reads each weight row once for all tokens.
+    fn matmul(&mut self, w: &Matrix, out: &mut [f32]) -> Result<()> {
+        let known = self.quantized.iter().position(|(ty, _)| *ty == w.ty);
+        let i = match known {
+            Some(i) => i,
+            None => {
+                let acts = self
+                    .xs
+                    .par_chunks_exact(w.cols)
+                    .map(|x| dot::QuantizedActivations::new(w.ty, x))
+                    .collect::<Result<Vec<_>>>()?;
+                self.quantized.push((w.ty, acts));
+                self.quantized.len() - 1
+            }
+        };
+        dot::matmul(w.ty, w.data, w.rows, w.cols, &self.quantized[i].1, out)
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,10 @@
 //! SwiGLU FFN `w2(silu(w1 x) * (w3 x))`, and the outputs are mixed with the renormalized router weights.
 
 use anyhow::Result;
+use rayon::prelude::*;
 
 use super::attention::softmax;
-use super::matmul;
+use super::Input;
 use crate::model::weights::{ExpertWeights, LayerWeights};
 
 /// One token's chosen experts with their weights (summing to 1), highest weight first.
@@ -26,7 +27,7 @@ pub fn route(logits: &[f32], k: usize) -> Route {
 pub fn route_tokens(layer: &LayerWeights, xs: &[f32], k: usize) -> Result<Vec<Route>> {
     let n_experts = layer.router.rows;
     let mut logits = vec![0.0; xs.len() / layer.router.cols * n_experts];
-    matmul(&layer.router, xs, &mut logits)?;
+    Input::new(xs).matmul(&layer.router, &mut logits)?;
     Ok(logits.chunks_exact(n_experts).map(|l| route(l, k)).collect())
 }
 
@@ -60,13 +61,16 @@ fn expert_ffn(expert: &ExpertWeights, xs: &[f32]) -> Result<Vec<f32>> {
     let m = xs.len() / expert.gate.cols;
     let mut gate = vec![0.0; m * expert.gate.rows];
     let mut up = vec![0.0; m * expert.up.rows];
-    matmul(&expert.gate, xs, &mut gate)?;
-    matmul(&expert.up, xs, &mut up)?;
-    for (g, u) in gate.iter_mut().zip(&up) {
-        *g = silu(*g) * u;
-    }
+    let mut input = Input::new(xs);
+    input.matmul(&expert.gate, &mut gate)?;
+    input.matmul(&expert.up, &mut up)?;
+    gate.par_chunks_mut(expert.gate.rows).zip(up.par_chunks(expert.up.rows)).for_each(|(g, u)| {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = silu(*g) * u;
+        }
+    });
     let mut out = vec![0.0; m * expert.down.rows];
-    matmul(&expert.down, &gate, &mut out)?;
+    Input::new(&gate).matmul(&expert.down, &mut out)?;
     Ok(out)
 }
 
