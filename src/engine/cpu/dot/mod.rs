@@ -95,9 +95,19 @@ impl QuantizedActivations {
 #[derive(Clone, Copy)]
 enum RowKernel {
     Q8K(fn(&[u8], &[&[BlockQ8K]], &mut [f32])),
+    /// A row kernel, and a [`GemmKernel`] for products with at least [`GEMM_MIN_TOKENS`] tokens.
+    Q8KGemm(fn(&[u8], &[&[BlockQ8K]], &mut [f32]), GemmKernel<BlockQ8K>),
     Q8_0(fn(&[u8], &[&[BlockQ8_0]], &mut [f32])),
     F32(fn(&[u8], &[&[f32]], &mut [f32])),
 }
+
+/// Consecutive rows of a matrix (the weights, `row_bytes` per row) against all tokens:
+/// `out[t * rows + r] = dot(row r, xs[t])`, sizes checked by the kernel.
+type GemmKernel<B> = fn(&[u8], usize, &[&[B]], &mut [f32]);
+
+/// Fewest tokens for which a [`GemmKernel`] runs instead of the row kernel: it unpacks its weights once
+/// per product, which pays off from a few tokens on.
+const GEMM_MIN_TOKENS: usize = 4;
 
 /// Tokens handled per kernel call in [`matmul`]: each weight block is unpacked once for all of them.
 const TILE: usize = 8;
@@ -256,11 +266,11 @@ fn matmul_at(
     let kernel = level.kernel(ty).with_context(|| format!("no CPU dot-product kernel for {ty} weights"))?;
     // The kinds were checked above, so no token's blocks come back empty.
     match kernel {
-        RowKernel::Q8K(k) => {
-            let xs: Vec<&[BlockQ8K]> =
-                xs.iter().map(|x| if let Activations::Q8K(v) = &x.blocks { &v[..] } else { &[] }).collect();
-            run(k, w, row_bytes, &xs, out)
+        RowKernel::Q8K(k) => run(k, w, row_bytes, &q8k_blocks(xs), out),
+        RowKernel::Q8KGemm(_, gemm) if xs.len() >= GEMM_MIN_TOKENS => {
+            run_gemm(gemm, w, row_bytes, &q8k_blocks(xs), out)
         }
+        RowKernel::Q8KGemm(k, _) => run(k, w, row_bytes, &q8k_blocks(xs), out),
         RowKernel::Q8_0(k) => {
             let xs: Vec<&[BlockQ8_0]> =
                 xs.iter().map(|x| if let Activations::Q8_0(v) = &x.blocks { &v[..] } else { &[] }).collect();
@@ -273,6 +283,32 @@ fn matmul_at(
         }
     }
     Ok(())
+}
+
+fn q8k_blocks(xs: &[QuantizedActivations]) -> Vec<&[BlockQ8K]> {
+    xs.iter().map(|x| if let Activations::Q8K(v) = &x.blocks { &v[..] } else { &[] }).collect()
+}
+
+/// Runs `gemm` on chunks of rows in parallel, then gathers each token's outputs.
+fn run_gemm<B: Sync>(gemm: GemmKernel<B>, w: &[u8], row_bytes: usize, xs: &[&[B]], out: &mut [f32]) {
+    let rows = w.len() / row_bytes;
+    if w.len() < PARALLEL_MIN_BYTES {
+        return gemm(w, row_bytes, xs, out);
+    }
+    let chunk = chunk_rows(rows).next_multiple_of(ROW_BLOCK);
+    let parts: Vec<Vec<f32>> = w
+        .par_chunks(chunk * row_bytes)
+        .map(|w| {
+            let mut part = vec![0f32; w.len() / row_bytes * xs.len()];
+            gemm(w, row_bytes, xs, &mut part);
+            part
+        })
+        .collect();
+    out.par_chunks_mut(rows).enumerate().for_each(|(t, out)| {
+        for (out, part) in out.chunks_mut(chunk).zip(&parts) {
+            out.copy_from_slice(&part[t * out.len()..][..out.len()]);
+        }
+    });
 }
 
 /// Rows per parallel task: a few tasks per thread, so that work stealing evens out the threads.

@@ -159,7 +159,9 @@ fn every_simd_level_matches_scalar() {
     }
 }
 
-/// Batched products equal one matvec per token, at every level, including the parallel path.
+/// Batched products equal one matvec per token, at every level, including the parallel path: exactly
+/// where the same kernels run, within float rounding where a many-token kernel takes over (Q4_K at the
+/// AVX-512 level sums in another order).
 #[test]
 fn matmul_equals_matvec_per_token() {
     let mut rng = StdRng::seed_from_u64(3);
@@ -178,7 +180,17 @@ fn matmul_equals_matvec_per_token() {
             for (t, x) in xs.iter().enumerate() {
                 let mut single = vec![0f32; rows];
                 matmul_at(level, ty, &w, rows, cols, std::slice::from_ref(x), &mut single).unwrap();
-                assert_eq!(&batched[t * rows..(t + 1) * rows], &single[..], "{ty} {level:?} token {t}");
+                let batched = &batched[t * rows..(t + 1) * rows];
+                if ty == GgmlType::Q4_K && level == SimdLevel::Avx512 {
+                    let x64 = dequantized_x(x);
+                    for (r, row) in w.chunks_exact(w.len() / rows).enumerate() {
+                        let scale = abs_dot64(&dequantize(ty, row), &x64);
+                        let (b, s) = (batched[r], single[r]);
+                        assert!(((b - s) as f64).abs() <= 1e-5 * scale, "{ty} token {t} row {r}: {b} vs {s}");
+                    }
+                } else {
+                    assert_eq!(batched, &single[..], "{ty} {level:?} token {t}");
+                }
             }
         }
     }

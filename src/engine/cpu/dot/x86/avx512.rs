@@ -24,13 +24,16 @@ pub(in crate::engine::cpu::dot) fn kernel(ty: GgmlType) -> Option<RowKernel> {
         GgmlType::Q4_K => {
             // One token (decode): 256-bit registers, whose scales need no cross-lane permutes. Both
             // kernels sum the same integer lanes with the same float operations: bit-identical results.
-            RowKernel::Q8K(|w, xs, out| {
-                if xs.len() == 1 {
-                    by_tile!(q4k_256::<_, 0>, 144, w, xs, out, [1], 1)
-                } else {
-                    by_tile!(k45_512::<_, 0>, 144, w, xs, out, [1 2 3 4 5 6 7 8], 8)
-                }
-            })
+            RowKernel::Q8KGemm(
+                |w, xs, out| {
+                    if xs.len() == 1 {
+                        by_tile!(q4k_256::<_, 0>, 144, w, xs, out, [1], 1)
+                    } else {
+                        by_tile!(k45_512::<_, 0>, 144, w, xs, out, [1 2 3 4 5 6 7 8], 8)
+                    }
+                },
+                super::q4k_gemm::q4k_gemm,
+            )
         }
         GgmlType::Q5_K => {
             RowKernel::Q8K(|w, xs, out| by_tile!(k45_512::<_, 1>, 176, w, xs, out, [1 2 3 4 5 6 7 8], 8))

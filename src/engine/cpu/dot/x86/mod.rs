@@ -363,3 +363,4 @@ pub(super) mod avx2 {
 }
 
 pub(super) mod avx512;
+mod q4k_gemm;

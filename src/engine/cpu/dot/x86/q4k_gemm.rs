@@ -1,0 +1,213 @@
+//! Q4_K against many tokens (prompts) with AVX-512 VNNI: eight weight rows in the eight i32 lanes of a
+//! 256-bit register, the way llama.cpp's repacked "8x8" Q4_K kernels work, but repacked on the fly.
+//!
+//! The row kernels put 64 values of one row in a register and reduce across lanes for every block and
+//! token; their float epilogue, packing and horizontal sums cost more than the multiplies. Here a group
+//! of 8 rows is first unpacked once per product into [`Block8`]s: for every 4 consecutive values, the 8
+//! rows' weights as 32 bytes, so that one `vpdpbusd` multiplies them by the same 4 activations of a
+//! token (broadcast from memory) and adds into one lane per row. A sub-block's 8 such steps need no
+//! reduction at all; its scale is one `vpmulld` over the 8 rows, and the block's float work is shared by
+//! the 8 rows too. Each token's result is 8 consecutive outputs, already in the `[token][row]` layout.
+//! Any number of tokens uses all lanes; the unpacking is paid once per 8 rows and block, for all tokens.
+
+use std::arch::x86_64::*;
+
+use crate::engine::cpu::dot::activations::BlockQ8K;
+
+/// Rows per group: one per i32 lane of a 256-bit register.
+const ROWS: usize = 8;
+
+/// Tokens computed together: their accumulators (3 registers each) fill the 32 vector registers.
+const TOKENS: usize = 8;
+
+const BLOCK_BYTES: usize = 144;
+
+/// One Q4_K block of a group of 8 rows, unpacked: `q[g]` holds the 4 weights (values 4g..4g + 4) of rows
+/// 0..8, a byte each; `scales[j]` and `mins[j]` the sub-block j scale and `dmin * minimum` of rows
+/// 0..8; `d` the rows' block scales.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Block8 {
+    q: [[u8; 32]; 64],
+    scales: [[i32; ROWS]; 8],
+    mins: [[f32; ROWS]; 8],
+    d: [f32; ROWS],
+}
+
+const EMPTY: Block8 =
+    Block8 { q: [[0; 32]; 64], scales: [[0; ROWS]; 8], mins: [[0.0; ROWS]; 8], d: [0.0; ROWS] };
+
+/// `out[t * rows + r] = dot(row r of w, xs[t])` for the `rows = w.len() / row_bytes` Q4_K rows of `w`.
+pub(in crate::engine::cpu::dot) fn q4k_gemm(w: &[u8], row_bytes: usize, xs: &[&[BlockQ8K]], out: &mut [f32]) {
+    let rows = w.len() / row_bytes;
+    let blocks = row_bytes / BLOCK_BYTES;
+    assert!(
+        w.len() % row_bytes == 0
+            && row_bytes % BLOCK_BYTES == 0
+            && out.len() == rows * xs.len()
+            && xs.iter().all(|x| x.len() == blocks),
+        "dot kernel called with inconsistent sizes"
+    );
+    // Per token and block, the activations' sum over each sub-block times their scale: what the rows'
+    // minimums multiply.
+    let dsums: Vec<[f32; 8]> = xs
+        .iter()
+        .flat_map(|x| x.iter())
+        .map(|b| std::array::from_fn(|j| b.d * (b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32) as f32))
+        .collect();
+    let mut unpacked = vec![EMPTY; blocks];
+    for (group, w) in w.chunks(ROWS * row_bytes).enumerate() {
+        let n_rows = w.len() / row_bytes;
+        // SAFETY: sizes checked above; CPU features: the caller hands this out at the AVX-512 level only.
+        unsafe { unpack_rows(w, row_bytes, &mut unpacked) };
+        for (first, tokens) in xs.chunks(TOKENS).enumerate().map(|(i, t)| (i * TOKENS, t)) {
+            let dsums = &dsums[first * blocks..];
+            let mut sums = [[0f32; ROWS]; TOKENS];
+            // SAFETY: as above.
+            unsafe {
+                match tokens.len() {
+                    1 => group_sums::<1>(&unpacked, tokens, dsums, &mut sums),
+                    2 => group_sums::<2>(&unpacked, tokens, dsums, &mut sums),
+                    3 => group_sums::<3>(&unpacked, tokens, dsums, &mut sums),
+                    4 => group_sums::<4>(&unpacked, tokens, dsums, &mut sums),
+                    5 => group_sums::<5>(&unpacked, tokens, dsums, &mut sums),
+                    6 => group_sums::<6>(&unpacked, tokens, dsums, &mut sums),
+                    7 => group_sums::<7>(&unpacked, tokens, dsums, &mut sums),
+                    8 => group_sums::<8>(&unpacked, tokens, dsums, &mut sums),
+                    n => unreachable!("chunks of at most {TOKENS} tokens, got {n}"),
+                }
+            }
+            for (t, sums) in sums[..tokens.len()].iter().enumerate() {
+                let at = (first + t) * rows + group * ROWS;
+                out[at..at + n_rows].copy_from_slice(&sums[..n_rows]);
+            }
+        }
+    }
+}
+
+/// Unpacks every block of up to 8 rows (`w`, `row_bytes` each) into `out`; missing rows read as zeros.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn unpack_rows(w: &[u8], row_bytes: usize, out: &mut [Block8]) {
+    let n_rows = w.len() / row_bytes;
+    let mask = _mm256_set1_epi8(0xF);
+    for (i, b) in out.iter_mut().enumerate() {
+        // nibbles[c][r]: chunk c (32 bytes, values 64c..64c + 64) of row r.
+        let mut low = [[_mm256_setzero_si256(); ROWS]; 4];
+        let mut high = [[_mm256_setzero_si256(); ROWS]; 4];
+        for r in 0..ROWS {
+            if r >= n_rows {
+                b.d[r] = 0.0;
+                for j in 0..8 {
+                    b.scales[j][r] = 0;
+                    b.mins[j][r] = 0.0;
+                }
+                continue;
+            }
+            let p = w.as_ptr().add(r * row_bytes + i * BLOCK_BYTES);
+            b.d[r] = f16_at(p);
+            let dmin = f16_at(p.add(2));
+            let (scales, mins) = super::k4_scales_mins(std::slice::from_raw_parts(p.add(4), 12));
+            for j in 0..8 {
+                b.scales[j][r] = scales[j] as i32;
+                b.mins[j][r] = dmin * mins[j] as f32;
+            }
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(p.add(16 + 32 * c).cast());
+                low[c][r] = _mm256_and_si256(v, mask);
+                high[c][r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            }
+        }
+        // A chunk's low nibbles are groups 16c..16c + 8 (one i32 each), its high nibbles 16c + 8..16c + 16:
+        // transposed, each becomes 8 registers of one group for all rows.
+        for c in 0..4 {
+            for (half, rows) in [&low[c], &high[c]].into_iter().enumerate() {
+                for (k, v) in transpose_8x8(rows).into_iter().enumerate() {
+                    _mm256_store_si256(b.q[16 * c + 8 * half + k].as_mut_ptr().cast(), v);
+                }
+            }
+        }
+    }
+}
+
+/// Rows to columns for 8 registers of 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose_8x8(r: &[__m256i; 8]) -> [__m256i; 8] {
+    // Pairs of rows interleaved: lo01 = r0[0] r1[0] r0[1] r1[1] | r0[4] r1[4] r0[5] r1[5], and so on.
+    let (lo01, hi01) = (_mm256_unpacklo_epi32(r[0], r[1]), _mm256_unpackhi_epi32(r[0], r[1]));
+    let (lo23, hi23) = (_mm256_unpacklo_epi32(r[2], r[3]), _mm256_unpackhi_epi32(r[2], r[3]));
+    let (lo45, hi45) = (_mm256_unpacklo_epi32(r[4], r[5]), _mm256_unpackhi_epi32(r[4], r[5]));
+    let (lo67, hi67) = (_mm256_unpacklo_epi32(r[6], r[7]), _mm256_unpackhi_epi32(r[6], r[7]));
+    // Columns k and k + 4 of rows 0..4 (a) and 4..8 (b), in the low and high 128 bits.
+    let a = [
+        _mm256_unpacklo_epi64(lo01, lo23),
+        _mm256_unpackhi_epi64(lo01, lo23),
+        _mm256_unpacklo_epi64(hi01, hi23),
+        _mm256_unpackhi_epi64(hi01, hi23),
+    ];
+    let b = [
+        _mm256_unpacklo_epi64(lo45, lo67),
+        _mm256_unpackhi_epi64(lo45, lo67),
+        _mm256_unpacklo_epi64(hi45, hi67),
+        _mm256_unpackhi_epi64(hi45, hi67),
+    ];
+    std::array::from_fn(|k| {
+        if k < 4 {
+            _mm256_permute2x128_si256(a[k], b[k], 0x20)
+        } else {
+            _mm256_permute2x128_si256(a[k - 4], b[k - 4], 0x31)
+        }
+    })
+}
+
+/// The 8 rows of `blocks` against N tokens: `sums[t][r]`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn group_sums<const N: usize>(
+    blocks: &[Block8],
+    xs: &[&[BlockQ8K]],
+    dsums: &[[f32; 8]],
+    sums: &mut [[f32; ROWS]; TOKENS],
+) {
+    let n_blocks = blocks.len();
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (i, b) in blocks.iter().enumerate() {
+        let x: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(i));
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for j in 0..8 {
+            let mut sub = [_mm256_setzero_si256(); N];
+            for g in 8 * j..8 * j + 8 {
+                let q = _mm256_load_si256(b.q[g].as_ptr().cast());
+                for t in 0..N {
+                    let x4 = _mm256_set1_epi32(x[t].qs.as_ptr().add(4 * g).cast::<i32>().read_unaligned());
+                    sub[t] = _mm256_dpbusd_epi32(sub[t], q, x4);
+                }
+            }
+            let scale = _mm256_load_si256(b.scales[j].as_ptr().cast());
+            for t in 0..N {
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_mullo_epi32(sub[t], scale));
+            }
+        }
+        let d = _mm256_load_ps(b.d.as_ptr());
+        for t in 0..N {
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_mul_ps(d, _mm256_set1_ps(x[t].d)),
+                _mm256_cvtepi32_ps(sumi[t]),
+                acc[t],
+            );
+            let dsums = dsums.get_unchecked(t * n_blocks + i);
+            for j in 0..8 {
+                acc[t] =
+                    _mm256_fnmadd_ps(_mm256_load_ps(b.mins[j].as_ptr()), _mm256_set1_ps(dsums[j]), acc[t]);
+            }
+        }
+    }
+    for t in 0..N {
+        _mm256_storeu_ps(sums[t].as_mut_ptr(), acc[t]);
+    }
+}
+
+/// The little-endian f16 at `p`.
+#[inline]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    half::f16::from_bits(p.cast::<u16>().read_unaligned()).to_f32()
+}
