@@ -88,7 +88,7 @@ fn dpbusd(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
 /// after its scales.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
+pub(super) unsafe fn k4_scales_mins(p: *const u8) -> __m128i {
     let v = _mm_loadu_si128(p.cast());
     // Bytes 0..4 and 8..12: scales 0-3 and minimums 0-3 in their low 6 bits; bytes 4..8 and 12..16 (packed
     // bytes 8..12): the low 4 bits of scales 4-7 and minimums 4-7 in their low and high nibbles, whose

@@ -12,6 +12,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx512::k4_scales_mins;
 use crate::engine::cpu::dot::activations::BlockQ8K;
 
 /// Rows per group: one per i32 lane of a 256-bit register.
@@ -91,39 +92,38 @@ unsafe fn unpack_rows(w: &[u8], row_bytes: usize, out: &mut [Block8]) {
     let n_rows = w.len() / row_bytes;
     let mask = _mm256_set1_epi8(0xF);
     for (i, b) in out.iter_mut().enumerate() {
-        // nibbles[c][r]: chunk c (32 bytes, values 64c..64c + 64) of row r.
-        let mut low = [[_mm256_setzero_si256(); ROWS]; 4];
-        let mut high = [[_mm256_setzero_si256(); ROWS]; 4];
+        // Per row: the 8 scales (i32), the 8 `dmin * m` (f32), the 32-byte chunks c of nibbles (values
+        // 64c..64c + 32 low, 64c + 32..64c + 64 high).
+        let mut scales = [_mm256_setzero_si256(); ROWS];
+        let mut mins = [_mm256_setzero_si256(); ROWS];
+        let mut chunks = [[_mm256_setzero_si256(); ROWS]; 4];
         for r in 0..ROWS {
             if r >= n_rows {
                 b.d[r] = 0.0;
-                for j in 0..8 {
-                    b.scales[j][r] = 0;
-                    b.mins[j][r] = 0.0;
-                }
                 continue;
             }
             let p = w.as_ptr().add(r * row_bytes + i * BLOCK_BYTES);
             b.d[r] = f16_at(p);
-            let dmin = f16_at(p.add(2));
-            let (scales, mins) = super::k4_scales_mins(std::slice::from_raw_parts(p.add(4), 12));
-            for j in 0..8 {
-                b.scales[j][r] = scales[j] as i32;
-                b.mins[j][r] = dmin * mins[j] as f32;
-            }
-            for c in 0..4 {
-                let v = _mm256_loadu_si256(p.add(16 + 32 * c).cast());
-                low[c][r] = _mm256_and_si256(v, mask);
-                high[c][r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            let scales_mins = k4_scales_mins(p.add(4));
+            scales[r] = _mm256_cvtepu8_epi32(scales_mins);
+            let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scales_mins, 8)));
+            mins[r] = _mm256_castps_si256(_mm256_mul_ps(_mm256_set1_ps(f16_at(p.add(2))), m));
+            for (c, chunk) in chunks.iter_mut().enumerate() {
+                chunk[r] = _mm256_loadu_si256(p.add(16 + 32 * c).cast());
             }
         }
-        // A chunk's low nibbles are groups 16c..16c + 8 (one i32 each), its high nibbles 16c + 8..16c + 16:
-        // transposed, each becomes 8 registers of one group for all rows.
-        for c in 0..4 {
-            for (half, rows) in [&low[c], &high[c]].into_iter().enumerate() {
-                for (k, v) in transpose_8x8(rows).into_iter().enumerate() {
-                    _mm256_store_si256(b.q[16 * c + 8 * half + k].as_mut_ptr().cast(), v);
-                }
+        for (j, (s, m)) in transpose_8x8(&scales).into_iter().zip(transpose_8x8(&mins)).enumerate() {
+            _mm256_store_si256(b.scales[j].as_mut_ptr().cast(), s);
+            _mm256_store_si256(b.mins[j].as_mut_ptr().cast(), m);
+        }
+        // Transposed, 4 bytes of a chunk hold groups 16c + k (low nibbles) and 16c + 8 + k (high) for
+        // all rows at once.
+        for (c, chunk) in chunks.iter().enumerate() {
+            for (k, v) in transpose_8x8(chunk).into_iter().enumerate() {
+                let (low, high) =
+                    (_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+                _mm256_store_si256(b.q[16 * c + k].as_mut_ptr().cast(), low);
+                _mm256_store_si256(b.q[16 * c + 8 + k].as_mut_ptr().cast(), high);
             }
         }
     }
@@ -206,8 +206,9 @@ unsafe fn group_sums<const N: usize>(
     }
 }
 
-/// The little-endian f16 at `p`.
+/// The little-endian f16 at `p`, converted by the CPU (F16C).
 #[inline]
+#[target_feature(enable = "f16c")]
 unsafe fn f16_at(p: *const u8) -> f32 {
-    half::f16::from_bits(p.cast::<u16>().read_unaligned()).to_f32()
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<u16>().read_unaligned() as i32)))
 }
