@@ -139,7 +139,9 @@ impl Engine for CpuEngine<'_> {
                 (false, true) => Logits::Last,
                 (false, false) => Logits::None,
             };
-            match self.run(batch, want) {
+            // On a worker of the thread pool: its parallel loops then start and end without handing work
+            // across from a thread outside the pool (which sleeps and wakes at every one).
+            match rayon::scope(|_| self.run(batch, want)) {
                 Ok((batch_logits, batch_trace)) => {
                     logits.extend(batch_logits);
                     for (layer, choices) in trace.iter_mut().zip(batch_trace) {
@@ -192,13 +194,21 @@ fn attention_block(
 ) -> Result<Vec<f32>> {
     let n = x.len() / cfg.hidden_size;
     let xn = norm::rms_norm_rows(x, &layer.attn_norm, cfg.rms_norm_eps);
-    let mut q = vec![0.0; n * cfg.q_dim()];
-    let mut k = vec![0.0; n * cfg.kv_dim()];
-    let mut v = vec![0.0; n * cfg.kv_dim()];
-    let mut input = Input::new(&xn);
-    input.matmul(&layer.attn_q, &mut q)?;
-    input.matmul(&layer.attn_k, &mut k)?;
-    input.matmul(&layer.attn_v, &mut v)?;
+    let (mut q, mut k, v) = if n == 1 {
+        let [q, k, v] = matvecs(&[(&xn, &layer.attn_q), (&xn, &layer.attn_k), (&xn, &layer.attn_v)])?
+            .try_into()
+            .expect("three products");
+        (q, k, v)
+    } else {
+        let mut q = vec![0.0; n * cfg.q_dim()];
+        let mut k = vec![0.0; n * cfg.kv_dim()];
+        let mut v = vec![0.0; n * cfg.kv_dim()];
+        let mut input = Input::new(&xn);
+        input.matmul(&layer.attn_q, &mut q)?;
+        input.matmul(&layer.attn_k, &mut k)?;
+        input.matmul(&layer.attn_v, &mut v)?;
+        (q, k, v)
+    };
     for (t, (qt, kt)) in q.chunks_exact_mut(cfg.q_dim()).zip(k.chunks_exact_mut(cfg.kv_dim())).enumerate() {
         rope.apply(qt, start + t);
         rope.apply(kt, start + t);
@@ -215,6 +225,39 @@ fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
+}
+
+/// `out[i] = w_i · x_i` for one token per product, all in one parallel pass (`dot::matvec_many`). Inputs
+/// shared by several matrices of one weight type are quantized once.
+fn matvecs(products: &[(&[f32], &Matrix)]) -> Result<Vec<Vec<f32>>> {
+    let mut quantized: Vec<(&[f32], GgmlType, dot::QuantizedActivations)> = Vec::new();
+    let mut which = Vec::with_capacity(products.len());
+    for &(x, w) in products {
+        let known = quantized.iter().position(|(qx, ty, _)| std::ptr::eq(*qx, x) && *ty == w.ty);
+        which.push(match known {
+            Some(i) => i,
+            None => {
+                quantized.push((x, w.ty, dot::QuantizedActivations::new(w.ty, x)?));
+                quantized.len() - 1
+            }
+        });
+    }
+    let mut outs: Vec<Vec<f32>> = products.iter().map(|(_, w)| vec![0.0; w.rows]).collect();
+    let mut jobs: Vec<dot::MatVec> = products
+        .iter()
+        .zip(&which)
+        .zip(&mut outs)
+        .map(|((&(_, w), &i), out)| dot::MatVec {
+            ty: w.ty,
+            w: w.data,
+            rows: w.rows,
+            cols: w.cols,
+            x: &quantized[i].2,
+            out,
+        })
+        .collect();
+    dot::matvec_many(&mut jobs)?;
+    Ok(outs)
 }
 
 /// Rows of activations (`[n, cols]`) on their way into weight matrices. They are quantized for a

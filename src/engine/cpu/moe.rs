@@ -5,8 +5,8 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 use super::attention::softmax;
-use super::Input;
-use crate::model::weights::{ExpertWeights, LayerWeights};
+use super::{matvecs, Input};
+use crate::model::weights::{ExpertWeights, LayerWeights, Matrix};
 
 /// One token's chosen experts with their weights (summing to 1), highest weight first.
 pub type Route = Vec<(usize, f32)>;
@@ -34,6 +34,9 @@ pub fn route_tokens(layer: &LayerWeights, xs: &[f32], k: usize) -> Result<Vec<Ro
 /// Returns `Σ_e weight_e · expert_e(x)` for every token (`[n, hidden]`). Tokens are grouped by expert,
 /// so each chosen expert's weights are read once per batch, not once per token.
 pub fn mix_experts(experts: &[ExpertWeights], xs: &[f32], routes: &[Route]) -> Result<Vec<f32>> {
+    if let [route] = routes {
+        return mix_experts_one_token(experts, xs, route);
+    }
     let hidden = xs.len() / routes.len().max(1);
     let mut out = vec![0.0; xs.len()];
     for (e, expert) in experts.iter().enumerate() {
@@ -51,6 +54,28 @@ pub fn mix_experts(experts: &[ExpertWeights], xs: &[f32], routes: &[Route]) -> R
             for (o, &v) in out[t * hidden..][..hidden].iter_mut().zip(yt) {
                 *o += w * v;
             }
+        }
+    }
+    Ok(out)
+}
+
+/// [`mix_experts`] for one token (decode): the gate and up products of all chosen experts in one
+/// parallel pass, their down products in another.
+fn mix_experts_one_token(experts: &[ExpertWeights], x: &[f32], route: &Route) -> Result<Vec<f32>> {
+    // In expert order, as the batched path adds them: the same sums in the same order.
+    let mut route = route.clone();
+    route.sort_by_key(|&(e, _)| e);
+    let chosen: Vec<&ExpertWeights> = route.iter().map(|&(e, _)| &experts[e]).collect();
+    let gate_up: Vec<(&[f32], &Matrix)> = chosen.iter().flat_map(|e| [(x, &e.gate), (x, &e.up)]).collect();
+    let hs: Vec<Vec<f32>> = matvecs(&gate_up)?
+        .chunks_exact(2)
+        .map(|gu| gu[0].iter().zip(&gu[1]).map(|(&g, &u)| silu(g) * u).collect())
+        .collect();
+    let down: Vec<(&[f32], &Matrix)> = hs.iter().zip(&chosen).map(|(h, e)| (&h[..], &e.down)).collect();
+    let mut out = vec![0.0; x.len()];
+    for (y, &(_, weight)) in matvecs(&down)?.iter().zip(&route) {
+        for (o, &v) in out.iter_mut().zip(y) {
+            *o += weight * v;
         }
     }
     Ok(out)

@@ -241,6 +241,86 @@ fn matmul_at(
     xs: &[QuantizedActivations],
     out: &mut [f32],
 ) -> Result<()> {
+    let Some((kernel, row_bytes)) = checked_kernel(level, ty, w, rows, cols, xs, out)? else { return Ok(()) };
+    // The kinds were checked, so no token's blocks come back empty.
+    match kernel {
+        RowKernel::Q8K(k) => run(k, w, row_bytes, &q8k_blocks(xs), out),
+        RowKernel::Q8KGemm(_, gemm) if xs.len() >= GEMM_MIN_TOKENS => {
+            run_gemm(gemm, w, row_bytes, &q8k_blocks(xs), out)
+        }
+        RowKernel::Q8KGemm(k, _) => run(k, w, row_bytes, &q8k_blocks(xs), out),
+        RowKernel::Q8_0(k) => run(k, w, row_bytes, &q8_0_blocks(xs), out),
+        RowKernel::F32(k) => run(k, w, row_bytes, &f32_values(xs), out),
+    }
+    Ok(())
+}
+
+/// One matrix-vector product of [`matvec_many`]: `out[r] = dot(row r of w, x)`, as for [`matvec`].
+pub struct MatVec<'a> {
+    pub ty: GgmlType,
+    pub w: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+    pub x: &'a QuantizedActivations,
+    pub out: &'a mut [f32],
+}
+
+/// Independent matrix-vector products in one parallel pass: the threads share out the rows of all of
+/// them, so one thread never waits at the end of a product for the other to finish its last rows. With
+/// one token, the rows are the whole work and a core alone reads memory at about half the speed of
+/// both, so that waiting (and the serial work between products) costs decode speed directly.
+pub fn matvec_many(products: &mut [MatVec<'_>]) -> Result<()> {
+    let level = SimdLevel::active();
+    let total: usize = products.iter().map(|p| p.w.len()).sum();
+    // About 8 tasks per thread over all products, in whole row blocks.
+    let task_bytes = (total / (rayon::current_num_threads() * 8)).max(1);
+    let mut tasks: Vec<Box<dyn FnOnce() + Send + '_>> = Vec::new();
+    for p in products.iter_mut() {
+        let x = std::slice::from_ref(p.x);
+        let Some((kernel, row_bytes)) = checked_kernel(level, p.ty, p.w, p.rows, p.cols, x, p.out)? else {
+            continue;
+        };
+        let chunk = (task_bytes / row_bytes).max(1).next_multiple_of(ROW_BLOCK) * row_bytes;
+        for (w, out) in p.w.chunks(chunk).zip(p.out.chunks_mut(chunk / row_bytes)) {
+            tasks.push(match kernel {
+                RowKernel::Q8K(k) | RowKernel::Q8KGemm(k, _) => {
+                    row_task(k, w, row_bytes, q8k_blocks(x)[0], out)
+                }
+                RowKernel::Q8_0(k) => row_task(k, w, row_bytes, q8_0_blocks(x)[0], out),
+                RowKernel::F32(k) => row_task(k, w, row_bytes, f32_values(x)[0], out),
+            });
+        }
+    }
+    tasks.into_par_iter().for_each(|task| task());
+    Ok(())
+}
+
+/// The rows of `w` against one token, as a task for [`matvec_many`].
+fn row_task<'a, B: Sync>(
+    kernel: fn(&[u8], &[&[B]], &mut [f32]),
+    w: &'a [u8],
+    row_bytes: usize,
+    x: &'a [B],
+    out: &'a mut [f32],
+) -> Box<dyn FnOnce() + Send + 'a> {
+    Box::new(move || {
+        for (row, out) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(1)) {
+            kernel(row, &[x], out);
+        }
+    })
+}
+
+/// Validates a product's sizes and activations and returns its kernel and row size, or None when there
+/// is nothing to compute.
+fn checked_kernel(
+    level: SimdLevel,
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    xs: &[QuantizedActivations],
+    out: &[f32],
+) -> Result<Option<(RowKernel, usize)>> {
     let kind = activation_kind(ty)?;
     let row_bytes =
         ty.bytes_for(cols).with_context(|| format!("{cols} columns is not a whole number of {ty} blocks"))?;
@@ -261,32 +341,22 @@ fn matmul_at(
         ensure!(x.kind() == kind, "activations were prepared for another weight type than {ty}");
     }
     if rows == 0 || xs.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let kernel = level.kernel(ty).with_context(|| format!("no CPU dot-product kernel for {ty} weights"))?;
-    // The kinds were checked above, so no token's blocks come back empty.
-    match kernel {
-        RowKernel::Q8K(k) => run(k, w, row_bytes, &q8k_blocks(xs), out),
-        RowKernel::Q8KGemm(_, gemm) if xs.len() >= GEMM_MIN_TOKENS => {
-            run_gemm(gemm, w, row_bytes, &q8k_blocks(xs), out)
-        }
-        RowKernel::Q8KGemm(k, _) => run(k, w, row_bytes, &q8k_blocks(xs), out),
-        RowKernel::Q8_0(k) => {
-            let xs: Vec<&[BlockQ8_0]> =
-                xs.iter().map(|x| if let Activations::Q8_0(v) = &x.blocks { &v[..] } else { &[] }).collect();
-            run(k, w, row_bytes, &xs, out)
-        }
-        RowKernel::F32(k) => {
-            let xs: Vec<&[f32]> =
-                xs.iter().map(|x| if let Activations::F32(v) = &x.blocks { &v[..] } else { &[] }).collect();
-            run(k, w, row_bytes, &xs, out)
-        }
-    }
-    Ok(())
+    Ok(Some((kernel, row_bytes)))
 }
 
 fn q8k_blocks(xs: &[QuantizedActivations]) -> Vec<&[BlockQ8K]> {
     xs.iter().map(|x| if let Activations::Q8K(v) = &x.blocks { &v[..] } else { &[] }).collect()
+}
+
+fn q8_0_blocks(xs: &[QuantizedActivations]) -> Vec<&[BlockQ8_0]> {
+    xs.iter().map(|x| if let Activations::Q8_0(v) = &x.blocks { &v[..] } else { &[] }).collect()
+}
+
+fn f32_values(xs: &[QuantizedActivations]) -> Vec<&[f32]> {
+    xs.iter().map(|x| if let Activations::F32(v) = &x.blocks { &v[..] } else { &[] }).collect()
 }
 
 /// Runs `gemm` on chunks of rows in parallel, then gathers each token's outputs.
