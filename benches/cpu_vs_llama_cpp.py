@@ -5,8 +5,9 @@ Usage: cpu_vs_llama_cpp.py MIXTRAL_Q_BINARY MODEL.gguf [--threads N] [-p 64] [-n
 
 llama.cpp runs through llama-cpp-python (`pip install llama-cpp-python`, built from source for this
 CPU); mixtral-q through `mixtral-q bench -o json`. Both: prompt = one batch of p tokens on an empty
-cache, decode = n single-token steps after BOS; the best-of and the mean over r repetitions after a
-warm-up are reported.
+cache, decode = n single-token steps after BOS. The engines take turns, one repetition each per round
+(r rounds after a warm-up), so that a change in the machine's load (shared cores, shared memory
+bandwidth) hits both alike; the mean, spread and best of the r samples are reported.
 """
 import argparse
 import json
@@ -49,22 +50,24 @@ def llama_tg():
     return a.n / (time.perf_counter() - t)
 
 
-def measure(f):
-    f()  # warm-up
-    return [f() for _ in range(a.r)]
+def mixtral_q():
+    out = subprocess.run([a.binary, "bench", "-m", a.model, "-p", str(a.p), "-n", str(a.n), "-r", "1", "-o", "json",
+                          "--threads", str(a.threads)], check=True, capture_output=True, text=True).stdout
+    return {r["test"][:2]: r["samples_ts"][0] for r in json.loads(out)}
 
 
-results = {"llama.cpp": {"pp": measure(llama_pp), "tg": measure(llama_tg)}}
-del llm
-out = subprocess.run([a.binary, "bench", "-m", a.model, "-p", str(a.p), "-n", str(a.n), "-r", str(a.r),
-                      "-o", "json", "--threads", str(a.threads)], check=True, capture_output=True, text=True).stdout
-rows = json.loads(out)
-results["mixtral-q"] = {r["test"][:2]: r["samples_ts"] for r in rows}
+results = {"llama.cpp": {"pp": [], "tg": []}, "mixtral-q": {"pp": [], "tg": []}}
+llama_pp(), llama_tg(), mixtral_q()  # warm-up
+for _ in range(a.r):
+    results["llama.cpp"]["pp"].append(llama_pp())
+    results["llama.cpp"]["tg"].append(llama_tg())
+    for test, ts in mixtral_q().items():
+        results["mixtral-q"][test].append(ts)
 
 print(f"model {a.model} ({os.path.getsize(a.model) / 2**30:.2f} GiB), {a.threads} threads, pp{a.p}, tg{a.n}, {a.r} reps")
-print(f"| engine | prompt tok/s (mean ± sd) | decode tok/s (mean ± sd) |")
+print(f"| engine | prompt tok/s (mean ± sd, best) | decode tok/s (mean ± sd, best) |")
 print(f"| --- | ---: | ---: |")
 for name, r in results.items():
-    cell = lambda s: f"{statistics.mean(s):.1f} ± {statistics.stdev(s) if len(s) > 1 else 0:.1f}"
+    cell = lambda s: f"{statistics.mean(s):.1f} ± {statistics.stdev(s) if len(s) > 1 else 0:.1f}, {max(s):.1f}"
     print(f"| {name} | {cell(r['pp'])} | {cell(r['tg'])} |")
 print(json.dumps(results))

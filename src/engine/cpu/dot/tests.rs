@@ -209,6 +209,42 @@ fn public_entry_points_use_the_active_level() {
     assert!(["scalar", "avx2", "avx512"].contains(&simd_level()));
 }
 
+/// Products sharing one parallel pass give exactly what each gives alone, and any bad one is an error.
+#[test]
+fn matvec_many_equals_separate_matvecs() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let shapes = [
+        (GgmlType::Q4_K, 2001, 256),
+        (GgmlType::Q8_0, 37, 160),
+        (GgmlType::F16, 9, 96),
+        (GgmlType::Q6_K, 300, 512),
+    ];
+    let ws: Vec<Vec<u8>> =
+        shapes.iter().map(|&(ty, rows, cols)| random_weights(ty, rows, cols, &mut rng)).collect();
+    let xs: Vec<QuantizedActivations> = shapes
+        .iter()
+        .map(|&(ty, _, cols)| QuantizedActivations::new(ty, &random_x(cols, &mut rng)).unwrap())
+        .collect();
+    let mut outs: Vec<Vec<f32>> = shapes.iter().map(|&(_, rows, _)| vec![0f32; rows]).collect();
+    let mut products: Vec<MatVec> = shapes
+        .iter()
+        .zip(&ws)
+        .zip(&xs)
+        .zip(&mut outs)
+        .map(|(((&(ty, rows, cols), w), x), out)| MatVec { ty, w, rows, cols, x, out })
+        .collect();
+    matvec_many(&mut products).unwrap();
+    for (((&(ty, rows, cols), w), x), got) in shapes.iter().zip(&ws).zip(&xs).zip(&outs) {
+        let mut want = vec![0f32; rows];
+        matvec(ty, w, rows, cols, x, &mut want).unwrap();
+        assert_eq!(got, &want, "{ty}");
+    }
+    let (ty, rows, cols) = shapes[0];
+    let mut short = vec![0f32; rows - 1];
+    let bad = MatVec { ty, w: &ws[0], rows, cols, x: &xs[0], out: &mut short };
+    assert!(matvec_many(&mut [bad]).is_err(), "output length");
+}
+
 #[test]
 fn wrong_sizes_and_types_are_errors() {
     let mut rng = StdRng::seed_from_u64(5);

@@ -43,8 +43,8 @@ pub(in crate::engine::cpu::dot) fn q4k_gemm(w: &[u8], row_bytes: usize, xs: &[&[
     let rows = w.len() / row_bytes;
     let blocks = row_bytes / BLOCK_BYTES;
     assert!(
-        w.len() % row_bytes == 0
-            && row_bytes % BLOCK_BYTES == 0
+        w.len().is_multiple_of(row_bytes)
+            && row_bytes.is_multiple_of(BLOCK_BYTES)
             && out.len() == rows * xs.len()
             && xs.iter().all(|x| x.len() == blocks),
         "dot kernel called with inconsistent sizes"
@@ -194,10 +194,8 @@ unsafe fn group_sums<const N: usize>(
                 _mm256_cvtepi32_ps(sumi[t]),
                 acc[t],
             );
-            let dsums = dsums.get_unchecked(t * n_blocks + i);
-            for j in 0..8 {
-                acc[t] =
-                    _mm256_fnmadd_ps(_mm256_load_ps(b.mins[j].as_ptr()), _mm256_set1_ps(dsums[j]), acc[t]);
+            for (mins, &dsum) in b.mins.iter().zip(dsums.get_unchecked(t * n_blocks + i)) {
+                acc[t] = _mm256_fnmadd_ps(_mm256_load_ps(mins.as_ptr()), _mm256_set1_ps(dsum), acc[t]);
             }
         }
     }
