@@ -57,24 +57,28 @@ pub(in crate::engine::cpu::dot) fn q4k_gemm(w: &[u8], row_bytes: usize, xs: &[&[
         .map(|b| std::array::from_fn(|j| b.d * (b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32) as f32))
         .collect();
     let mut unpacked = vec![EMPTY; blocks];
-    for (group, w) in w.chunks(ROWS * row_bytes).enumerate() {
+    let groups: Vec<&[u8]> = w.chunks(ROWS * row_bytes).collect();
+    for (group, &w) in groups.iter().enumerate() {
         let n_rows = w.len() / row_bytes;
         // SAFETY: sizes checked above; CPU features: the caller hands this out at the AVX-512 level only.
         unsafe { unpack_rows(w, row_bytes, &mut unpacked) };
         for (first, tokens) in xs.chunks(TOKENS).enumerate().map(|(i, t)| (i * TOKENS, t)) {
+            // While the first tokens compute, the next group's weights come into the caches, so that
+            // unpacking them does not wait on memory.
+            let next = groups.get(group + 1).filter(|_| first == 0).map(|next| Next { w: next, row_bytes });
             let dsums = &dsums[first * blocks..];
             let mut sums = [[0f32; ROWS]; TOKENS];
             // SAFETY: as above.
             unsafe {
                 match tokens.len() {
-                    1 => group_sums::<1>(&unpacked, tokens, dsums, &mut sums),
-                    2 => group_sums::<2>(&unpacked, tokens, dsums, &mut sums),
-                    3 => group_sums::<3>(&unpacked, tokens, dsums, &mut sums),
-                    4 => group_sums::<4>(&unpacked, tokens, dsums, &mut sums),
-                    5 => group_sums::<5>(&unpacked, tokens, dsums, &mut sums),
-                    6 => group_sums::<6>(&unpacked, tokens, dsums, &mut sums),
-                    7 => group_sums::<7>(&unpacked, tokens, dsums, &mut sums),
-                    8 => group_sums::<8>(&unpacked, tokens, dsums, &mut sums),
+                    1 => group_sums::<1>(&unpacked, tokens, dsums, next, &mut sums),
+                    2 => group_sums::<2>(&unpacked, tokens, dsums, next, &mut sums),
+                    3 => group_sums::<3>(&unpacked, tokens, dsums, next, &mut sums),
+                    4 => group_sums::<4>(&unpacked, tokens, dsums, next, &mut sums),
+                    5 => group_sums::<5>(&unpacked, tokens, dsums, next, &mut sums),
+                    6 => group_sums::<6>(&unpacked, tokens, dsums, next, &mut sums),
+                    7 => group_sums::<7>(&unpacked, tokens, dsums, next, &mut sums),
+                    8 => group_sums::<8>(&unpacked, tokens, dsums, next, &mut sums),
                     n => unreachable!("chunks of at most {TOKENS} tokens, got {n}"),
                 }
             }
@@ -92,34 +96,37 @@ unsafe fn unpack_rows(w: &[u8], row_bytes: usize, out: &mut [Block8]) {
     let n_rows = w.len() / row_bytes;
     let mask = _mm256_set1_epi8(0xF);
     for (i, b) in out.iter_mut().enumerate() {
-        // Per row: the 8 scales (i32), the 8 `dmin * m` (f32), the 32-byte chunks c of nibbles (values
-        // 64c..64c + 32 low, 64c + 32..64c + 64 high).
+        let block = |r: usize| w.as_ptr().add(r * row_bytes + i * BLOCK_BYTES);
+        // Per row: the 8 scales (i32) and the 8 `dmin * m` (f32), transposed to per sub-block.
         let mut scales = [_mm256_setzero_si256(); ROWS];
         let mut mins = [_mm256_setzero_si256(); ROWS];
-        let mut chunks = [[_mm256_setzero_si256(); ROWS]; 4];
         for r in 0..ROWS {
             if r >= n_rows {
                 b.d[r] = 0.0;
                 continue;
             }
-            let p = w.as_ptr().add(r * row_bytes + i * BLOCK_BYTES);
+            let p = block(r);
             b.d[r] = f16_at(p);
             let scales_mins = k4_scales_mins(p.add(4));
             scales[r] = _mm256_cvtepu8_epi32(scales_mins);
             let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scales_mins, 8)));
             mins[r] = _mm256_castps_si256(_mm256_mul_ps(_mm256_set1_ps(f16_at(p.add(2))), m));
-            for (c, chunk) in chunks.iter_mut().enumerate() {
-                chunk[r] = _mm256_loadu_si256(p.add(16 + 32 * c).cast());
-            }
         }
         for (j, (s, m)) in transpose_8x8(&scales).into_iter().zip(transpose_8x8(&mins)).enumerate() {
             _mm256_store_si256(b.scales[j].as_mut_ptr().cast(), s);
             _mm256_store_si256(b.mins[j].as_mut_ptr().cast(), m);
         }
-        // Transposed, 4 bytes of a chunk hold groups 16c + k (low nibbles) and 16c + 8 + k (high) for
-        // all rows at once.
-        for (c, chunk) in chunks.iter().enumerate() {
-            for (k, v) in transpose_8x8(chunk).into_iter().enumerate() {
+        // Chunk c (32 bytes) of the rows, transposed: 4 bytes hold groups 16c + k (low nibbles) and
+        // 16c + 8 + k (high nibbles) of all rows at once.
+        for c in 0..4 {
+            let rows: [__m256i; ROWS] = std::array::from_fn(|r| {
+                if r < n_rows {
+                    _mm256_loadu_si256(block(r).add(16 + 32 * c).cast())
+                } else {
+                    _mm256_setzero_si256()
+                }
+            });
+            for (k, v) in transpose_8x8(&rows).into_iter().enumerate() {
                 let (low, high) =
                     (_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
                 _mm256_store_si256(b.q[16 * c + k].as_mut_ptr().cast(), low);
@@ -166,11 +173,15 @@ unsafe fn group_sums<const N: usize>(
     blocks: &[Block8],
     xs: &[&[BlockQ8K]],
     dsums: &[[f32; 8]],
+    next: Option<Next>,
     sums: &mut [[f32; ROWS]; TOKENS],
 ) {
     let n_blocks = blocks.len();
     let mut acc = [_mm256_setzero_ps(); N];
     for (i, b) in blocks.iter().enumerate() {
+        if let Some(next) = next {
+            next.prefetch(i);
+        }
         let x: [&BlockQ8K; N] = std::array::from_fn(|t| xs[t].get_unchecked(i));
         let mut sumi = [_mm256_setzero_si256(); N];
         for j in 0..8 {
@@ -201,6 +212,28 @@ unsafe fn group_sums<const N: usize>(
     }
     for t in 0..N {
         _mm256_storeu_ps(sums[t].as_mut_ptr(), acc[t]);
+    }
+}
+
+/// The rows of the next group, to prefetch block by block.
+#[derive(Clone, Copy)]
+struct Next<'a> {
+    w: &'a [u8],
+    row_bytes: usize,
+}
+
+impl Next<'_> {
+    /// Asks for block `i` of every row to be brought into the caches.
+    #[inline]
+    #[target_feature(enable = "sse")]
+    fn prefetch(self, i: usize) {
+        for row in self.w.chunks_exact(self.row_bytes) {
+            let block = &row[i * BLOCK_BYTES..][..BLOCK_BYTES];
+            for line in (0..BLOCK_BYTES).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(block[line..].as_ptr().cast());
+            }
+            _mm_prefetch::<_MM_HINT_T0>(block[BLOCK_BYTES - 1..].as_ptr().cast());
+        }
     }
 }
 
