@@ -32,12 +32,13 @@ pub(in crate::engine::cpu::dot) fn kernel(ty: GgmlType) -> Option<RowKernel> {
                         by_tile!(k45_512::<_, 0>, 144, w, xs, out, [1 2 3 4 5 6 7 8], 8)
                     }
                 },
-                super::q4k_gemm::q4k_gemm,
+                super::k45_gemm::k45_gemm::<0>,
             )
         }
-        GgmlType::Q5_K => {
-            RowKernel::Q8K(|w, xs, out| by_tile!(k45_512::<_, 1>, 176, w, xs, out, [1 2 3 4 5 6 7 8], 8))
-        }
+        GgmlType::Q5_K => RowKernel::Q8KGemm(
+            |w, xs, out| by_tile!(k45_512::<_, 1>, 176, w, xs, out, [1 2 3 4 5 6 7 8], 8),
+            super::k45_gemm::k45_gemm::<1>,
+        ),
         GgmlType::Q6_K => {
             RowKernel::Q8K(|w, xs, out| by_tile!(q6k_512::<_, 0>, 210, w, xs, out, [1 2 3 4 5 6 7 8], 8))
         }

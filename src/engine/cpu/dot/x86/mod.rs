@@ -363,4 +363,4 @@ pub(super) mod avx2 {
 }
 
 pub(super) mod avx512;
-mod q4k_gemm;
+mod k45_gemm;

@@ -1,5 +1,6 @@
-//! Q4_K against many tokens (prompts) with AVX-512 VNNI: eight weight rows in the eight i32 lanes of a
-//! 256-bit register, the way llama.cpp's repacked "8x8" Q4_K kernels work, but repacked on the fly.
+//! Q4_K and Q5_K against many tokens (prompts) with AVX-512 VNNI: eight weight rows in the eight i32
+//! lanes of a 256-bit register, the way llama.cpp's repacked "8x8" Q4_K kernels work, but repacked on the
+//! fly.
 //!
 //! The row kernels put 64 values of one row in a register and reduce across lanes for every block and
 //! token; their float epilogue, packing and horizontal sums cost more than the multiplies. Here a group
@@ -21,9 +22,16 @@ const ROWS: usize = 8;
 /// Tokens computed together: their accumulators (3 registers each) fill the 32 vector registers.
 const TOKENS: usize = 8;
 
-const BLOCK_BYTES: usize = 144;
+/// Bytes per block: Q4_K (Q5 = 0) or Q5_K (Q5 = 1, 32 more bytes of fifth bits before the nibbles).
+const fn block_bytes(q5: u8) -> usize {
+    if q5 == 1 {
+        176
+    } else {
+        144
+    }
+}
 
-/// One Q4_K block of a group of 8 rows, unpacked: `q[g]` holds the 4 weights (values 4g..4g + 4) of rows
+/// One Q4_K/Q5_K block of a group of 8 rows, unpacked: `q[g]` holds the 4 weights (values 4g..4g + 4) of rows
 /// 0..8, a byte each; `scales[j]` and `mins[j]` the sub-block j scale and `dmin * minimum` of rows
 /// 0..8; `d` the rows' block scales.
 #[derive(Clone, Copy)]
@@ -38,13 +46,19 @@ struct Block8 {
 const EMPTY: Block8 =
     Block8 { q: [[0; 32]; 64], scales: [[0; ROWS]; 8], mins: [[0.0; ROWS]; 8], d: [0.0; ROWS] };
 
-/// `out[t * rows + r] = dot(row r of w, xs[t])` for the `rows = w.len() / row_bytes` Q4_K rows of `w`.
-pub(in crate::engine::cpu::dot) fn q4k_gemm(w: &[u8], row_bytes: usize, xs: &[&[BlockQ8K]], out: &mut [f32]) {
+/// `out[t * rows + r] = dot(row r of w, xs[t])` for the `rows = w.len() / row_bytes` Q4_K (Q5 = 0) or
+/// Q5_K (Q5 = 1) rows of `w`.
+pub(in crate::engine::cpu::dot) fn k45_gemm<const Q5: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: &[&[BlockQ8K]],
+    out: &mut [f32],
+) {
     let rows = w.len() / row_bytes;
-    let blocks = row_bytes / BLOCK_BYTES;
+    let blocks = row_bytes / block_bytes(Q5);
     assert!(
         w.len().is_multiple_of(row_bytes)
-            && row_bytes.is_multiple_of(BLOCK_BYTES)
+            && row_bytes.is_multiple_of(block_bytes(Q5))
             && out.len() == rows * xs.len()
             && xs.iter().all(|x| x.len() == blocks),
         "dot kernel called with inconsistent sizes"
@@ -61,11 +75,15 @@ pub(in crate::engine::cpu::dot) fn q4k_gemm(w: &[u8], row_bytes: usize, xs: &[&[
     for (group, &w) in groups.iter().enumerate() {
         let n_rows = w.len() / row_bytes;
         // SAFETY: sizes checked above; CPU features: the caller hands this out at the AVX-512 level only.
-        unsafe { unpack_rows(w, row_bytes, &mut unpacked) };
+        unsafe { unpack_rows::<Q5>(w, row_bytes, &mut unpacked) };
         for (first, tokens) in xs.chunks(TOKENS).enumerate().map(|(i, t)| (i * TOKENS, t)) {
             // While the first tokens compute, the next group's weights come into the caches, so that
             // unpacking them does not wait on memory.
-            let next = groups.get(group + 1).filter(|_| first == 0).map(|next| Next { w: next, row_bytes });
+            let next = groups.get(group + 1).filter(|_| first == 0).map(|next| Next {
+                w: next,
+                row_bytes,
+                block_bytes: block_bytes(Q5),
+            });
             let dsums = &dsums[first * blocks..];
             let mut sums = [[0f32; ROWS]; TOKENS];
             // SAFETY: as above.
@@ -92,11 +110,11 @@ pub(in crate::engine::cpu::dot) fn q4k_gemm(w: &[u8], row_bytes: usize, xs: &[&[
 
 /// Unpacks every block of up to 8 rows (`w`, `row_bytes` each) into `out`; missing rows read as zeros.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn unpack_rows(w: &[u8], row_bytes: usize, out: &mut [Block8]) {
+unsafe fn unpack_rows<const Q5: u8>(w: &[u8], row_bytes: usize, out: &mut [Block8]) {
     let n_rows = w.len() / row_bytes;
     let mask = _mm256_set1_epi8(0xF);
     for (i, b) in out.iter_mut().enumerate() {
-        let block = |r: usize| w.as_ptr().add(r * row_bytes + i * BLOCK_BYTES);
+        let block = |r: usize| w.as_ptr().add(r * row_bytes + i * block_bytes(Q5));
         // Per row: the 8 scales (i32) and the 8 `dmin * m` (f32), transposed to per sub-block.
         let mut scales = [_mm256_setzero_si256(); ROWS];
         let mut mins = [_mm256_setzero_si256(); ROWS];
@@ -116,19 +134,32 @@ unsafe fn unpack_rows(w: &[u8], row_bytes: usize, out: &mut [Block8]) {
             _mm256_store_si256(b.scales[j].as_mut_ptr().cast(), s);
             _mm256_store_si256(b.mins[j].as_mut_ptr().cast(), m);
         }
-        // Chunk c (32 bytes) of the rows, transposed: 4 bytes hold groups 16c + k (low nibbles) and
-        // 16c + 8 + k (high nibbles) of all rows at once.
-        for c in 0..4 {
-            let rows: [__m256i; ROWS] = std::array::from_fn(|r| {
+        // 32 bytes at `at` in each row, transposed: register k holds bytes 4k..4k + 4 of all rows.
+        let transposed = |at: usize| {
+            transpose_8x8(&std::array::from_fn(|r| {
                 if r < n_rows {
-                    _mm256_loadu_si256(block(r).add(16 + 32 * c).cast())
+                    _mm256_loadu_si256(block(r).add(at).cast())
                 } else {
                     _mm256_setzero_si256()
                 }
-            });
-            for (k, v) in transpose_8x8(&rows).into_iter().enumerate() {
-                let (low, high) =
+            }))
+        };
+        // Q5_K: byte l of the fifth bits holds value l of sub-block j in bit j.
+        let fifth = if Q5 == 1 { transposed(16) } else { [_mm256_setzero_si256(); 8] };
+        let fifth_bit = |k: usize, j: usize| {
+            let bit = _mm256_set1_epi8((1u8 << j) as i8);
+            _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(fifth[k], bit), bit), _mm256_set1_epi8(16))
+        };
+        // Chunk c (32 bytes) of the rows, transposed: 4 bytes hold groups 16c + k (low nibbles) and
+        // 16c + 8 + k (high nibbles) of all rows at once.
+        for c in 0..4 {
+            for (k, v) in transposed(16 + 32 * Q5 as usize + 32 * c).into_iter().enumerate() {
+                let (mut low, mut high) =
                     (_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+                if Q5 == 1 {
+                    low = _mm256_or_si256(low, fifth_bit(k, 2 * c));
+                    high = _mm256_or_si256(high, fifth_bit(k, 2 * c + 1));
+                }
                 _mm256_store_si256(b.q[16 * c + k].as_mut_ptr().cast(), low);
                 _mm256_store_si256(b.q[16 * c + 8 + k].as_mut_ptr().cast(), high);
             }
@@ -220,6 +251,7 @@ unsafe fn group_sums<const N: usize>(
 struct Next<'a> {
     w: &'a [u8],
     row_bytes: usize,
+    block_bytes: usize,
 }
 
 impl Next<'_> {
@@ -228,11 +260,11 @@ impl Next<'_> {
     #[target_feature(enable = "sse")]
     fn prefetch(self, i: usize) {
         for row in self.w.chunks_exact(self.row_bytes) {
-            let block = &row[i * BLOCK_BYTES..][..BLOCK_BYTES];
-            for line in (0..BLOCK_BYTES).step_by(64) {
+            let block = &row[i * self.block_bytes..][..self.block_bytes];
+            for line in (0..self.block_bytes).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(block[line..].as_ptr().cast());
             }
-            _mm_prefetch::<_MM_HINT_T0>(block[BLOCK_BYTES - 1..].as_ptr().cast());
+            _mm_prefetch::<_MM_HINT_T0>(block[self.block_bytes - 1..].as_ptr().cast());
         }
     }
 }
