@@ -161,7 +161,7 @@ fn every_simd_level_matches_scalar() {
 
 /// Batched products equal one matvec per token, at every level, including the parallel path: exactly
 /// where the same kernels run, within float rounding where a many-token kernel takes over (Q4_K
-/// and Q5_K at the AVX-512 level sum in another order).
+/// to Q6_K at the AVX-512 level sum in another order).
 #[test]
 fn matmul_equals_matvec_per_token() {
     let mut rng = StdRng::seed_from_u64(3);
@@ -169,6 +169,7 @@ fn matmul_equals_matvec_per_token() {
         (GgmlType::Q4_K, 2001, 256),
         (GgmlType::Q4_K, 37, 4096),
         (GgmlType::Q5_K, 300, 512),
+        (GgmlType::Q6_K, 300, 512),
         (GgmlType::Q8_0, 37, 160),
         (GgmlType::F16, 9, 96),
     ] {
@@ -182,7 +183,9 @@ fn matmul_equals_matvec_per_token() {
                 let mut single = vec![0f32; rows];
                 matmul_at(level, ty, &w, rows, cols, std::slice::from_ref(x), &mut single).unwrap();
                 let batched = &batched[t * rows..(t + 1) * rows];
-                if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) && level == SimdLevel::Avx512 {
+                if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+                    && level == SimdLevel::Avx512
+                {
                     let x64 = dequantized_x(x);
                     for (r, row) in w.chunks_exact(w.len() / rows).enumerate() {
                         let scale = abs_dot64(&dequantize(ty, row), &x64);

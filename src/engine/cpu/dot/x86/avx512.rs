@@ -32,16 +32,17 @@ pub(in crate::engine::cpu::dot) fn kernel(ty: GgmlType) -> Option<RowKernel> {
                         by_tile!(k45_512::<_, 0>, 144, w, xs, out, [1 2 3 4 5 6 7 8], 8)
                     }
                 },
-                super::k45_gemm::k45_gemm::<0>,
+                super::kquant_gemm::kquant_gemm::<{ super::kquant_gemm::Q4_K }>,
             )
         }
         GgmlType::Q5_K => RowKernel::Q8KGemm(
             |w, xs, out| by_tile!(k45_512::<_, 1>, 176, w, xs, out, [1 2 3 4 5 6 7 8], 8),
-            super::k45_gemm::k45_gemm::<1>,
+            super::kquant_gemm::kquant_gemm::<{ super::kquant_gemm::Q5_K }>,
         ),
-        GgmlType::Q6_K => {
-            RowKernel::Q8K(|w, xs, out| by_tile!(q6k_512::<_, 0>, 210, w, xs, out, [1 2 3 4 5 6 7 8], 8))
-        }
+        GgmlType::Q6_K => RowKernel::Q8KGemm(
+            |w, xs, out| by_tile!(q6k_512::<_, 0>, 210, w, xs, out, [1 2 3 4 5 6 7 8], 8),
+            super::kquant_gemm::kquant_gemm::<{ super::kquant_gemm::Q6_K }>,
+        ),
         _ => return kernel_256(ty),
     })
 }

@@ -363,4 +363,4 @@ pub(super) mod avx2 {
 }
 
 pub(super) mod avx512;
-mod k45_gemm;
+mod kquant_gemm;
