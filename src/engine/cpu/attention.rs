@@ -2,33 +2,27 @@
 
 use rayon::prelude::*;
 
+use super::dot::vector::{axpy, dot};
+use super::kv_cache::HeadCache;
 use crate::model::ModelConfig;
 
 /// `q` holds the (rotated) queries of `n` new tokens at positions `start .. start + n`
-/// (`[n, n_heads * head_dim]`); `keys`/`values` hold every cached position up to `start + n`
-/// (`[start + n, n_kv_heads * head_dim]`). Token t sees positions `0 ..= start + t`; query head h reads
-/// KV head `h / (n_heads / n_kv_heads)`. Writes `[n, n_heads * head_dim]` into `out`.
+/// (`[n, n_heads * head_dim]`); `heads[g]` the keys and values of KV head g for every cached position up
+/// to `start + n` (`[start + n, head_dim]` each). Token t sees positions `0 ..= start + t`; query head h
+/// reads KV head `h / (n_heads / n_kv_heads)`. Writes `[n, n_heads * head_dim]` into `out`.
 /// One rayon task per (token, KV head): the query heads sharing a KV head are handled together, so
 /// each cached key and value is read once per group instead of once per query head.
-pub fn causal_attention(
-    cfg: &ModelConfig,
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    start: usize,
-    out: &mut [f32],
-) {
-    let (hd, kv_dim) = (cfg.head_dim, cfg.kv_dim());
+pub fn causal_attention(cfg: &ModelConfig, q: &[f32], heads: &[HeadCache], start: usize, out: &mut [f32]) {
+    let hd = cfg.head_dim;
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     // Query heads of one group are adjacent, so a chunk of `group * hd` values is one (token, KV head).
     out.par_chunks_mut(group * hd).zip(q.par_chunks(group * hd)).enumerate().for_each(|(i, (o, qg))| {
-        let (t, kv_off) = (i / cfg.n_kv_heads, (i % cfg.n_kv_heads) * hd);
+        let (t, kv) = (i / cfg.n_kv_heads, &heads[i % cfg.n_kv_heads]);
         let seen = start + t + 1;
         // scores[j * seen + p]: query head j of the group against position p.
         let mut scores = vec![0.0; group * seen];
-        for p in 0..seen {
-            let k = &keys[p * kv_dim + kv_off..][..hd];
+        for (p, k) in kv.keys.chunks_exact(hd).take(seen).enumerate() {
             for (j, qh) in qg.chunks_exact(hd).enumerate() {
                 scores[j * seen + p] = dot(qh, k) * scale;
             }
@@ -37,36 +31,12 @@ pub fn causal_attention(
             softmax(s);
         }
         o.fill(0.0);
-        for p in 0..seen {
-            let v = &values[p * kv_dim + kv_off..][..hd];
+        for (p, v) in kv.values.chunks_exact(hd).take(seen).enumerate() {
             for (j, oh) in o.chunks_exact_mut(hd).enumerate() {
                 axpy(oh, scores[j * seen + p], v);
             }
         }
     });
-}
-
-/// Lanes of independent partial sums: a single running sum is a dependency chain the compiler may
-/// not reorder, so it would stay scalar; 16 lanes become vector registers.
-const LANES: usize = 16;
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `o += w · v`.
-fn axpy(o: &mut [f32], w: f32, v: &[f32]) {
-    for (a, &x) in o.iter_mut().zip(v) {
-        *a += w * x;
-    }
 }
 
 /// In place, subtracting the maximum first so that large logits do not overflow.
@@ -106,6 +76,13 @@ mod tests {
             .collect()
     }
 
+    /// `[position, kv_dim]` keys and values as the cache holds them, one buffer per KV head.
+    fn by_head(cfg: &ModelConfig, k: &[f32], v: &[f32]) -> Vec<HeadCache> {
+        let mut cache = super::super::kv_cache::KvCache::new(1, cfg.n_kv_heads, cfg.head_dim, k.len());
+        cache.append(0, k, v);
+        cache.heads(0).iter().map(|h| HeadCache { keys: h.keys.clone(), values: h.values.clone() }).collect()
+    }
+
     /// The textbook version: f64, explicit loops, full score matrix with a causal mask.
     fn naive(cfg: &ModelConfig, q: &[f32], k: &[f32], v: &[f32], start: usize, n: usize) -> Vec<f64> {
         let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
@@ -143,7 +120,7 @@ mod tests {
         let k = pseudo_random((start + n) * cfg.kv_dim(), 2);
         let v = pseudo_random((start + n) * cfg.kv_dim(), 3);
         let mut out = vec![0.0; n * cfg.q_dim()];
-        causal_attention(&cfg, &q, &k, &v, start, &mut out);
+        causal_attention(&cfg, &q, &by_head(&cfg, &k, &v), start, &mut out);
         let want = naive(&cfg, &q, &k, &v, start, n);
         for (i, (a, b)) in out.iter().zip(&want).enumerate() {
             assert!((*a as f64 - b).abs() < 1e-5, "{i}: {a} vs {b}");
@@ -157,7 +134,7 @@ mod tests {
         let k = pseudo_random(cfg.kv_dim(), 5);
         let v = pseudo_random(cfg.kv_dim(), 6);
         let mut out = vec![0.0; cfg.q_dim()];
-        causal_attention(&cfg, &q, &k, &v, 0, &mut out);
+        causal_attention(&cfg, &q, &by_head(&cfg, &k, &v), 0, &mut out);
         assert_eq!(&out[..4], &v[..]);
         assert_eq!(&out[4..], &v[..]);
     }

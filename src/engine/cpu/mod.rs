@@ -49,7 +49,7 @@ impl<'a> CpuEngine<'a> {
             cfg.context_length
         );
         Ok(CpuEngine {
-            cache: KvCache::new(cfg.n_layers, cfg.kv_dim(), ctx),
+            cache: KvCache::new(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, ctx),
             rope: Rope::new(cfg.head_dim, cfg.rope_theta),
             weights,
             cfg,
@@ -215,7 +215,7 @@ fn attention_block(
     }
     cache.append(l, &k, &v);
     let mut att = vec![0.0; n * cfg.q_dim()];
-    attention::causal_attention(cfg, &q, cache.keys(l), cache.values(l), start, &mut att);
+    attention::causal_attention(cfg, &q, cache.heads(l), start, &mut att);
     let mut out = vec![0.0; n * cfg.hidden_size];
     Input::new(&att).matmul(&layer.attn_output, &mut out)?;
     Ok(out)

@@ -7,6 +7,7 @@
 
 mod activations;
 mod scalar;
+pub mod vector;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
