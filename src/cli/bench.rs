@@ -1,5 +1,6 @@
-//! `mixtral-q bench -m M [-p 512] [-n 128] [-r 3] [-o md|json]`: prompt and decode tokens/s in
-//! llama-bench's form (mean ± standard deviation over the repetitions, after one warm-up run).
+//! `mixtral-q bench -m M [-p 512] [-n 128] [-d 0] [-r 3] [-o md|json]`: prompt and decode tokens/s in
+//! llama-bench's form (mean ± standard deviation over the repetitions, after one warm-up run), optionally
+//! with `-d` tokens already in the KV cache (llama-bench's depth: long-context speed).
 
 use std::time::Instant;
 
@@ -18,6 +19,9 @@ pub struct BenchArgs {
     /// Tokens generated one at a time (0 skips the decode test).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     pub n_gen: usize,
+    /// Tokens already in the KV cache when each test starts (processed once, not timed).
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    pub depth: usize,
     #[arg(short = 'r', long, default_value_t = 3)]
     pub repetitions: usize,
     #[arg(short = 'o', long, value_enum, default_value = "md")]
@@ -56,33 +60,43 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!("-r must be at least 1");
     }
     let mut model_args = args.model.clone();
-    model_args.ctx = Some(args.model.ctx.unwrap_or(0).max(args.n_prompt.max(args.n_gen + 1)));
+    let needed = args.depth + args.n_prompt.max(args.n_gen + 1);
+    model_args.ctx = Some(args.model.ctx.unwrap_or(0).max(needed));
     let loaded = model_args.load()?;
     let mut engine = loaded.engine()?;
     let vocab = engine.config().vocab_size as u32;
     // Token ids spread over the vocabulary, as llama-bench uses random tokens.
     let tokens = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7919 + 1) % vocab).collect() };
+    // The cache is filled once; every repetition cuts it back to the depth.
+    if args.depth > 0 {
+        engine.forward(&tokens(args.depth), false)?;
+    }
+    let at_depth = if args.depth > 0 { format!(" @ d{}", args.depth) } else { String::new() };
 
     let mut results = Vec::new();
     if args.n_prompt > 0 {
         let prompt = tokens(args.n_prompt);
         let mut samples = Vec::new();
         for rep in 0..=args.repetitions {
-            engine.truncate(0);
+            engine.truncate(args.depth);
             let t = Instant::now();
             engine.forward(&prompt, false)?;
             if rep > 0 {
                 samples.push(args.n_prompt as f64 / t.elapsed().as_secs_f64());
             }
         }
-        results.push(Measurement { test: format!("pp{}", args.n_prompt), n_tokens: args.n_prompt, samples });
+        let test = format!("pp{}{at_depth}", args.n_prompt);
+        results.push(Measurement { test, n_tokens: args.n_prompt, samples });
     }
     if args.n_gen > 0 {
         let gen = tokens(args.n_gen);
         let mut samples = Vec::new();
         for rep in 0..=args.repetitions {
-            engine.truncate(0);
-            engine.forward(&[1], false)?;
+            // From an empty cache, BOS first, as llama-bench does.
+            engine.truncate(args.depth);
+            if args.depth == 0 {
+                engine.forward(&[1], false)?;
+            }
             let t = Instant::now();
             for &token in &gen {
                 engine.forward(&[token], false)?;
@@ -91,7 +105,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 samples.push(args.n_gen as f64 / t.elapsed().as_secs_f64());
             }
         }
-        results.push(Measurement { test: format!("tg{}", args.n_gen), n_tokens: args.n_gen, samples });
+        let test = format!("tg{}{at_depth}", args.n_gen);
+        results.push(Measurement { test, n_tokens: args.n_gen, samples });
     }
 
     let cfg = engine.config();
@@ -127,7 +142,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 .map(|m| {
                     serde_json::json!({
                         "model": name, "model_size": size, "model_n_params": params, "backend": backend,
-                        "n_threads": threads, "test": m.test, "n_tokens": m.n_tokens,
+                        "n_threads": threads, "test": m.test, "n_tokens": m.n_tokens, "n_depth": args.depth,
                         "avg_ts": m.mean(), "stddev_ts": m.stddev(), "samples_ts": m.samples,
                     })
                 })
