@@ -29,7 +29,7 @@ ap.add_argument("-d", type=int, default=0)
 ap.add_argument("-r", type=int, default=3)
 a = ap.parse_args()
 
-llm = llama_cpp.Llama(model_path=a.model, n_ctx=a.d + max(a.p, a.n + 1) + 16, n_batch=max(a.p, 1), n_threads=a.threads,
+llm = llama_cpp.Llama(model_path=a.model, n_ctx=a.d + max(a.p, a.n + 1) + 16, n_batch=max(a.p, 512), n_threads=a.threads,
                       n_threads_batch=a.threads, verbose=False)
 vocab = llm.n_vocab()
 prompt = [(i * 7919 + 1) % vocab for i in range(a.p)]
