@@ -4,6 +4,11 @@
 //! Q8_0 blocks for 32-block weights, plain f32 for float weights), so that the weight blocks are consumed
 //! with integer dot products. Kernels exist per SIMD level (AVX-512 with VNNI, AVX2+FMA, portable scalar);
 //! the best one the CPU has runs, unless `MIXTRAL_Q_SIMD=scalar|avx2|avx512` asks for a lower one.
+//!
+//! Three shapes of work: row kernels (one row against a tile of tokens, `run`), K-quant GEMMs for
+//! prompts at the AVX-512 level (8 rows repacked on the fly, `run_gemm`), and [`matvec_many`], which
+//! puts the one-token products of a decode step into one parallel pass. [`vector`] has the f32 dot and
+//! axpy of attention.
 
 mod activations;
 mod scalar;
