@@ -63,12 +63,25 @@ pub fn cases() -> Vec<Case> {
 
 /// Converts models/tiny-mixtral to a GGUF of `target` in a temporary directory.
 pub fn quantized(target: Target) -> (tempfile::TempDir, Model) {
+    quantized_model("models/tiny-mixtral", target)
+}
+
+/// Converts the checkpoint folder `checkpoint` (relative to the repository) to a GGUF of `target` in a temporary
+/// directory.
+pub fn quantized_model(checkpoint: &str, target: Target) -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("tiny.gguf");
-    quantize_checkpoint(Path::new("models/tiny-mixtral"), &path, &QuantizeOptions::new(target))
-        .expect("quantize tiny-mixtral");
+    let path = dir.path().join("model.gguf");
+    quantize_checkpoint(Path::new(checkpoint), &path, &QuantizeOptions::new(target))
+        .unwrap_or_else(|e| panic!("quantize {checkpoint}: {e:#}"));
     let model = Model::load(&path).expect("load the GGUF");
     (dir, model)
+}
+
+/// The log-probabilities of one row of logits, in f64.
+pub fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let log_z = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&v| v as f64 - log_z).collect()
 }
 
 pub fn relative_error(ours: &[f32], reference: &[f64]) -> f64 {
