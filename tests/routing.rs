@@ -194,7 +194,7 @@ fn the_command_writes_a_replayable_trace_an_svg_and_an_html_page() {
     for key in ["share_first", "share_any", "repeat_first", "repeat_any", "shuffled_repeat_any", "z_any"] {
         assert!(!layers[0][key].is_null(), "{key} missing");
     }
-    assert!(json["verdict"].as_str().unwrap().contains("above chance in layer(s)"), "{}", json["verdict"]);
+    assert!(json["verdict"].as_str().unwrap().contains("Repetition is above chance in all 2 layers"), "{}", json["verdict"]);
 
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

@@ -166,11 +166,16 @@ impl RoutingStats {
                 self.pairs
             );
         }
-        let list = above.iter().map(|l| l.layer.to_string()).collect::<Vec<_>>().join(", ");
+        let list = if above.len() == self.layers.len() && above.len() > 1 {
+            format!("all {} layers", self.layers.len())
+        } else {
+            let ids = above.iter().map(|l| l.layer.to_string()).collect::<Vec<_>>();
+            format!("layer{} {}", if ids.len() == 1 { "" } else { "s" }, ids.join(", "))
+        };
         let mean =
             |f: &dyn Fn(&LayerStats) -> f64| above.iter().map(|l| f(l)).sum::<f64>() / above.len() as f64;
         format!(
-            "Repetition is above chance in layer(s) {list} (z > {Z_ABOVE_CHANCE} over {} pairs): an expert cache \
+            "Repetition is above chance in {list} (z > {Z_ABOVE_CHANCE} over {} pairs): an expert cache \
              keeping the previous token's experts hits more often than by chance. There, the same first choice \
              comes {:.1}% of the time and a shared expert {:.1}% (chance {:.1}% and {:.1}%; the expert loads alone, \
              in shuffled order, give {:.1}% and {:.1}%).",
@@ -271,7 +276,7 @@ mod tests {
         let s = RoutingStats::of(&trace(&loaded)).unwrap();
         assert!(s.layers[0].above_chance());
         assert!((s.layers[0].shuffled_repeat_first - 1.0).abs() < 1e-12);
-        assert!(s.verdict().contains("above chance in layer(s) 0"), "{}", s.verdict());
+        assert!(s.verdict().contains("above chance in layer 0 ("), "{}", s.verdict());
     }
 
     #[test]
