@@ -9,30 +9,16 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::process::Stdio;
 
-use common::fixture::{argmax, id_list, log_softmax, quantized_model};
+use common::fixture::{
+    argmax, demo_file, demo_json, demo_tokenizer, greedy_tokens, id_list, log_softmax, quantized_model,
+    DEMO_FIXTURE, DEMO_MODEL,
+};
 use common::*;
 use mixtral_q::engine::cpu::CpuEngine;
 use mixtral_q::engine::Engine;
 use mixtral_q::model::weights::Model;
 use mixtral_q::quantize::Target;
-use mixtral_q::text::Tokenizer;
 use serde_json::Value;
-
-const DEMO: &str = "models/rustdoc-mixtral";
-const FIXTURE: &str = "tests/fixtures/rustdoc-mixtral";
-
-fn reference() -> Value {
-    let text = std::fs::read_to_string(format!("{FIXTURE}/reference.json")).expect("reference.json");
-    serde_json::from_str(&text).expect("reference.json parses")
-}
-
-fn valid_text() -> String {
-    std::fs::read_to_string(format!("{FIXTURE}/valid.txt")).expect("valid.txt")
-}
-
-fn tokenizer() -> Tokenizer {
-    Tokenizer::from_hf_file(&repo().join(DEMO).join("tokenizer.json")).expect("tokenizer")
-}
 
 /// Σ −log p(next token) over `targets`, from logits `[n, vocab]`.
 fn nll(logits: &[f32], targets: &[u32], vocab: usize) -> f64 {
@@ -48,19 +34,19 @@ fn nll(logits: &[f32], targets: &[u32], vocab: usize) -> f64 {
 /// with no BOS added at window starts.
 #[test]
 fn f32_gguf_matches_transformers_perplexity() {
-    let reference = reference();
+    let reference = demo_json("reference.json");
     let (n_tokens, seq) =
         (reference["valid_tokens"].as_u64().unwrap() as usize, reference["seq"].as_u64().unwrap() as usize);
-    let tok = tokenizer();
+    let tok = demo_tokenizer();
     let mut stream = Vec::new();
-    for section in valid_text().split("\n\n").filter(|s| !s.trim().is_empty()) {
+    for section in demo_file("valid.txt").split("\n\n").filter(|s| !s.trim().is_empty()) {
         stream.extend(tok.encode(section, true).unwrap());
         stream.push(tok.eos_id());
     }
     stream.truncate(n_tokens);
     assert_eq!(stream.len(), n_tokens);
 
-    let (_dir, model) = quantized_model(DEMO, Target::F32);
+    let (_dir, model) = quantized_model(DEMO_MODEL, Target::F32);
     let vocab = model.config.vocab_size;
     let mut engine = CpuEngine::new(&model, seq).expect("engine");
     let (mut total, mut scored) = (0.0, 0);
@@ -79,24 +65,16 @@ fn f32_gguf_matches_transformers_perplexity() {
 
 #[test]
 fn f32_gguf_greedy_continuations_match_transformers() {
-    let (_dir, model) = quantized_model(DEMO, Target::F32);
-    let vocab = model.config.vocab_size;
-    let tok = tokenizer();
+    let (_dir, model) = quantized_model(DEMO_MODEL, Target::F32);
+    let tok = demo_tokenizer();
     let mut engine = CpuEngine::new(&model, 256).expect("engine");
-    let greedy = reference()["greedy"].as_array().expect("greedy").clone();
+    let greedy = demo_json("reference.json")["greedy"].as_array().expect("greedy").clone();
     assert_eq!(greedy.len(), 4);
     for g in &greedy {
         let (prompt, want) = (id_list(&g["input_ids"]), id_list(&g["greedy_new_ids"]));
         assert_eq!(tok.encode(g["text"].as_str().unwrap(), true).unwrap(), prompt, "tokens of {}", g["text"]);
         assert_eq!(want.len(), 32);
-        engine.truncate(0);
-        let mut logits = engine.forward(&prompt, false).expect("prompt");
-        let mut got = Vec::new();
-        for _ in 0..want.len() {
-            let next = argmax(&logits[..vocab]) as u32;
-            got.push(next);
-            logits = engine.forward(&[next], false).expect("decode");
-        }
+        let got = greedy_tokens(&mut engine, &prompt, want.len());
         println!("{:?} -> {:?}", g["text"].as_str().unwrap(), tok.decode(&got).unwrap());
         assert_eq!(got, want, "continuation of {:?}", g["text"]);
     }
@@ -111,8 +89,8 @@ struct Quality {
 }
 
 fn quality_against_f32(f32_model: &Model, models: &[&Model], ctx: usize) -> (f64, Vec<Quality>) {
-    let tok = tokenizer();
-    let tokens = tok.encode(&valid_text(), false).unwrap();
+    let tok = demo_tokenizer();
+    let tokens = tok.encode(&demo_file("valid.txt"), false).unwrap();
     let vocab = f32_model.config.vocab_size;
     let mut base = CpuEngine::new(f32_model, ctx).unwrap();
     let mut engines: Vec<CpuEngine> = models.iter().map(|m| CpuEngine::new(m, ctx).unwrap()).collect();
@@ -151,9 +129,10 @@ fn quality_against_f32(f32_model: &Model, models: &[&Model], ctx: usize) -> (f64
 /// same f32 GGUF (made by quantize/make_rustdoc_q4_k_m.py), both scored by our engine.
 #[test]
 fn q4_k_demo_file_is_about_as_close_to_f32_as_llama_cpp_q4_k_m() {
-    let (_f32_dir, f32_model) = quantized_model(DEMO, Target::F32);
-    let (_q4_dir, ours) = quantized_model(DEMO, Target::Q4K);
-    let llama = Model::load(&repo().join(FIXTURE).join("rustdoc-q4_k_m.gguf")).expect("llama.cpp's Q4_K_M");
+    let (_f32_dir, f32_model) = quantized_model(DEMO_MODEL, Target::F32);
+    let (_q4_dir, ours) = quantized_model(DEMO_MODEL, Target::Q4K);
+    let llama =
+        Model::load(&repo().join(DEMO_FIXTURE).join("rustdoc-q4_k_m.gguf")).expect("llama.cpp's Q4_K_M");
     let (f32_ppl, q) = quality_against_f32(&f32_model, &[&ours, &llama], 256);
     println!("valid.txt, ctx 256: f32 perplexity {f32_ppl:.4}");
     println!("| file | bits/weight | perplexity | ΔPPL | KL from f32 | top-1 = f32 |");
@@ -191,7 +170,7 @@ fn known_word_share(text: &str) -> f64 {
             .map(|w| w.to_ascii_lowercase())
             .collect()
     };
-    let known: HashSet<String> = words(&valid_text()).into_iter().collect();
+    let known: HashSet<String> = words(&demo_file("valid.txt")).into_iter().collect();
     let reply = words(text);
     assert!(reply.len() >= 5, "too few words to judge: {text:?}");
     reply.iter().filter(|w| known.contains(*w)).count() as f64 / reply.len() as f64

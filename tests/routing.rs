@@ -5,25 +5,14 @@
 
 mod common;
 
-use common::fixture::{id_list, quantized_model};
+use common::fixture::{
+    demo_file, demo_json, demo_tokenizer, id_list, quantized_model, DEMO_FIXTURE, DEMO_MODEL,
+};
 use common::*;
 use mixtral_q::quantize::Target;
 use mixtral_q::routing::{self, Report, RoutingTrace};
-use mixtral_q::text::Tokenizer;
 use safetensors::SafeTensors;
 use serde_json::Value;
-
-const DEMO: &str = "models/rustdoc-mixtral";
-const FIXTURE: &str = "tests/fixtures/rustdoc-mixtral";
-
-fn fixture() -> Value {
-    let text = std::fs::read_to_string(format!("{FIXTURE}/routing.json")).expect("routing.json");
-    serde_json::from_str(&text).expect("routing.json parses")
-}
-
-fn routing_text() -> String {
-    std::fs::read_to_string(format!("{FIXTURE}/routing.txt")).expect("routing.txt")
-}
 
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
@@ -49,8 +38,8 @@ fn their_choices(fixture: &Value) -> Vec<Vec<Vec<usize>>> {
 /// The fixture's choices are the top-k of its float64 router logits, in order.
 #[test]
 fn fixture_choices_are_the_top_k_of_its_router_logits() {
-    let fixture = fixture();
-    let bytes = std::fs::read(format!("{FIXTURE}/routing.safetensors")).unwrap();
+    let fixture = demo_json("routing.json");
+    let bytes = std::fs::read(format!("{DEMO_FIXTURE}/routing.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let logits = st.tensor("router_logits_f64").unwrap();
     let (n_layers, n_tokens, n_experts) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
@@ -70,10 +59,10 @@ fn fixture_choices_are_the_top_k_of_its_router_logits() {
 
 #[test]
 fn router_choices_and_statistics_match_transformers_on_the_trained_model() {
-    let fixture = fixture();
-    let (_dir, model) = quantized_model(DEMO, Target::F32);
-    let tok = Tokenizer::from_hf_file(&repo().join(DEMO).join("tokenizer.json")).unwrap();
-    let trace = routing::trace_text(&model, &tok, &routing_text(), 1024).expect("trace");
+    let fixture = demo_json("routing.json");
+    let (_dir, model) = quantized_model(DEMO_MODEL, Target::F32);
+    let tok = demo_tokenizer();
+    let trace = routing::trace_text(&model, &tok, &demo_file("routing.txt"), 1024).expect("trace");
     assert_eq!(trace.tokens, id_list(&fixture["input_ids"]), "tokens vs transformers' tokenizer");
     let theirs = their_choices(&fixture);
     for (l, layer) in theirs.iter().enumerate() {
@@ -131,10 +120,10 @@ fn router_choices_and_statistics_match_transformers_on_the_trained_model() {
 /// The 4-bit demo file routes nearly like the f32 one (quantization flips some near-ties).
 #[test]
 fn q4_k_routing_stays_close_to_transformers() {
-    let fixture = fixture();
-    let (_dir, model) = quantized_model(DEMO, Target::Q4K);
-    let tok = Tokenizer::from_hf_file(&repo().join(DEMO).join("tokenizer.json")).unwrap();
-    let trace = routing::trace_text(&model, &tok, &routing_text(), 1024).unwrap();
+    let fixture = demo_json("routing.json");
+    let (_dir, model) = quantized_model(DEMO_MODEL, Target::Q4K);
+    let tok = demo_tokenizer();
+    let trace = routing::trace_text(&model, &tok, &demo_file("routing.txt"), 1024).unwrap();
     let theirs = their_choices(&fixture);
     let n = trace.tokens.len() * trace.n_layers;
     let same_first = (0..trace.n_layers)
@@ -167,7 +156,7 @@ fn the_command_writes_a_replayable_trace_an_svg_and_an_html_page() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (svg, html) = (dir.path().join("r.svg"), dir.path().join("r.html"));
-    let text = format!("{FIXTURE}/routing.txt");
+    let text = format!("{DEMO_FIXTURE}/routing.txt");
     let args = |extra: &[&str]| {
         let mut a = vec!["routing", "-m", model.to_str().unwrap(), "-f", &text];
         a.extend_from_slice(extra);
@@ -187,14 +176,18 @@ fn the_command_writes_a_replayable_trace_an_svg_and_an_html_page() {
         (trace.n_layers, trace.n_experts, trace.top_k, trace.model.as_str()),
         (2, 8, 2, "tiny-mixtral")
     );
-    assert_eq!(trace.text.concat().trim_start_matches("<s>"), routing_text().trim_start());
+    assert_eq!(trace.text.concat().trim_start_matches("<s>"), demo_file("routing.txt").trim_start());
     let json: Value = serde_json::from_slice(&o.stdout).unwrap();
     let layers = json["statistics"]["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
     for key in ["share_first", "share_any", "repeat_first", "repeat_any", "shuffled_repeat_any", "z_any"] {
         assert!(!layers[0][key].is_null(), "{key} missing");
     }
-    assert!(json["verdict"].as_str().unwrap().contains("Repetition is above chance in all 2 layers"), "{}", json["verdict"]);
+    assert!(
+        json["verdict"].as_str().unwrap().contains("Repetition is above chance in all 2 layers"),
+        "{}",
+        json["verdict"]
+    );
 
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));

@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use super::palette::{hex, ratio_color};
-use super::stats::{LayerStats, RoutingStats};
+use super::stats::RoutingStats;
 use super::Report;
 
 const MARGIN: f64 = 24.0;
@@ -180,15 +180,30 @@ fn repetition_chart(s: &mut String, stats: &RoutingStats, x0: f64, y0: f64, widt
             points.join(" ")
         );
     };
-    let first = |l: &LayerStats| (l.repeat_first, l.repeat_first_above_chance, l.shuffled_repeat_first);
-    let any = |l: &LayerStats| (l.repeat_any, l.repeat_any_above_chance, l.shuffled_repeat_any);
-    let series: [(String, &str, f64, &dyn Fn(&LayerStats) -> (f64, bool, f64)); 2] = [
-        ("same first choice".into(), FIRST_COLOR, stats.chance_repeat_first, &first),
-        (format!("either of the top-{}", stats.top_k), ANY_COLOR, stats.chance_repeat_any, &any),
+    let series = [
+        (
+            "same first choice".to_string(),
+            FIRST_COLOR,
+            stats.chance_repeat_first,
+            stats
+                .layers
+                .iter()
+                .map(|l| (l.repeat_first, l.repeat_first_above_chance, l.shuffled_repeat_first))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            format!("either of the top-{}", stats.top_k),
+            ANY_COLOR,
+            stats.chance_repeat_any,
+            stats
+                .layers
+                .iter()
+                .map(|l| (l.repeat_any, l.repeat_any_above_chance, l.shuffled_repeat_any))
+                .collect(),
+        ),
     ];
     let lx = px + pw + 20.0;
-    for (i, (name, color, chance, pick)) in series.iter().enumerate() {
-        let points: Vec<(f64, bool, f64)> = stats.layers.iter().map(pick).collect();
+    for (i, (name, color, chance, points)) in series.iter().enumerate() {
         let yc = y_of(*chance);
         let _ = writeln!(
             s,

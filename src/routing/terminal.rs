@@ -44,7 +44,7 @@ pub fn tables(report: &Report) -> String {
         stats.pairs,
         stats.z_above_chance
     );
-    let _ = writeln!(s, "{:>6} | {:^15} | {}", "", "this text", "shuffled order");
+    let _ = writeln!(s, "{:>6} | {:^15} | shuffled order", "", "this text");
     let _ = writeln!(s, "{:>6} | {:>7} {:>7} | {:>6} {:>6}", "layer", "first", "either", "first", "either");
     let pct = |v: f64| format!("{:.1}%", 100.0 * v);
     let mark = |above: bool| if above { "*" } else { " " };

@@ -2,8 +2,10 @@
 
 use std::path::Path;
 
+use mixtral_q::engine::Engine;
 use mixtral_q::model::weights::Model;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
+use mixtral_q::text::Tokenizer;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -112,4 +114,35 @@ pub fn perplexity<T: Copy + Into<f64>>(logits: &[T], ids: &[u32], vocab: usize) 
         })
         .sum();
     (nll / (ids.len() - 1) as f64).exp()
+}
+
+/// `n` greedy tokens after `prompt`, from an empty KV cache, one decode step per token.
+pub fn greedy_tokens(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let vocab = engine.config().vocab_size;
+    engine.truncate(0);
+    let mut logits = engine.forward(prompt, false).expect("prompt");
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let next = argmax(&logits[..vocab]) as u32;
+        got.push(next);
+        logits = engine.forward(&[next], false).expect("decode");
+    }
+    got
+}
+
+/// The trained demo model's checkpoint and its references (tests/fixtures/rustdoc-mixtral, see its README).
+pub const DEMO_MODEL: &str = "models/rustdoc-mixtral";
+pub const DEMO_FIXTURE: &str = "tests/fixtures/rustdoc-mixtral";
+
+pub fn demo_file(name: &str) -> String {
+    std::fs::read_to_string(format!("{DEMO_FIXTURE}/{name}")).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+pub fn demo_json(name: &str) -> Value {
+    serde_json::from_str(&demo_file(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+pub fn demo_tokenizer() -> Tokenizer {
+    Tokenizer::from_hf_file(&Path::new(DEMO_MODEL).join("tokenizer.json"))
+        .expect("the demo model's tokenizer")
 }
