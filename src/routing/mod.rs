@@ -54,15 +54,8 @@ pub fn trace_text(model: &Model, tokenizer: &Tokenizer, text: &str, ctx: usize) 
     let experts = route_tokens(&mut engine, &tokens)?;
     let cfg = &model.config;
     let name = model.file.metadata.get_str("general.name").unwrap_or("model");
-    RoutingTrace::new(
-        name,
-        cfg.n_layers,
-        cfg.n_experts,
-        cfg.n_experts_used,
-        tokens.clone(),
-        token_texts(tokenizer, &tokens)?,
-        experts,
-    )
+    let text = token_texts(tokenizer, &tokens)?;
+    RoutingTrace::new(name, cfg.n_layers, cfg.n_experts, cfg.n_experts_used, tokens, text, experts)
 }
 
 /// What each token adds to the decoded text; control tokens (BOS, EOS) as their piece.

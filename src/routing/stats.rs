@@ -29,7 +29,7 @@ pub const Z_ABOVE_CHANCE: f64 = 3.0;
 
 /// How to read the rates, printed with them.
 pub const NOTE: &str = "Chance is uniform, independent routing. Random weights come near it only on random \
-tokens; on real text they repeat above chance too (repeated tokens route alike, neighbours share their \
+tokens over a long context; on real text they repeat above chance too (repeated tokens route alike, neighbours share their \
 attention context), so compare a trained model with random weights on the same text, not with chance alone. \
 \"Shuffled\" is the rate the layer's expert loads alone would give, the tokens in random order.";
 
@@ -121,16 +121,18 @@ impl RoutingStats {
                 let same_first = |a: &[usize], b: &[usize]| a[0] == b[0];
                 let (repeat_first, repeat_any) = (rate(&same_first), rate(&shares_an_expert));
                 let (shuffled_repeat_first, shuffled_repeat_any) = shuffled_rates(&choices, &first);
+                let (z_first, z_any) =
+                    (z_score(repeat_first, chance_first, pairs), z_score(repeat_any, chance_any, pairs));
                 LayerStats {
                     layer: l,
                     share_first: shares(first),
                     share_any: shares(any),
                     repeat_first,
                     repeat_any,
-                    z_first: z_score(repeat_first, chance_first, pairs),
-                    z_any: z_score(repeat_any, chance_any, pairs),
-                    repeat_first_above_chance: z_score(repeat_first, chance_first, pairs) > Z_ABOVE_CHANCE,
-                    repeat_any_above_chance: z_score(repeat_any, chance_any, pairs) > Z_ABOVE_CHANCE,
+                    z_first,
+                    z_any,
+                    repeat_first_above_chance: z_first > Z_ABOVE_CHANCE,
+                    repeat_any_above_chance: z_any > Z_ABOVE_CHANCE,
                     shuffled_repeat_first,
                     shuffled_repeat_any,
                 }
@@ -194,7 +196,7 @@ fn shares_an_expert(a: &[usize], b: &[usize]) -> bool {
     a.iter().any(|x| b.contains(x))
 }
 
-/// The expected repetition rates of a random order of the same tokens (pairs of distinct tokens):
+/// The expected repetition rates of a random order of the same tokens (any two different positions):
 /// same first choice Σ c_e(c_e − 1) / n(n − 1); sharing an expert, over the distinct top-k sets S, T
 /// with counts c: Σ_{S∩T≠∅} c_S (c_T − [S = T]) / n(n − 1).
 fn shuffled_rates(choices: &[&[usize]], first_counts: &[usize]) -> (f64, f64) {

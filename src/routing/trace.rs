@@ -25,7 +25,7 @@ pub const VERSION: u32 = 1;
 pub struct RoutingTrace {
     pub format: String,
     pub version: u32,
-    /// The model's `general.name` (or its file name).
+    /// The model's `general.name` ("model" when it has none).
     pub model: String,
     pub n_layers: usize,
     pub n_experts: usize,
