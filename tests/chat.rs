@@ -1,7 +1,7 @@
 //! `mixtral-q chat` driven as a person would, through a pseudo-terminal: typing, streamed replies,
-//! Ctrl-C, slash commands, multi-line input, tab completion, quitting. Runs the bundled demo model
-//! (prepared per test in a temporary cache folder); the prompt token ids are checked against the
-//! chat fixture (HF transformers' rendering and tokenization).
+//! Ctrl-C, slash commands, multi-line input, tab completion, quitting. Runs the tiny random-weight model
+//! of the fixture (models/tiny-mixtral, converted to Q4_K per test in a temporary folder); the prompt
+//! token ids are checked against the chat fixture (HF transformers' rendering and tokenization).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +11,7 @@ use rexpect::session::{spawn_with_options, Options, PtySession};
 use serde_json::Value;
 
 const PROMPT: &str = ">>> ";
-/// Per expectation; the demo model answers in well under a second.
+/// Per expectation; the tiny model answers in well under a second.
 const TIMEOUT_MS: u64 = 30_000;
 
 struct Chat {
@@ -20,11 +20,14 @@ struct Chat {
 }
 
 impl Chat {
-    /// Starts `mixtral-q chat ARGS` on the demo model and waits for the first prompt.
+    /// Starts `mixtral-q chat -m TINY ARGS` and waits for the first prompt.
     fn start(args: &[&str]) -> Chat {
         let dir = tempfile::tempdir().unwrap();
+        let model = tiny_q4_k(dir.path());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixtral-q"));
         cmd.arg("chat")
+            .arg("-m")
+            .arg(&model)
             .args(args)
             .env("MIXTRAL_Q_CACHE", dir.path().join("cache"))
             .env("MIXTRAL_Q_HISTORY", dir.path().join("history.txt"))
@@ -34,7 +37,7 @@ impl Chat {
         let options = Options::default().timeout_ms(Some(TIMEOUT_MS)).strip_ansi_escape_codes(true);
         let pty = spawn_with_options(cmd, options).expect("cannot start mixtral-q chat in a pty");
         let mut chat = Chat { pty, dir };
-        chat.expect("random weights");
+        chat.expect("mixtral-q chat: tiny-mixtral");
         chat.expect(PROMPT);
         chat
     }
@@ -105,6 +108,21 @@ impl Chat {
         );
         self.dir
     }
+}
+
+/// The fixture's model as a Q4_K GGUF in `dir` (what the bundled demo model was before it was trained).
+fn tiny_q4_k(dir: &Path) -> PathBuf {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-mixtral");
+    let out = dir.join("tiny-mixtral-q4_k.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_mixtral-q"))
+        .arg("quantize")
+        .arg(tiny)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
 }
 
 struct Turn {
@@ -291,12 +309,14 @@ fn slash_commands() {
     chat.expect_exit_ok();
 }
 
-/// The ids `mixtral-q tokenize --chat` gives for `messages` on the same demo model.
+/// The ids `mixtral-q tokenize --chat` gives for `messages` on the same model.
 fn tokenize_chat(chat: &Chat, messages: &Value) -> Vec<u32> {
     let path = chat.path("messages.json");
     std::fs::write(&path, messages.to_string()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mixtral-q"))
-        .args(["tokenize", "--json", "--chat"])
+        .args(["tokenize", "--json", "-m"])
+        .arg(chat.path("tiny-mixtral-q4_k.gguf"))
+        .arg("--chat")
         .arg(&path)
         .env("MIXTRAL_Q_CACHE", chat.path("cache"))
         .output()

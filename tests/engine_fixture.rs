@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::fixture::{argmax, cases, id_list, perplexity, quantized, reference_json, relative_error};
+use common::fixture::{
+    argmax, cases, greedy_tokens, id_list, perplexity, quantized, reference_json, relative_error,
+};
 use mixtral_q::engine::cpu::CpuEngine;
 use mixtral_q::engine::Engine;
 use mixtral_q::quantize::Target;
@@ -51,21 +53,13 @@ fn f32_gguf_matches_the_reference_logits_router_and_perplexity() {
 #[test]
 fn f32_gguf_greedy_continuations_match() {
     let (_dir, model) = quantized(Target::F32);
-    let vocab = model.config.vocab_size;
     let mut engine = CpuEngine::new(&model, 256).expect("engine");
     let greedy = reference_json()["greedy"].as_array().expect("greedy").clone();
     assert_eq!(greedy.len(), 3);
     for g in &greedy {
         let (prompt, want) = (id_list(&g["input_ids"]), id_list(&g["greedy_new_ids"]));
         assert_eq!(want.len(), 24);
-        engine.truncate(0);
-        let mut logits = engine.forward(&prompt, false).expect("prompt");
-        let mut got = Vec::new();
-        for _ in 0..want.len() {
-            let next = argmax(&logits[..vocab]) as u32;
-            got.push(next);
-            logits = engine.forward(&[next], false).expect("decode");
-        }
+        let got = greedy_tokens(&mut engine, &prompt, want.len());
         assert_eq!(got, want, "continuation of {:?}", g["text"]);
         assert_eq!(engine.position(), prompt.len() + want.len());
     }

@@ -10,6 +10,7 @@ pub mod info;
 pub mod load;
 pub mod perplexity;
 pub mod quantize;
+pub mod routing;
 pub mod synth;
 pub mod tokenize;
 
@@ -38,6 +39,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Chat with the model in an interactive prompt (the KV cache carries over between turns).
     Chat(chat::ChatArgs),
+    /// Which experts the router picks for a text: shares per layer, repetition against chance (paper §5).
+    Routing(routing::RoutingArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Chat(a) => chat::run(&a),
+        Command::Routing(a) => routing::run(&a),
     }
 }
 

@@ -2,8 +2,10 @@
 
 use std::path::Path;
 
+use mixtral_q::engine::Engine;
 use mixtral_q::model::weights::Model;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
+use mixtral_q::text::Tokenizer;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -63,12 +65,25 @@ pub fn cases() -> Vec<Case> {
 
 /// Converts models/tiny-mixtral to a GGUF of `target` in a temporary directory.
 pub fn quantized(target: Target) -> (tempfile::TempDir, Model) {
+    quantized_model("models/tiny-mixtral", target)
+}
+
+/// Converts the checkpoint folder `checkpoint` (relative to the repository) to a GGUF of `target` in a temporary
+/// directory.
+pub fn quantized_model(checkpoint: &str, target: Target) -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("tiny.gguf");
-    quantize_checkpoint(Path::new("models/tiny-mixtral"), &path, &QuantizeOptions::new(target))
-        .expect("quantize tiny-mixtral");
+    let path = dir.path().join("model.gguf");
+    quantize_checkpoint(Path::new(checkpoint), &path, &QuantizeOptions::new(target))
+        .unwrap_or_else(|e| panic!("quantize {checkpoint}: {e:#}"));
     let model = Model::load(&path).expect("load the GGUF");
     (dir, model)
+}
+
+/// The log-probabilities of one row of logits, in f64.
+pub fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let log_z = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    row.iter().map(|&v| v as f64 - log_z).collect()
 }
 
 pub fn relative_error(ours: &[f32], reference: &[f64]) -> f64 {
@@ -99,4 +114,35 @@ pub fn perplexity<T: Copy + Into<f64>>(logits: &[T], ids: &[u32], vocab: usize) 
         })
         .sum();
     (nll / (ids.len() - 1) as f64).exp()
+}
+
+/// `n` greedy tokens after `prompt`, from an empty KV cache, one decode step per token.
+pub fn greedy_tokens(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let vocab = engine.config().vocab_size;
+    engine.truncate(0);
+    let mut logits = engine.forward(prompt, false).expect("prompt");
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let next = argmax(&logits[..vocab]) as u32;
+        got.push(next);
+        logits = engine.forward(&[next], false).expect("decode");
+    }
+    got
+}
+
+/// The trained demo model's checkpoint and its references (tests/fixtures/rustdoc-mixtral, see its README).
+pub const DEMO_MODEL: &str = "models/rustdoc-mixtral";
+pub const DEMO_FIXTURE: &str = "tests/fixtures/rustdoc-mixtral";
+
+pub fn demo_file(name: &str) -> String {
+    std::fs::read_to_string(format!("{DEMO_FIXTURE}/{name}")).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+pub fn demo_json(name: &str) -> Value {
+    serde_json::from_str(&demo_file(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+pub fn demo_tokenizer() -> Tokenizer {
+    Tokenizer::from_hf_file(&Path::new(DEMO_MODEL).join("tokenizer.json"))
+        .expect("the demo model's tokenizer")
 }
