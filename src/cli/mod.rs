@@ -10,6 +10,7 @@ pub mod info;
 pub mod load;
 pub mod perplexity;
 pub mod quantize;
+pub mod serve;
 pub mod synth;
 pub mod tokenize;
 
@@ -38,6 +39,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Chat with the model in an interactive prompt (the KV cache carries over between turns).
     Chat(chat::ChatArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat and text completions, streaming).
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Chat(a) => chat::run(&a),
+        Command::Serve(a) => serve::run(&a),
     }
 }
 
