@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request as HttpRequest, State};
-use axum::http::{header, HeaderMap, Uri};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -115,7 +115,13 @@ async fn complete(
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| ApiError::body(r.status(), r.body_text()))?;
+    let body = body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::body(
+            r.status(),
+            format!("the request body is over this server's limit of {} MiB", MAX_BODY_BYTES >> 20),
+        ),
+        status => ApiError::body(status, r.body_text()),
+    })?;
     // Rendering and tokenizing a long prompt takes a while: off the async workers.
     let shared = http.shared.clone();
     let (request, ids) = tokio::task::spawn_blocking(move || {
