@@ -92,6 +92,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     });
     let model_name = metadata.get_str("general.name").unwrap_or("mixtral-q").to_owned();
     let backend = loaded.backend();
+    if args.slots > 1 && backend.starts_with("CUDA") {
+        eprintln!(
+            "warning: each of the {} slots is its own CUDA engine, which uploads its own weights (the \
+             later ones get what VRAM the first left): on a GPU, use --slots 1",
+            args.slots
+        );
+    }
     let shared = Arc::new(Shared {
         loaded,
         template,

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Aggregate decode throughput of `mixtral-q serve` with 1, 4 and 8 concurrent streaming clients.
+
+Starts the server (`--slots` = the largest client count, so that no request waits for a slot), then
+for each client count runs that many clients at once, each streaming `--requests` completions of
+exactly `--tokens` tokens (ignore_eos). Aggregate tokens/s = all generated tokens / wall time of the
+run; the client counts take turns, round after round, so that a machine whose load changes affects
+them alike. The engine runs one sequence per forward call, so concurrent requests share its speed
+(interleaved decode steps, no batching across requests): the numbers say what that costs or gains.
+
+    python3 benches/serve_throughput.py -m FILE.gguf [--clients 1,4,8] [--tokens 64] [--rounds 3]
+
+Only the standard library (raw HTTP, server-sent events).
+"""
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+
+def start_server(args, slots):
+    cmd = [args.bin, "serve", "--port", "0", "--slots", str(slots), "--ctx", str(slots * args.slot_ctx)]
+    if args.model:
+        cmd += ["-m", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in server.stderr:
+        if "listening on http://" in line:
+            print(line.strip())
+            url = urllib.parse.urlparse(line.split("listening on ")[1].strip())
+            # Keep reading the log so that the server never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+            return server, url
+    raise SystemExit(f"the server did not start: {server.wait()}")
+
+
+def stream_completion(url, prompt, tokens, seed):
+    """Streams one completion; returns (generated tokens, seconds to the first token, total seconds)."""
+    body = {"prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "stream": True, "seed": seed}
+    c = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200, r.read()
+    first = None
+    usage = None
+    for line in r:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if first is None:
+            first = time.perf_counter() - t0
+        usage = chunk.get("usage") or usage
+    c.close()
+    return usage["completion_tokens"], first, time.perf_counter() - t0
+
+
+def run_clients(url, clients, args, round_no):
+    """All clients at once; returns (aggregate tokens/s, mean time to first token)."""
+    results = []
+    lock = threading.Lock()
+
+    def client(i):
+        for k in range(args.requests):
+            prompt = f"Client {i}, round {round_no}, request {k}: a story about"
+            r = stream_completion(url, prompt, args.tokens, seed=1000 * i + k)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    generated = sum(r[0] for r in results)
+    assert generated == clients * args.requests * args.tokens, generated
+    return generated / wall, statistics.mean(r[1] for r in results)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", help="GGUF file (default: the bundled demo model)")
+    p.add_argument("--bin", default=str(Path(__file__).resolve().parent.parent / "target/release/mixtral-q"))
+    p.add_argument("--clients", default="1,4,8")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per request")
+    p.add_argument("--requests", type=int, default=2, help="requests per client per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--slot-ctx", type=int, default=512, help="context per slot")
+    p.add_argument("-t", "--threads", type=int)
+    args = p.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    server, url = start_server(args, max(counts))
+    try:
+        run_clients(url, 1, args, -1)  # warm-up
+        rates = {c: [] for c in counts}
+        firsts = {c: [] for c in counts}
+        for round_no in range(args.rounds):
+            for c in counts:
+                rate, first = run_clients(url, c, args, round_no)
+                rates[c].append(rate)
+                firsts[c].append(first)
+                print(f"round {round_no + 1}: {c} client(s): {rate:.1f} tokens/s, first token after {first:.3f} s")
+    finally:
+        server.terminate()
+        server.wait()
+    base = statistics.mean(rates[counts[0]])
+    print()
+    print(f"| clients | aggregate decode tokens/s (mean ± sd of {args.rounds}) | vs {counts[0]} client | per client | time to first token |")
+    print("|---:|---:|---:|---:|---:|")
+    for c in counts:
+        mean = statistics.mean(rates[c])
+        sd = statistics.stdev(rates[c]) if len(rates[c]) > 1 else 0.0
+        print(
+            f"| {c} | {mean:.1f} ± {sd:.1f} | {mean / base:.2f}× | {mean / c:.1f} | {statistics.mean(firsts[c]):.3f} s |"
+        )
+
+
+if __name__ == "__main__":
+    main()
