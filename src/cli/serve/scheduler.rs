@@ -301,73 +301,58 @@ impl<'a> Scheduler<'a> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::path::Path;
 
-    use anyhow::Result;
-    use mixtral_q::model::ModelConfig;
+    use mixtral_q::engine::cuda::DeviceChoice;
+    use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
     use serde_json::json;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     use super::*;
+    use crate::cli::load::{Loaded, ModelArgs};
     use crate::cli::serve::api;
 
-    /// An engine whose next token is always `last + 1`, counting the tokens it runs.
-    struct Counting {
-        cfg: ModelConfig,
-        position: usize,
-        forwarded: Arc<AtomicUsize>,
-    }
+    const CTX: usize = 512;
 
-    impl Engine for Counting {
-        fn forward(&mut self, tokens: &[u32], _all_logits: bool) -> Result<Vec<f32>> {
-            anyhow::ensure!(self.position + tokens.len() <= self.context_size(), "context full");
-            self.position += tokens.len();
-            self.forwarded.fetch_add(tokens.len(), Ordering::Relaxed);
-            let mut logits = vec![0.0; self.cfg.vocab_size];
-            logits[(*tokens.last().unwrap() as usize + 1) % self.cfg.vocab_size] = 1.0;
-            Ok(logits)
-        }
-        fn position(&self) -> usize {
-            self.position
-        }
-        fn context_size(&self) -> usize {
-            512
-        }
-        fn truncate(&mut self, n: usize) {
-            self.position = self.position.min(n);
-        }
-        fn config(&self) -> &ModelConfig {
-            &self.cfg
-        }
-    }
-
+    /// The tiny model (Q8_0, in a temporary folder), loaded as `serve` loads it.
     struct Fixture {
-        tok: Tokenizer,
+        loaded: Loaded,
         template: ChatTemplate,
         load: Load,
-        forwarded: Arc<AtomicUsize>,
+        _dir: tempfile::TempDir,
     }
 
     impl Fixture {
         fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tiny.gguf");
+            quantize_checkpoint(Path::new("models/tiny-mixtral"), &path, &QuantizeOptions::new(Target::Q8_0))
+                .unwrap();
+            let args = ModelArgs {
+                model: Some(path),
+                threads: None,
+                ctx: Some(CTX),
+                device: DeviceChoice::Cpu,
+                vram_budget: None,
+            };
             Fixture {
-                tok: Tokenizer::from_hf_file(std::path::Path::new("models/tiny-mixtral/tokenizer.json"))
-                    .unwrap(),
+                loaded: args.load().unwrap(),
                 template: ChatTemplate::mixtral_instruct(),
                 load: Load::default(),
-                forwarded: Arc::new(AtomicUsize::new(0)),
+                _dir: dir,
             }
         }
 
-        fn engines(&self, n: usize) -> Vec<Box<dyn Engine>> {
-            let mut cfg = ModelConfig::mixtral_8x7b(1);
-            cfg.vocab_size = self.tok.vocab_size();
-            (0..n)
-                .map(|_| {
-                    Box::new(Counting { cfg: cfg.clone(), position: 0, forwarded: self.forwarded.clone() })
-                        as Box<dyn Engine>
-                })
-                .collect()
+        fn engines(&self, n: usize) -> Vec<Box<dyn Engine + '_>> {
+            (0..n).map(|_| self.loaded.engine().unwrap()).collect()
+        }
+
+        fn scheduler<'a>(
+            &'a self,
+            engines: &'a mut [Box<dyn Engine + '_>],
+        ) -> (Scheduler<'a>, crossbeam::channel::Sender<Job>) {
+            let (tx, rx) = crossbeam::channel::unbounded();
+            (Scheduler::new(engines, &self.loaded.tokenizer, &self.template, &self.load, rx), tx)
         }
 
         /// A job for `body` (greedy unless it says otherwise), as the HTTP side makes it.
@@ -384,7 +369,7 @@ mod tests {
                 api::Endpoint::Chat => api::parse_chat(&bytes, &self.template).unwrap(),
                 api::Endpoint::Completion => api::parse_completion(&bytes).unwrap(),
             };
-            let ids = api::tokenize(&request, &self.tok, 512).unwrap();
+            let ids = api::tokenize(&request, &self.loaded.tokenizer, CTX).unwrap();
             let (events, receiver) = unbounded_channel();
             self.load.waiting.fetch_add(1, Ordering::Relaxed);
             (Job { id, request, ids, events }, receiver)
@@ -420,37 +405,33 @@ mod tests {
         s.slots[slot].active.as_ref().map(|a| a.job.id)
     }
 
+    /// Tokens generated so far by slot `i`'s request.
+    fn generated(s: &Scheduler, slot: usize) -> Option<usize> {
+        s.slots[slot].active.as_ref().map(|a| a.generation.generated().len())
+    }
+
     #[test]
     fn active_requests_take_turns_one_token_each() {
         let f = Fixture::new();
         let mut engines = f.engines(2);
-        let (tx, rx) = crossbeam::channel::unbounded();
-        let mut s = Scheduler::new(&mut engines, &f.tok, &f.template, &f.load, rx);
+        let (mut s, tx) = f.scheduler(&mut engines);
         let body = |p: &str| json!({"prompt": p, "max_tokens": 20, "ignore_eos": true});
         let (a, mut a_events) = f.job(1, api::Endpoint::Completion, body("Once upon a time"));
         let (b, mut b_events) = f.job(2, api::Endpoint::Completion, body("A long way off"));
         tx.send(a).unwrap();
         tx.send(b).unwrap();
-        let (mut a_text, mut b_text) = (String::new(), String::new());
-        let count = |events: &mut UnboundedReceiver<Event>, text: &mut String| {
-            let before = text.len();
-            let done = drain(events, text);
-            (text.len() > before, done.map(|o| o.completion_tokens))
-        };
         s.receive();
-        for round in 0..20 {
+        for round in 1..=20 {
             s.round();
             // Both prompts are short (one step): from the first round on, each request gets a token.
-            let (a_new, a_done) = count(&mut a_events, &mut a_text);
-            let (b_new, b_done) = count(&mut b_events, &mut b_text);
-            assert_eq!((active_job(&s, 0), active_job(&s, 1)), (Some(1), Some(2)), "round {round}");
-            assert!(a_new && b_new, "round {round}: both streams advance");
-            assert_eq!((a_done, b_done), (None, None));
+            assert_eq!((active_job(&s, 0), active_job(&s, 1)), (Some(1), Some(2)));
+            assert_eq!((generated(&s, 0), generated(&s, 1)), (Some(round), Some(round)), "round {round}");
         }
-        // The 21st round ends both at max_tokens without running another token.
+        // The next round ends both at max_tokens without running another token.
         s.round();
-        assert_eq!(count(&mut a_events, &mut a_text).1, Some(20));
-        assert_eq!(count(&mut b_events, &mut b_text).1, Some(20));
+        let (mut a_text, mut b_text) = (String::new(), String::new());
+        assert_eq!(drain(&mut a_events, &mut a_text).map(|o| o.completion_tokens), Some(20));
+        assert_eq!(drain(&mut b_events, &mut b_text).map(|o| o.completion_tokens), Some(20));
         assert_eq!(f.load.busy.load(Ordering::Relaxed), 0);
     }
 
@@ -458,8 +439,7 @@ mod tests {
     fn a_request_stops_before_the_next_token_once_its_client_is_gone() {
         let f = Fixture::new();
         let mut engines = f.engines(1);
-        let (tx, rx) = crossbeam::channel::unbounded();
-        let mut s = Scheduler::new(&mut engines, &f.tok, &f.template, &f.load, rx);
+        let (mut s, tx) = f.scheduler(&mut engines);
         let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true});
         let (long, events) = f.job(1, api::Endpoint::Completion, body.clone());
         let (queued, queued_events) = f.job(2, api::Endpoint::Completion, body);
@@ -470,13 +450,14 @@ mod tests {
             s.round();
         }
         assert_eq!(f.load.waiting.load(Ordering::Relaxed), 1);
-        // Both clients go: the running request stops without another forward pass, the queued one never starts.
+        // Both clients go: the running request stops without running another token, the queued one
+        // never starts.
         drop(events);
         drop(queued_events);
-        let ran = f.forwarded.load(Ordering::Relaxed);
+        let ran = s.slots[0].seq.cached().len();
         s.receive();
         s.round();
-        assert_eq!(f.forwarded.load(Ordering::Relaxed), ran);
+        assert_eq!(s.slots[0].seq.cached().len(), ran);
         assert_eq!(active_job(&s, 0), None);
         assert_eq!((f.load.busy.load(Ordering::Relaxed), f.load.waiting.load(Ordering::Relaxed)), (0, 0));
     }
@@ -485,8 +466,7 @@ mod tests {
     fn requests_wait_for_a_slot_in_arrival_order() {
         let f = Fixture::new();
         let mut engines = f.engines(1);
-        let (tx, rx) = crossbeam::channel::unbounded();
-        let mut s = Scheduler::new(&mut engines, &f.tok, &f.template, &f.load, rx);
+        let (mut s, tx) = f.scheduler(&mut engines);
         let mut receivers = Vec::new();
         for id in 1..4 {
             let (job, events) = f.job(
@@ -515,8 +495,7 @@ mod tests {
     fn a_conversation_returns_to_its_slot_and_reuses_all_of_it() {
         let f = Fixture::new();
         let mut engines = f.engines(3);
-        let (tx, rx) = crossbeam::channel::unbounded();
-        let mut s = Scheduler::new(&mut engines, &f.tok, &f.template, &f.load, rx);
+        let (mut s, tx) = f.scheduler(&mut engines);
         let mut run = |id: u64, messages: serde_json::Value, max_tokens: usize| {
             let body = json!({"messages": messages, "max_tokens": max_tokens, "ignore_eos": true});
             let (job, mut events) = f.job(id, api::Endpoint::Chat, body);
@@ -540,7 +519,7 @@ mod tests {
         let (slot, _, turn2) = run(3, conversation, 4);
         assert_eq!(slot, 0);
         assert_eq!(turn2.cached_tokens, turn1.prompt_tokens + turn1.completion_tokens - 1);
-        let new_tokens = f.tok.encode("</s>[INST] And then? [/INST]", false).unwrap().len();
+        let new_tokens = f.loaded.tokenizer.encode("</s>[INST] And then? [/INST]", false).unwrap().len();
         assert_eq!(turn2.prompt_tokens, turn2.cached_tokens + 1 + new_tokens);
 
         // New conversations: the empty slot, then the least recently used one (slot 1's).
