@@ -7,6 +7,8 @@ exactly `--tokens` tokens (ignore_eos). Aggregate tokens/s = all generated token
 run; the client counts take turns, round after round, so that a machine whose load changes affects
 them alike. The engine runs one sequence per forward call, so concurrent requests share its speed
 (interleaved decode steps, no batching across requests): the numbers say what that costs or gains.
+Each round also runs `mixtral-q bench` (decode of the same number of tokens, engine alone, no server)
+on the same file, as the reference for what one stream can do at that moment.
 
     python3 benches/serve_throughput.py -m FILE.gguf [--clients 1,4,8] [--tokens 64] [--rounds 3]
 
@@ -86,6 +88,17 @@ def run_clients(url, clients, args, round_no):
     return generated / wall, statistics.mean(r[1] for r in results)
 
 
+def engine_alone(args):
+    """`mixtral-q bench`'s decode tokens/s for `--tokens` tokens (no server), or None without -m."""
+    cmd = [args.bin, "bench", "-p", "16", "-n", str(args.tokens), "-r", "1", "-o", "json"]
+    if args.model:
+        cmd += ["-m", args.model]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return next(r["avg_ts"] for r in rows if r["test"].startswith("tg"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", help="GGUF file (default: the bundled demo model)")
@@ -103,7 +116,10 @@ def main():
         run_clients(url, 1, args, -1)  # warm-up
         rates = {c: [] for c in counts}
         firsts = {c: [] for c in counts}
+        alone = []
         for round_no in range(args.rounds):
+            alone.append(engine_alone(args))
+            print(f"round {round_no + 1}: engine alone (mixtral-q bench): {alone[-1]:.1f} tokens/s")
             for c in counts:
                 rate, first = run_clients(url, c, args, round_no)
                 rates[c].append(rate)
@@ -114,6 +130,8 @@ def main():
         server.wait()
     base = statistics.mean(rates[counts[0]])
     print()
+    sd = statistics.stdev(alone) if len(alone) > 1 else 0.0
+    print(f"engine alone (mixtral-q bench, tg{args.tokens}): {statistics.mean(alone):.1f} ± {sd:.1f} tokens/s")
     print(f"| clients | aggregate decode tokens/s (mean ± sd of {args.rounds}) | vs {counts[0]} client | per client | time to first token |")
     print("|---:|---:|---:|---:|---:|")
     for c in counts:

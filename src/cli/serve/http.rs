@@ -78,7 +78,7 @@ async fn health(State(http): State<Arc<Http>>) -> impl IntoResponse {
     let busy = load.busy.load(Ordering::Relaxed);
     json_body(&json!({
         "status": "ok",
-        "slots_idle": http.shared.slots - busy,
+        "slots_idle": http.shared.slots.saturating_sub(busy),
         "slots_processing": busy,
         "requests_waiting": load.waiting.load(Ordering::Relaxed),
     }))

@@ -200,7 +200,12 @@ impl<'a> Scheduler<'a> {
         let shutdown = self.load.shutdown.load(Ordering::Relaxed);
         let Slot { seq, active, .. } = &mut self.slots[i];
         let Some(a) = active.as_mut() else { return };
-        if shutdown || a.job.events.is_closed() {
+        if shutdown {
+            let _ = a.job.events.send(Event::Failed("the server is shutting down".into()));
+            self.release(i);
+            return;
+        }
+        if a.job.events.is_closed() {
             eprintln!(
                 "request {}: the client went away; stopped after {} tokens (slot {i} is free)",
                 a.job.id,
