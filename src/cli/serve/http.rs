@@ -98,11 +98,11 @@ async fn models(State(http): State<Arc<Http>>) -> impl IntoResponse {
 }
 
 async fn chat_completions(State(http): State<Arc<Http>>, body: Result<Bytes, BytesRejection>) -> Response {
-    complete(http, body, Endpoint::Chat).await.unwrap_or_else(|e| rejected(e))
+    complete(http, body, Endpoint::Chat).await.unwrap_or_else(rejected)
 }
 
 async fn completions(State(http): State<Arc<Http>>, body: Result<Bytes, BytesRejection>) -> Response {
-    complete(http, body, Endpoint::Completion).await.unwrap_or_else(|e| rejected(e))
+    complete(http, body, Endpoint::Completion).await.unwrap_or_else(rejected)
 }
 
 fn rejected(e: ApiError) -> Response {
