@@ -11,6 +11,7 @@ pub mod load;
 pub mod perplexity;
 pub mod quantize;
 pub mod routing;
+pub mod serve;
 pub mod synth;
 pub mod tokenize;
 
@@ -41,6 +42,8 @@ pub enum Command {
     Chat(chat::ChatArgs),
     /// Which experts the router picks for a text: shares per layer, repetition against chance (paper §5).
     Routing(routing::RoutingArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat and text completions, streaming).
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(&a),
         Command::Chat(a) => chat::run(&a),
         Command::Routing(a) => routing::run(&a),
+        Command::Serve(a) => serve::run(&a),
     }
 }
 

@@ -40,6 +40,42 @@ impl Default for SamplingParams {
     }
 }
 
+/// A sampling setting outside its range: which field, and the rule it breaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidSampling {
+    /// The field of [`SamplingParams`] (the REPL and the server name it their own way).
+    pub field: &'static str,
+    pub rule: &'static str,
+}
+
+impl std::fmt::Display for InvalidSampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.field, self.rule)
+    }
+}
+
+impl std::error::Error for InvalidSampling {}
+
+impl SamplingParams {
+    /// The ranges every front end accepts (the REPL's `/set` and `/load`, the server's requests).
+    pub fn check(&self) -> Result<(), InvalidSampling> {
+        let invalid = |field, rule| Err(InvalidSampling { field, rule });
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return invalid("temperature", "must be a number ≥ 0 (0 is greedy)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return invalid("top_p", "must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return invalid("min_p", "must be in [0, 1]");
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return invalid("repeat_penalty", "must be a number > 0 (1 is off)");
+        }
+        Ok(())
+    }
+}
+
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
@@ -142,4 +178,27 @@ fn softmax(candidates: &[Candidate]) -> Vec<f32> {
     let exps: Vec<f32> = candidates.iter().map(|c| (c.1 - max).exp()).collect();
     let sum: f32 = exps.iter().sum();
     exps.into_iter().map(|e| e / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_name_the_field() {
+        assert_eq!(SamplingParams::default().check(), Ok(()));
+        let with = |f: &dyn Fn(&mut SamplingParams)| {
+            let mut p = SamplingParams::default();
+            f(&mut p);
+            p.check().map_err(|e| e.field)
+        };
+        assert_eq!(with(&|p| p.temperature = 0.0), Ok(()));
+        assert_eq!(with(&|p| p.temperature = -0.5), Err("temperature"));
+        assert_eq!(with(&|p| p.temperature = f32::INFINITY), Err("temperature"));
+        assert_eq!(with(&|p| p.top_p = 1.0), Ok(()));
+        assert_eq!(with(&|p| p.top_p = 0.0), Err("top_p"));
+        assert_eq!(with(&|p| p.top_p = f32::NAN), Err("top_p"));
+        assert_eq!(with(&|p| p.min_p = -0.1), Err("min_p"));
+        assert_eq!(with(&|p| p.repeat_penalty = 0.0), Err("repeat_penalty"));
+    }
 }

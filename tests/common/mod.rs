@@ -28,7 +28,8 @@ pub fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("cannot start mixtral-q")
 }
 
-/// Python with the `gguf` package (llama.cpp's reader): `MIXTRAL_Q_PYTHON`, else `.venv/bin/python`.
+/// Python with the `gguf` package (llama.cpp's reader) and the `openai` client: `MIXTRAL_Q_PYTHON`, else
+/// `.venv/bin/python`.
 /// Missing is a test failure, not a skip: `bash .ci/run` installs it.
 pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("MIXTRAL_Q_PYTHON") {

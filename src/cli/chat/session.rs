@@ -6,16 +6,13 @@ use std::borrow::Cow;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use mixtral_q::engine::Engine;
 use mixtral_q::text::{
-    fold_system_prompt, ChatTemplate, Message, Sampler, SamplingParams, StreamDecoder, Tokenizer,
+    fold_system_prompt, ChatTemplate, Generation, KnownPrefix, Message, Sampler, SamplingParams, Sequence,
+    Step, Tokenizer,
 };
-
-/// Prompt tokens are processed in chunks of this many, so that Ctrl-C stops a long prompt too.
-const PREFILL_CHUNK: usize = 256;
 
 /// What `/set` changes and `/save` keeps.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -43,6 +40,16 @@ pub enum StopReason {
     Interrupted,
 }
 
+impl From<mixtral_q::text::StopReason> for StopReason {
+    fn from(reason: mixtral_q::text::StopReason) -> Self {
+        match reason {
+            mixtral_q::text::StopReason::Eos => StopReason::Eos,
+            mixtral_q::text::StopReason::MaxTokens => StopReason::MaxTokens,
+            mixtral_q::text::StopReason::ContextFull => StopReason::ContextFull,
+        }
+    }
+}
+
 /// Numbers of the last turn, for `--verbose` and `/stats`.
 #[derive(Clone, Debug)]
 pub struct TurnStats {
@@ -59,15 +66,8 @@ pub struct TurnStats {
     pub reply_ids: Vec<u32>,
 }
 
-/// The rendered conversation up to the last reply, with the token ids the model actually saw for it
-/// (its own sampled tokens for the replies, which need not be what re-encoding the reply text gives).
-struct KnownPrefix {
-    text: String,
-    ids: Vec<u32>,
-}
-
 pub struct Session<'e> {
-    engine: &'e mut dyn Engine,
+    seq: Sequence<'e>,
     tok: &'e Tokenizer,
     template: ChatTemplate,
     system_supported: bool,
@@ -75,8 +75,7 @@ pub struct Session<'e> {
     messages: Vec<Message>,
     settings: Settings,
     sampler: Sampler,
-    /// Token ids in the KV cache, in order (`engine.position() == cached.len()`).
-    cached: Vec<u32>,
+    /// The conversation up to the last reply, with the token ids the model saw for it.
     known: Option<KnownPrefix>,
     last: Option<TurnStats>,
     ignore_eos: bool,
@@ -90,9 +89,8 @@ impl<'e> Session<'e> {
         settings: Settings,
     ) -> Self {
         let system_supported = template.supports_system();
-        engine.truncate(0);
         Session {
-            engine,
+            seq: Sequence::new(engine),
             tok,
             template,
             system_supported,
@@ -100,7 +98,6 @@ impl<'e> Session<'e> {
             messages: Vec::new(),
             sampler: Sampler::new(settings.sampling.clone()),
             settings,
-            cached: Vec::new(),
             known: None,
             last: None,
             ignore_eos: false,
@@ -148,11 +145,11 @@ impl<'e> Session<'e> {
 
     /// Tokens in the KV cache and its capacity.
     pub fn context_used(&self) -> (usize, usize) {
-        (self.engine.position(), self.engine.context_size())
+        (self.seq.cached().len(), self.seq.context_size())
     }
 
     pub fn engine_stats(&self) -> Option<String> {
-        self.engine.stats_line()
+        self.seq.engine_stats()
     }
 
     /// Forgets the conversation (system prompt and settings stay).
@@ -221,7 +218,7 @@ impl<'e> Session<'e> {
     }
 
     fn run_turn(&mut self, out: &mut dyn Write, stop: &AtomicBool) -> Result<TurnStats> {
-        let ctx = self.engine.context_size();
+        let ctx = self.seq.context_size();
         // Room kept for the reply when deciding whether old turns must go.
         let reserve = self.settings.max_tokens.min(ctx / 4).max(1);
         let (prompt_text, prompt_ids, dropped_turns) = self.prompt(ctx, reserve)?;
@@ -234,79 +231,35 @@ impl<'e> Session<'e> {
             )?;
         }
 
-        // Reuse the cached prefix; at least one token must run to get logits.
-        let reused = common_prefix(&self.cached, &prompt_ids).min(prompt_ids.len() - 1);
-        self.engine.truncate(reused);
-        self.cached.truncate(reused);
-        let t0 = Instant::now();
-        let mut logits = Vec::new();
-        for chunk in prompt_ids[reused..].chunks(PREFILL_CHUNK) {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(TurnStats {
-                    reused,
-                    processed: self.cached.len() - reused,
-                    prompt_secs: t0.elapsed().as_secs_f64(),
-                    generated: 0,
-                    generate_secs: 0.0,
-                    stop: StopReason::Interrupted,
-                    prompt_ids,
-                    reply_ids: Vec::new(),
-                });
-            }
-            logits = self.engine.forward(chunk, false)?;
-            self.cached.extend_from_slice(chunk);
-        }
-        let prompt_secs = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-
-        let mut decoder = StreamDecoder::new(self.tok);
-        let mut history = prompt_ids.clone();
-        let mut reply_ids = Vec::new();
+        let mut generation = Generation::new(&mut self.seq, self.tok, prompt_ids, self.settings.max_tokens);
+        generation.set_ignore_eos(self.ignore_eos);
         let mut reply = String::new();
-        let eos = self.tok.eos_id() as usize;
         let stop_reason = loop {
-            if self.ignore_eos && eos < logits.len() {
-                logits[eos] = f32::NEG_INFINITY;
-            }
-            let next = self.sampler.sample(&logits, &history);
-            if next == self.tok.eos_id() {
-                break StopReason::Eos;
-            }
-            reply_ids.push(next);
-            history.push(next);
-            let piece = decoder.push(next)?;
-            write!(out, "{}", printable(&piece))?;
-            out.flush()?;
-            reply.push_str(&piece);
             if stop.load(Ordering::Relaxed) {
+                if generation.generated().is_empty() {
+                    // Stopped during the prompt: nothing to keep.
+                    return Ok(turn_stats(&generation, StopReason::Interrupted));
+                }
                 break StopReason::Interrupted;
             }
-            if reply_ids.len() >= self.settings.max_tokens {
-                break StopReason::MaxTokens;
+            match generation.step(&mut self.seq, &mut self.sampler)? {
+                Step::Prompt => {}
+                Step::Token { text, .. } => {
+                    write!(out, "{}", printable(&text))?;
+                    out.flush()?;
+                    reply.push_str(&text);
+                }
+                Step::Stopped(reason) => break reason.into(),
             }
-            if self.engine.position() >= ctx {
-                break StopReason::ContextFull;
-            }
-            logits = self.engine.forward(&[next], false)?;
-            self.cached.push(next);
         };
-        let rest = decoder.flush();
+        let rest = generation.flush();
         write!(out, "{}", printable(&rest))?;
         reply.push_str(&rest);
-        let generate_secs = t1.elapsed().as_secs_f64();
 
         self.messages.push(Message::new("assistant", &reply));
-        self.known = self.known_after_reply(&prompt_text, &prompt_ids, &reply, &reply_ids)?;
-        Ok(TurnStats {
-            reused,
-            processed: prompt_ids.len() - reused,
-            prompt_secs,
-            generated: reply_ids.len(),
-            generate_secs,
-            stop: stop_reason,
-            prompt_ids,
-            reply_ids,
-        })
+        self.known =
+            self.known_after_reply(&prompt_text, generation.prompt(), &reply, generation.generated())?;
+        Ok(turn_stats(&generation, stop_reason))
     }
 
     /// The messages as the template gets them: the system prompt as a system message, or folded into
@@ -330,14 +283,14 @@ impl<'e> Session<'e> {
         let mut dropped = 0;
         loop {
             let text = self.template.render(&self.template_messages(), true)?;
-            let ids = match &self.known {
-                // Keep the ids the model saw for the conversation so far; encode only what is new.
-                Some(known) if text.starts_with(&known.text) => {
-                    let mut ids = known.ids.clone();
-                    ids.extend(self.tok.encode(&text[known.text.len()..], false)?);
-                    ids
-                }
-                _ => self.tok.encode(&text, false)?,
+            // Keep the ids the model saw for the conversation so far; encode only what is new.
+            let known_ids = match &self.known {
+                Some(known) => known.extend(self.tok, &text)?,
+                None => None,
+            };
+            let ids = match known_ids {
+                Some(ids) => ids,
+                None => self.tok.encode(&text, false)?,
             };
             if ids.is_empty() {
                 bail!("the chat template rendered an empty prompt");
@@ -358,10 +311,9 @@ impl<'e> Session<'e> {
         }
     }
 
-    /// The known prefix after a reply: the conversation rendered with the reply, whose ids are the
-    /// prompt's, the sampled ones, then whatever the template writes after a reply (e.g. EOS). None
-    /// when the rendering does not extend the prompt with the reply text (a template that rewrites
-    /// earlier turns): the next turn then encodes the whole conversation.
+    /// The known prefix after a reply: the conversation rendered with the reply. None when the
+    /// template cannot render it or it does not extend the prompt with the reply text (a template
+    /// that rewrites earlier turns): the next turn then encodes the whole conversation.
     fn known_after_reply(
         &self,
         prompt_text: &str,
@@ -372,13 +324,21 @@ impl<'e> Session<'e> {
         let Ok(text) = self.template.render(&self.template_messages(), false) else {
             return Ok(None);
         };
-        let Some(after_reply) = text.strip_prefix(prompt_text).and_then(|t| t.strip_prefix(reply)) else {
-            return Ok(None);
-        };
-        let mut ids = prompt_ids.to_vec();
-        ids.extend_from_slice(reply_ids);
-        ids.extend(self.tok.encode(after_reply, false)?);
-        Ok(Some(KnownPrefix { text, ids }))
+        KnownPrefix::after_reply(self.tok, text, prompt_text, prompt_ids, reply, reply_ids)
+    }
+}
+
+fn turn_stats(generation: &Generation, stop: StopReason) -> TurnStats {
+    let (prompt_secs, generate_secs) = generation.seconds();
+    TurnStats {
+        reused: generation.reused(),
+        processed: generation.processed(),
+        prompt_secs,
+        generated: generation.generated().len(),
+        generate_secs,
+        stop,
+        prompt_ids: generation.prompt().to_vec(),
+        reply_ids: generation.generated().to_vec(),
     }
 }
 
@@ -393,10 +353,6 @@ fn printable(text: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(text)
     }
-}
-
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Messages must go user, assistant, user, ... and end with an assistant reply (the next user
@@ -416,19 +372,11 @@ fn check_alternation(messages: &[Message]) -> Result<()> {
 
 /// The ranges `/set` accepts, also checked on `/load`.
 pub fn check_settings(s: &Settings) -> Result<()> {
-    let p = &s.sampling;
-    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-        bail!("temp must be a number ≥ 0 (0 is greedy)");
-    }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        bail!("top_p must be in (0, 1]");
-    }
-    if !(0.0..=1.0).contains(&p.min_p) {
-        bail!("min_p must be in [0, 1]");
-    }
-    if !(p.repeat_penalty > 0.0 && p.repeat_penalty.is_finite()) {
-        bail!("repeat_penalty must be a number > 0 (1 is off)");
-    }
+    s.sampling.check().map_err(|e| {
+        // The REPL's name for it (`/set temp`).
+        let key = if e.field == "temperature" { "temp" } else { e.field };
+        anyhow!("{key} {}", e.rule)
+    })?;
     if s.max_tokens == 0 {
         bail!("max_tokens must be at least 1");
     }
@@ -473,12 +421,5 @@ mod tests {
         assert!(with(&|s| s.sampling.min_p = 1.5).is_err());
         assert!(with(&|s| s.sampling.repeat_penalty = 0.0).is_err());
         assert!(with(&|s| s.max_tokens = 0).is_err());
-    }
-
-    #[test]
-    fn common_prefix_length() {
-        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
-        assert_eq!(common_prefix(&[], &[1]), 0);
-        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
     }
 }
