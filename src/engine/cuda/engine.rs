@@ -13,6 +13,7 @@ use super::device::{BufView, BufViewMut, DeviceBuffer};
 use super::expert_cache::ExpertCache;
 use super::ops::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS};
 use super::{CudaOptions, DeviceInfo};
+use crate::engine::cpu::RouterTrace;
 use crate::engine::Engine;
 use crate::format::GgmlType;
 use crate::model::weights::{ExpertWeights, Matrix, Model, ModelWeights};
@@ -230,6 +231,10 @@ pub struct CudaEngine<'a> {
     ctx: usize,
     /// Tokens in the KV cache.
     pos: usize,
+    /// `Some` while tracing: the router's choices, one entry per forward call (as the CPU engine's).
+    router_trace: Option<Vec<RouterTrace>>,
+    /// The choices of the forward call in progress, `[layer][token]`.
+    current_trace: RouterTrace,
 }
 
 impl<'a> CudaEngine<'a> {
@@ -312,6 +317,8 @@ impl<'a> CudaEngine<'a> {
             cfg,
             ctx,
             pos: 0,
+            router_trace: None,
+            current_trace: Vec::new(),
             gpu,
         };
         engine.gpu.sync()?;
@@ -324,6 +331,18 @@ impl<'a> CudaEngine<'a> {
 
     pub fn device(&self) -> &DeviceInfo {
         &self.gpu.info
+    }
+
+    /// Records the router's choices of the following forward calls (for tests; each layer then waits
+    /// for the device to read them).
+    pub fn set_router_trace(&mut self, on: bool) {
+        self.router_trace = on.then(Vec::new);
+    }
+
+    /// The choices recorded since tracing was turned on or last taken, one entry per forward call:
+    /// `[layer][token]` → expert ids, highest weight first.
+    pub fn take_router_trace(&mut self) -> Vec<RouterTrace> {
+        self.router_trace.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// One batch through every layer at positions `pos ..`; returns the logits `want` asks for.
@@ -444,6 +463,11 @@ impl<'a> CudaEngine<'a> {
                 &mut b.ids.slice_mut(..n * k),
                 &mut b.route_weights.slice_mut(..n * k),
             )?;
+            if self.router_trace.is_some() {
+                let ids = gpu.download(&b.ids.slice(..n * k))?;
+                let choices = ids.chunks_exact(k).map(|c| c.iter().map(|&e| e as usize).collect());
+                self.current_trace[l].extend(choices);
+            }
         }
         if n == 1 {
             self.moe_decode(l)
@@ -604,6 +628,7 @@ impl Engine for CudaEngine<'_> {
             self.ctx
         );
         let mut logits = Vec::new();
+        self.current_trace = vec![Vec::new(); self.cfg.n_layers];
         let n_batches = tokens.len().div_ceil(MAX_BATCH);
         for (i, batch) in tokens.chunks(MAX_BATCH).enumerate() {
             let want = match (all_logits, i + 1 == n_batches) {
@@ -621,6 +646,9 @@ impl Engine for CudaEngine<'_> {
                     return Err(e);
                 }
             }
+        }
+        if let Some(traces) = &mut self.router_trace {
+            traces.push(std::mem::take(&mut self.current_trace));
         }
         Ok(logits)
     }
