@@ -91,12 +91,10 @@ T* dynamic_shared() {
     return static_cast<T*>(dynamic_shared_memory());
 }
 
-// IEEE binary16 conversions with round-to-nearest-even, as cvt.f32.f16 and cvt.rn.f16.f32.
-inline float f16_to_f32(uint16_t h) {
-    _Float16 v;
-    std::memcpy(&v, &h, 2);
-    return (float)v;
-}
+// IEEE binary16 conversions with round-to-nearest-even, as cvt.f32.f16 and cvt.rn.f16.f32 (f16 → f32
+// from a table of all 65536 values: the hottest conversion, exact either way).
+extern const float* const f16_values;
+inline float f16_to_f32(uint16_t h) { return f16_values[h]; }
 inline uint16_t f32_to_f16(float f) {
     const _Float16 v = (_Float16)f;
     uint16_t h;

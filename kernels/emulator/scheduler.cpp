@@ -26,10 +26,14 @@
 #include <string>
 #include <vector>
 
-#if defined(__SANITIZE_ADDRESS__)
+// EMU_ASAN: the kernels are built with AddressSanitizer (this file is not: it is not under test, and its
+// loops are the emulator's hot path), so every stack switch is announced to ASan.
+#if defined(__SANITIZE_ADDRESS__) && !defined(EMU_ASAN)
+#define EMU_ASAN 1
+#endif
+#ifdef EMU_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#define EMU_ASAN 1
 #endif
 
 #if !defined(__x86_64__)
@@ -40,6 +44,18 @@ namespace emu {
 
 ThreadState* current = nullptr;
 uint3 block_idx, block_dim, grid_dim;
+
+static const float* make_f16_values() {
+    static float values[65536];
+    for (uint32_t h = 0; h < 65536; h++) {
+        _Float16 v;
+        const uint16_t bits = (uint16_t)h;
+        std::memcpy(&v, &bits, 2);
+        values[h] = (float)v;
+    }
+    return values;
+}
+const float* const f16_values = make_f16_values();
 
 namespace {
 
@@ -287,7 +303,7 @@ void start(Fiber* f) {
     }
 #ifdef EMU_ASAN
     // A run abandoned at an error leaves the poisoned redzones of its frames behind.
-    if (f->dirty) ASAN_UNPOISON_MEMORY_REGION(f->stack, STACK_BYTES);
+    if (f->dirty) __asan_unpoison_memory_region(f->stack, STACK_BYTES);
     f->fake_stack = nullptr;
 #endif
     f->dirty = true;
@@ -373,7 +389,8 @@ void on_barrier(Fiber* f) {
     const Fiber* first = g_fibers[0].get();
     for (int t = 0; t < g_threads; t++) {
         const Fiber* g = g_fibers[t].get();
-        if (g->barrier_line != first->barrier_line || strcmp(g->barrier_file, first->barrier_file) != 0) {
+        if (g->barrier_line != first->barrier_line ||
+            (g->barrier_file != first->barrier_file && strcmp(g->barrier_file, first->barrier_file) != 0)) {
             fail(format("divergent __syncthreads(): %s waits at %s:%d, %s at %s:%d", thread_name(first).c_str(),
                         first->barrier_file, first->barrier_line, thread_name(g).c_str(), g->barrier_file,
                         g->barrier_line));
@@ -417,12 +434,11 @@ void mma(int warp) {
         d[g + 8][2 * t] = c.c[2];
         d[g + 8][2 * t + 1] = c.c[3];
     }
-    // Products of f16 values are exact in f32; the sum of the 8 products and C is rounded once.
+    // Products of f16 values are exact in f32; they are added to C in f32, k in order (the tensor cores'
+    // order and internal precision are unspecified: results may differ from a GPU's in the last bits).
     for (int r = 0; r < 16; r++) {
-        for (int n = 0; n < 8; n++) {
-            double s = d[r][n];
-            for (int k = 0; k < 8; k++) s += (double)a[r][k] * (double)b[k][n];
-            d[r][n] = (float)s;
+        for (int k = 0; k < 8; k++) {
+            for (int n = 0; n < 8; n++) d[r][n] += a[r][k] * b[k][n];
         }
     }
     for (int l = 0; l < 32; l++) {
@@ -441,7 +457,8 @@ void complete_warp_op(int w, const WarpCall& c) {
         const Fiber* g = lane_fiber(w, __builtin_ctz(lanes));
         if (g->call.mask != c.mask || g->call.op != c.op ||
             (c.op == WarpOp::Shuffle && (g->call.shuffle != c.shuffle || g->call.width != c.width)) ||
-            (c.op == WarpOp::Mma && (g->call.line != c.line || strcmp(g->call.file, c.file) != 0))) {
+            (c.op == WarpOp::Mma &&
+             (g->call.line != c.line || (g->call.file != c.file && strcmp(g->call.file, c.file) != 0)))) {
             return fail(format("lanes of warp %d wait at different warp operations: %s at %s, %s at %s", w,
                                thread_name(lane_fiber(w, __builtin_ctz(c.mask))).c_str(), c.where().c_str(),
                                thread_name(g).c_str(), g->call.where().c_str()));

@@ -33,7 +33,8 @@ pub fn sanitized() -> bool {
     std::env::var("MIXTRAL_Q_EMULATOR_SANITIZE").map_or(true, |v| v != "0")
 }
 
-fn flags() -> Vec<&'static str> {
+/// Flags of every object; `sanitize` adds the sanitizers (the kernels' objects and the link).
+fn flags(sanitize: bool) -> Vec<&'static str> {
     let mut f = vec![
         "-std=c++17",
         "-O2",
@@ -46,8 +47,18 @@ fn flags() -> Vec<&'static str> {
         "-Wno-unknown-pragmas",
         "-Werror",
     ];
-    if sanitized() {
+    if sanitize {
         f.extend(["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]);
+    }
+    f
+}
+
+/// Flags of the scheduler: not instrumented (it is not under test, and its inner loops are the
+/// emulator's hot path), but told that the kernels are, so that it announces its stack switches to ASan.
+fn scheduler_flags() -> Vec<&'static str> {
+    let mut f = flags(false);
+    if sanitized() {
+        f.push("-DEMU_ASAN=1");
     }
     f
 }
@@ -76,7 +87,8 @@ pub fn build(tag: &str, units: &[Unit]) -> PathBuf {
     for part in [std::fs::read(&header).unwrap(), std::fs::read(&scheduler).unwrap(), version.stdout] {
         key.add(&part);
     }
-    key.add(flags().join(" ").as_bytes());
+    key.add(flags(sanitized()).join(" ").as_bytes());
+    key.add(scheduler_flags().join(" ").as_bytes());
     for (name, text) in &generated {
         key.add(name.as_bytes());
         key.add(text.as_bytes());
@@ -91,22 +103,27 @@ pub fn build(tag: &str, units: &[Unit]) -> PathBuf {
     let tmp = tempfile::tempdir_in(&root).unwrap();
     let started = std::time::Instant::now();
     let mut objects = vec![tmp.path().join("scheduler.o")];
-    let mut jobs = vec![(scheduler.clone(), objects[0].clone())];
+    let mut jobs = vec![(scheduler.clone(), objects[0].clone(), scheduler_flags())];
     for (name, text) in &generated {
         let src = tmp.path().join(name);
         std::fs::write(&src, text).unwrap();
         let obj = src.with_extension("o");
         objects.push(obj.clone());
-        jobs.push((src, obj));
+        jobs.push((src, obj, flags(sanitized())));
     }
     std::thread::scope(|s| {
-        let handles: Vec<_> = jobs.iter().map(|(src, obj)| s.spawn(|| compile(&header, src, obj))).collect();
+        let handles: Vec<_> =
+            jobs.iter().map(|(src, obj, flags)| s.spawn(|| compile(&header, src, obj, flags))).collect();
         for h in handles {
             h.join().unwrap();
         }
     });
     let mut link = Command::new(compiler());
-    link.args(flags()).arg("-shared").arg("-o").arg(tmp.path().join("libkernels.so")).args(&objects);
+    link.args(flags(sanitized()))
+        .arg("-shared")
+        .arg("-o")
+        .arg(tmp.path().join("libkernels.so"))
+        .args(&objects);
     run(link, "linking the emulator");
     eprintln!("built the kernel emulator ({tag}) in {:.1} s", started.elapsed().as_secs_f64());
     // Another test process may have built the same library meanwhile: either copy will do.
@@ -118,9 +135,9 @@ pub fn build(tag: &str, units: &[Unit]) -> PathBuf {
     lib
 }
 
-fn compile(header: &Path, src: &Path, obj: &Path) {
+fn compile(header: &Path, src: &Path, obj: &Path, flags: &[&str]) {
     let mut cmd = Command::new(compiler());
-    cmd.args(flags())
+    cmd.args(flags)
         .arg("-I")
         .arg(emulator_dir())
         .arg("-include")
