@@ -51,8 +51,11 @@ type LaunchFn = unsafe extern "C" fn(
     usize,
 ) -> c_int;
 
+type HasKernelFn = unsafe extern "C" fn(*const c_char) -> c_int;
+
 pub struct EmulatedDevice {
     launch: LaunchFn,
+    has_kernel: HasKernelFn,
     info: DeviceInfo,
     state: Mutex<State>,
     /// Keeps `launch` valid.
@@ -151,6 +154,8 @@ impl EmulatedDevice {
         let lib = unsafe { Library::new(lib) }.with_context(|| format!("loading {}", lib.display()))?;
         // SAFETY: the signature is that of emu_launch in scheduler.cpp.
         let launch: LaunchFn = unsafe { *lib.get::<LaunchFn>(b"emu_launch\0")? };
+        // SAFETY: the signature is that of emu_has_kernel in scheduler.cpp.
+        let has_kernel: HasKernelFn = unsafe { *lib.get::<HasKernelFn>(b"emu_has_kernel\0")? };
         let info = DeviceInfo {
             ordinal: 0,
             name: "the CPU emulator".to_string(),
@@ -173,7 +178,7 @@ impl EmulatedDevice {
             error: None,
             launches: 0,
         };
-        Ok(EmulatedDevice { launch, info, state: Mutex::new(state), _lib: lib })
+        Ok(EmulatedDevice { launch, has_kernel, info, state: Mutex::new(state), _lib: lib })
     }
 
     /// Kernels launched so far.
@@ -426,6 +431,9 @@ impl Device for EmulatedDevice {
     }
 
     fn set_max_dynamic_shared(&self, kernel: &str, bytes: usize) -> Result<()> {
+        let name = CString::new(kernel)?;
+        // SAFETY: a NUL-terminated name.
+        ensure!(unsafe { (self.has_kernel)(name.as_ptr()) } != 0, "no kernel {kernel}");
         let mut st = self.state.lock().unwrap();
         ensure!(
             bytes <= self.info.max_shared_bytes,

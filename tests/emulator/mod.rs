@@ -65,17 +65,42 @@ pub fn in_child(name: &str, library: impl FnOnce() -> PathBuf, body: impl FnOnce
         body();
         return;
     }
-    let lib = library();
-    let out = child(name, &lib).output().unwrap_or_else(|e| panic!("cannot start the child of {name}: {e}"));
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    eprintln!("{stderr}");
+    let out = run_child(name, &library());
     // The harness's "1 passed" line proves the child ran the test rather than an empty filter.
-    let ran = stdout.contains("test result: ok. 1 passed");
-    assert!(
-        out.status.success() && ran,
-        "{name} failed in the emulator ({}):\n{stdout}\n{stderr}",
-        out.status
+    let ran = out.stdout.contains("test result: ok. 1 passed");
+    assert!(out.success && ran, "{name} failed in the emulator:\n{}\n{}", out.stdout, out.stderr);
+}
+
+/// Like [`in_child`] for a body that must fail (a planted fault that a sanitizer aborts the process
+/// for): returns the child's output (`None` in the child itself), asserting that it failed.
+pub fn failing_child(
+    name: &str,
+    library: impl FnOnce() -> PathBuf,
+    body: impl FnOnce(),
+) -> Option<ChildOutput> {
+    if std::env::var(CHILD_VAR).is_ok_and(|v| v == name) {
+        body();
+        return None;
+    }
+    let out = run_child(name, &library());
+    assert!(!out.success, "{name} should have failed in the emulator:\n{}\n{}", out.stdout, out.stderr);
+    Some(out)
+}
+
+pub struct ChildOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn run_child(name: &str, lib: &std::path::Path) -> ChildOutput {
+    let out = child(name, lib).output().unwrap_or_else(|e| panic!("cannot start the child of {name}: {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     );
+    eprintln!("{stderr}");
+    ChildOutput { success: out.status.success(), stdout, stderr }
 }
 
 /// The command that runs test `name` alone in a child, with ASan preloaded when the library is sanitized.

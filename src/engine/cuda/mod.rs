@@ -24,7 +24,8 @@ use cudarc::driver::CudaContext;
 
 pub use self::choice::{parse_bytes, DeviceChoice};
 pub use self::device::{
-    BufView, BufViewMut, Device, DeviceBuffer, DevicePtr, Event, KernelArg, LaunchConfig, Stream,
+    BufView, BufViewMut, Device, DeviceBuffer, DevicePtr, Event, KernelArg, LaunchConfig, PinnedBuffer,
+    Stream,
 };
 pub use self::engine::CudaEngine;
 pub use self::ops::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS, MAX_EXPERTS};
