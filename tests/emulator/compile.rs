@@ -186,11 +186,13 @@ pub fn rewrite_shared(source: &str, file: &str) -> String {
             let decl = code.trim();
             let fail =
                 || panic!("kernels/{file}:{}: cannot emulate this __shared__ declaration: {line}", i + 1);
-            let decl = decl.strip_suffix(';').unwrap_or_else(|| fail());
-            let (is_extern, rest) = match decl.strip_prefix("extern __shared__ ") {
-                Some(r) => (true, r),
-                None => (false, decl.strip_prefix("__shared__ ").unwrap_or_else(|| fail())),
-            };
+            let Some(decl) = decl.strip_suffix(';') else { fail() };
+            let (is_extern, rest) =
+                match (decl.strip_prefix("extern __shared__ "), decl.strip_prefix("__shared__ ")) {
+                    (Some(r), _) => (true, r),
+                    (None, Some(r)) => (false, r),
+                    (None, None) => fail(),
+                };
             // `T name[dims]`: the name is the last identifier before the first '['.
             let (head, dims) = rest.split_at(rest.find('[').unwrap_or(rest.len()));
             let head = head.trim_end();

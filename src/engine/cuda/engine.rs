@@ -182,26 +182,25 @@ impl BufferSizes {
 
 impl Buffers {
     fn new(gpu: &Gpu, cfg: &ModelConfig, s: &BufferSizes) -> Result<Buffers> {
-        let st = gpu;
         let (b, routes) = (s.batch, s.batch * cfg.n_experts_used);
         Ok(Buffers {
-            x: st.alloc_zeros(b * cfg.hidden_size)?,
-            xn: st.alloc_zeros(b * cfg.hidden_size)?,
-            q: st.alloc_zeros(b * cfg.q_dim())?,
-            k: st.alloc_zeros(b * cfg.kv_dim())?,
-            v: st.alloc_zeros(b * cfg.kv_dim())?,
-            att: st.alloc_zeros(b * cfg.q_dim())?,
-            tmp: st.alloc_zeros(b * cfg.hidden_size)?,
-            gate: st.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
-            up: st.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
-            y: st.alloc_zeros(s.expert_rows * cfg.hidden_size)?,
-            router_logits: st.alloc_zeros(b * cfg.n_experts)?,
-            ids: st.alloc_zeros(routes)?,
-            route_weights: st.alloc_zeros(routes)?,
-            tokens: st.alloc_zeros(b)?,
-            gather: st.alloc_zeros(routes)?,
-            gather_weights: st.alloc_zeros(routes)?,
-            logits: st.alloc_zeros(b * cfg.vocab_size)?,
+            x: gpu.alloc_zeros(b * cfg.hidden_size)?,
+            xn: gpu.alloc_zeros(b * cfg.hidden_size)?,
+            q: gpu.alloc_zeros(b * cfg.q_dim())?,
+            k: gpu.alloc_zeros(b * cfg.kv_dim())?,
+            v: gpu.alloc_zeros(b * cfg.kv_dim())?,
+            att: gpu.alloc_zeros(b * cfg.q_dim())?,
+            tmp: gpu.alloc_zeros(b * cfg.hidden_size)?,
+            gate: gpu.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
+            up: gpu.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
+            y: gpu.alloc_zeros(s.expert_rows * cfg.hidden_size)?,
+            router_logits: gpu.alloc_zeros(b * cfg.n_experts)?,
+            ids: gpu.alloc_zeros(routes)?,
+            route_weights: gpu.alloc_zeros(routes)?,
+            tokens: gpu.alloc_zeros(b)?,
+            gather: gpu.alloc_zeros(routes)?,
+            gather_weights: gpu.alloc_zeros(routes)?,
+            logits: gpu.alloc_zeros(b * cfg.vocab_size)?,
             attention: AttentionScratch::new(gpu, s.attention_splits, cfg.n_heads, cfg.head_dim)?,
         })
     }
