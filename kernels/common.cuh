@@ -20,16 +20,25 @@ typedef unsigned long long u64;
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// The f16 conversions are PTX; the CPU emulator (kernels/emulator/cuda.h) has its own.
 __device__ __forceinline__ float h2f(u16 h) {
+#ifdef MIXTRAL_Q_EMULATOR
+    return emu::f16_to_f32(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 __device__ __forceinline__ u16 f2h(float f) {
+#ifdef MIXTRAL_Q_EMULATOR
+    return emu::f32_to_f16(f);
+#else
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 
 __device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float((u32)h << 16); }

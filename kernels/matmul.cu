@@ -16,10 +16,14 @@
 #define PAD 8
 
 __device__ __forceinline__ void mma_16x8x8(float* c, u32 a0, u32 a1, u32 b0) {
+#ifdef MIXTRAL_Q_EMULATOR
+    emu::mma_m16n8k8_f16_f32(c, a0, a1, b0, __FILE__, __LINE__);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(b0));
+#endif
 }
 
 template <class T>

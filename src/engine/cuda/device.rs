@@ -1,467 +1,396 @@
-//! One GPU: its context, a compute stream and a copy stream, the kernels compiled for its architecture,
-//! and typed launch wrappers that check every size before a kernel sees a pointer.
+//! The device layer: what the CUDA backend needs of a device, as a trait, so that the kernel launch
+//! wrappers ([`super::ops`]), the engine and the expert cache are written once and run on a GPU
+//! ([`super::driver`], the CUDA driver API) or on a stand-in such as the tests' CPU emulator of the
+//! kernels (tests/emulator).
+//!
+//! Buffers are raw device addresses with a length and an element type. Work goes to one of two
+//! streams and is ordered across them only by explicit events: nothing is tracked per buffer, so a
+//! launch costs one driver call. Whoever queues work that reads a buffer another stream writes (or that
+//! overwrites what another stream still reads) orders the two with an [`Event`].
 
-use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig,
-    PushKernelArg,
-};
-use cudarc::nvrtc::Ptx;
+use anyhow::Result;
+use bytemuck::Pod;
 
-use super::kernels::{self, type_suffix};
 use super::DeviceInfo;
-use crate::format::GgmlType;
 
-/// Launches `func` on `stream` with the kernel arguments in order. One expression, so that the
-/// temporaries the arguments borrow live until the launch.
-macro_rules! launch {
-    ($stream:expr, $func:expr, $cfg:expr; $($arg:expr),* $(,)?) => {
-        // SAFETY: every wrapper checks the buffer sizes the kernel relies on before launching, and the
-        // argument types match the kernel's parameters (int = i32, long = i64, pointers = device buffers).
-        unsafe { $stream.launch_builder($func)$(.arg($arg))*.launch($cfg) }.map(|_| ()).map_err(anyhow::Error::from)
-    };
+/// A device address.
+pub type DevicePtr = u64;
+
+/// The device's streams: work queued on one stream runs in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// Every kernel.
+    Compute,
+    /// Expert uploads, overlapping compute.
+    Copy,
 }
 
-/// Rows per matvec block (`WARPS * ROWS_PER_WARP` in matvec.cu).
-const MATVEC_ROWS_PER_BLOCK: usize = 16;
-/// Tile of matmul.cu (`BM` weight rows x `BN` tokens).
-const MATMUL_BM: usize = 64;
-const MATMUL_BN: usize = 64;
-/// Longest chunk of the sequence one attention block walks before the split-K merge.
-const ATT_MIN_CHUNK: usize = 256;
-/// At most this many (token, chunk) pairs per head: bounds the split-K scratch.
-pub const ATT_MAX_SPLITS: usize = 64;
-/// Upper bound on the experts a router kernel handles (`MAX_EXPERTS` in ops.cu).
-pub const MAX_EXPERTS: usize = 64;
-
-pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
-    /// All kernels run here, in order.
-    pub stream: Arc<CudaStream>,
-    /// Expert uploads run here, overlapping compute; ordered against it with events.
-    pub copy_stream: Arc<CudaStream>,
-    pub info: DeviceInfo,
-    functions: HashMap<String, CudaFunction>,
-    /// Largest dynamic shared memory a block may use (opt-in limit of the device).
-    max_shared_bytes: usize,
+impl Stream {
+    pub const ALL: [Stream; 2] = [Stream::Compute, Stream::Copy];
 }
 
-impl Gpu {
-    /// Opens device `ordinal`, compiles (or loads from the cache) every kernel for its architecture.
-    pub fn new(ordinal: usize) -> Result<Gpu> {
-        let info = super::device_info(ordinal)?;
-        let ctx = CudaContext::new(ordinal)
-            .with_context(|| format!("creating a CUDA context on device {ordinal}"))?;
-        let stream = ctx.new_stream()?;
-        let copy_stream = ctx.new_stream()?;
-        let arch = info.arch();
-        let max_shared_bytes = ctx
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
-            as usize;
-        let mut functions = HashMap::new();
-        // Compiling takes seconds per file on a cold cache: one thread per file.
-        let cubins: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
-            let jobs: Vec<_> = kernels::SOURCES
-                .iter()
-                .map(|(file, source)| s.spawn(move || kernels::cubin(file, source, arch)))
-                .collect();
-            jobs.into_iter()
-                .map(|j| j.join().unwrap_or_else(|_| Err(anyhow::anyhow!("kernel compiler thread panicked"))))
-                .collect()
-        });
-        for ((file, _), cubin) in kernels::SOURCES.iter().zip(cubins) {
-            let cubin = cubin?;
-            let module = ctx
-                .load_module(Ptx::from_binary(cubin))
-                .with_context(|| format!("loading {file} for sm_{arch}"))?;
-            for name in kernels::kernel_names(file) {
-                let f = module
-                    .load_function(&name)
-                    .with_context(|| format!("kernel {name} missing from {file}"))?;
-                if name.starts_with("matvec") {
-                    f.set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        max_shared_bytes as i32,
-                    )?;
-                }
-                functions.insert(name, f);
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+/// One kernel argument. Pointers carry their element size so that a device able to check (the
+/// emulator) can compare it with the kernel's parameter type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    Ptr { addr: DevicePtr, elem_bytes: u32 },
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl KernelArg {
+    /// A null pointer for a parameter of element type `T`.
+    pub fn null<T>() -> KernelArg {
+        KernelArg::Ptr { addr: 0, elem_bytes: std::mem::size_of::<T>() as u32 }
+    }
+
+    /// The argument's bytes as the kernel's parameter holds them (little-endian), and their number.
+    pub fn bytes(&self) -> ([u8; 8], usize) {
+        let mut out = [0u8; 8];
+        let n = match *self {
+            KernelArg::Ptr { addr, .. } => {
+                out.copy_from_slice(&addr.to_le_bytes());
+                8
             }
-        }
-        Ok(Gpu { ctx, stream, copy_stream, info, functions, max_shared_bytes })
-    }
-
-    fn func(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions.get(name).with_context(|| format!("no kernel {name}"))
-    }
-
-    fn typed(&self, prefix: &str, ty: GgmlType) -> Result<&CudaFunction> {
-        match type_suffix(ty) {
-            Some(s) => self.func(&format!("{prefix}_{s}")),
-            None => bail!("no CUDA kernel for {ty} weights"),
-        }
-    }
-
-    pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().context("waiting for the GPU")
-    }
-
-    /// The device address of a buffer (for the expert pointer tables).
-    pub fn address<T>(&self, buf: &CudaSlice<T>) -> u64 {
-        let (ptr, _sync) = buf.device_ptr(&self.stream);
-        ptr
-    }
-
-    // ---- launch wrappers ----
-
-    /// `y[r] = Σ_c w[r, c] x[c]` for a `[rows, cols]` matrix of type `ty` in `w`.
-    pub fn matvec(&self, w: &WeightView, x: &CudaView<f32>, y: &mut CudaViewMut<f32>) -> Result<()> {
-        w.check()?;
-        ensure!(x.len() >= w.cols && y.len() >= w.rows, "matvec buffers too small for {}x{}", w.rows, w.cols);
-        let cfg = self.matvec_config(w.rows, w.cols, 1)?;
-        launch!(self.stream, self.typed("matvec", w.ty)?, cfg; &w.data, x, y, &(w.rows as i32), &(w.cols as i32))
-    }
-
-    /// The `ids.len()` selected experts in one launch: slot s multiplies expert `ids[s]` (read on the
-    /// device; its weights at `table[ids[s]]`) by `x[s * x_stride ..]` into `y[s * rows ..]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matvec_experts(
-        &self,
-        table: &CudaView<u64>,
-        ty: GgmlType,
-        rows: usize,
-        cols: usize,
-        ids: &CudaView<i32>,
-        x: &CudaView<f32>,
-        x_stride: usize,
-        y: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        check_row_blocks(ty, cols)?;
-        let n = ids.len();
-        ensure!(
-            x.len() >= x_stride * (n - 1) + cols && y.len() >= n * rows,
-            "matvec_experts buffers too small"
-        );
-        let cfg = self.matvec_config(rows, cols, n)?;
-        launch!(self.stream, self.typed("matvec_experts", ty)?, cfg;
-            table, ids, x, &(x_stride as i64), y, &(rows as i32), &(cols as i32))
-    }
-
-    fn matvec_config(&self, rows: usize, cols: usize, matrices: usize) -> Result<LaunchConfig> {
-        // The padded activation vector of matvec.cu: one extra float per 32.
-        let shared = (cols + cols / 32) * 4;
-        ensure!(
-            shared <= self.max_shared_bytes,
-            "rows of {cols} values exceed the {} bytes of shared memory per block",
-            self.max_shared_bytes
-        );
-        Ok(LaunchConfig {
-            grid_dim: (rows.div_ceil(MATVEC_ROWS_PER_BLOCK) as u32, matrices as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: shared as u32,
-        })
-    }
-
-    /// `y[i, r] = Σ_c w[r, c] x[g(i), c]` for `i < m`, where `g(i) = gather[i]` or `i`.
-    pub fn matmul(
-        &self,
-        w: &WeightView,
-        x: &CudaView<f32>,
-        gather: Option<&CudaView<i32>>,
-        m: usize,
-        y: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        w.check()?;
-        ensure!(w.cols.is_multiple_of(32), "matmul needs rows of a multiple of 32 values, not {}", w.cols);
-        ensure!(y.len() >= m * w.rows, "matmul output too small");
-        match gather {
-            Some(g) => ensure!(g.len() >= m, "matmul gather list too short"),
-            None => ensure!(x.len() >= m * w.cols, "matmul input too small"),
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (w.rows.div_ceil(MATMUL_BM) as u32, m.div_ceil(MATMUL_BN) as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            KernelArg::I32(v) => {
+                out[..4].copy_from_slice(&v.to_le_bytes());
+                4
+            }
+            KernelArg::I64(v) => {
+                out.copy_from_slice(&v.to_le_bytes());
+                8
+            }
+            KernelArg::F32(v) => {
+                out[..4].copy_from_slice(&v.to_le_bytes());
+                4
+            }
         };
-        let f = self.typed("matmul", w.ty)?;
-        let (rows, cols, m) = (w.rows as i32, w.cols as i32, m as i32);
-        match gather {
-            Some(g) => launch!(self.stream, f, cfg; &w.data, x, g, y, &rows, &cols, &m),
-            None => launch!(self.stream, f, cfg; &w.data, x, &0u64, y, &rows, &cols, &m),
-        }
-    }
-
-    /// Row-wise RMSNorm of `n` rows of `w.len()` values.
-    pub fn rms_norm(
-        &self,
-        x: &CudaView<f32>,
-        w: &CudaSlice<f32>,
-        eps: f32,
-        n: usize,
-        y: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        let width = w.len();
-        ensure!(x.len() >= n * width && y.len() >= n * width, "rms_norm buffers too small");
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.stream, self.func("rms_norm")?, cfg; x, w, y, &(width as i32), &eps)
-    }
-
-    /// RoPE on `n` rows of `width` values (heads of `head_dim`), row t at position `pos0 + t`.
-    pub fn rope(
-        &self,
-        v: &mut CudaViewMut<f32>,
-        n: usize,
-        width: usize,
-        head_dim: usize,
-        pos0: usize,
-        inv_freq: &CudaSlice<f64>,
-    ) -> Result<()> {
-        ensure!(
-            v.len() >= n * width && inv_freq.len() * 2 == head_dim && width.is_multiple_of(head_dim),
-            "rope sizes"
-        );
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.stream, self.func("rope")?, cfg; v, &(width as i32), &(head_dim as i32), &(pos0 as i32), inv_freq)
-    }
-
-    /// `gate = silu(gate) * up` over `n` values (in place: the gate values are not needed afterwards).
-    pub fn swiglu(&self, gate: &mut CudaViewMut<f32>, up: &CudaView<f32>, n: usize) -> Result<()> {
-        ensure!(gate.len() >= n && up.len() >= n, "swiglu buffers too small");
-        launch!(self.stream, self.func("swiglu")?, elementwise(n); gate, up, &(n as i64))
-    }
-
-    pub fn add(&self, x: &mut CudaViewMut<f32>, y: &CudaView<f32>, n: usize) -> Result<()> {
-        ensure!(x.len() >= n && y.len() >= n, "add buffers too small");
-        launch!(self.stream, self.func("add_in_place")?, elementwise(n); x, y, &(n as i64))
-    }
-
-    /// Top-`k` routing of `n` tokens from their router logits (`[n, n_experts]`).
-    pub fn route_top_k(
-        &self,
-        logits: &CudaView<f32>,
-        n: usize,
-        n_experts: usize,
-        k: usize,
-        ids: &mut CudaViewMut<i32>,
-        weights: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        ensure!(n_experts <= MAX_EXPERTS && k <= n_experts, "routing {k} of {n_experts} experts");
-        ensure!(
-            logits.len() >= n * n_experts && ids.len() >= n * k && weights.len() >= n * k,
-            "router buffers too small"
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(64) as u32, 1, 1),
-            block_dim: (64, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self.stream, self.func("route_top_k")?, cfg;
-            logits, &(n as i32), &(n_experts as i32), &(k as i32), ids, weights)
-    }
-
-    /// Decode: `x += Σ_j weights[j] y[j]` over `k` expert outputs of `width` values.
-    pub fn moe_combine(
-        &self,
-        x: &mut CudaViewMut<f32>,
-        y: &CudaView<f32>,
-        weights: &CudaView<f32>,
-        k: usize,
-        width: usize,
-    ) -> Result<()> {
-        ensure!(
-            x.len() >= width && y.len() >= k * width && weights.len() >= k,
-            "moe_combine buffers too small"
-        );
-        launch!(self.stream, self.func("moe_combine")?, elementwise(width); x, y, weights, &(k as i32), &(width as i32))
-    }
-
-    /// Prompt: `x[tokens[i]] += weights[i] y[i]` for `m` rows of `width` values.
-    pub fn scatter_add(
-        &self,
-        x: &mut CudaViewMut<f32>,
-        y: &CudaView<f32>,
-        tokens: &CudaView<i32>,
-        weights: &CudaView<f32>,
-        m: usize,
-        width: usize,
-    ) -> Result<()> {
-        ensure!(
-            y.len() >= m * width && tokens.len() >= m && weights.len() >= m,
-            "scatter_add buffers too small"
-        );
-        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.stream, self.func("scatter_add")?, cfg; x, y, tokens, weights, &(width as i32))
-    }
-
-    /// Stores `n` tokens' keys and values (`[n, kv_dim]`) into a layer's f16 cache at `pos0`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn kv_store(
-        &self,
-        k: &CudaView<f32>,
-        v: &CudaView<f32>,
-        k_cache: &mut CudaViewMut<u16>,
-        v_cache: &mut CudaViewMut<u16>,
-        n: usize,
-        kv_dim: usize,
-        pos0: usize,
-    ) -> Result<()> {
-        ensure!(k.len() >= n * kv_dim && v.len() >= n * kv_dim, "kv_store inputs too small");
-        ensure!(
-            k_cache.len() >= (pos0 + n) * kv_dim && v_cache.len() >= (pos0 + n) * kv_dim,
-            "KV cache overflow"
-        );
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.stream, self.func("kv_store")?, cfg; k, v, k_cache, v_cache, &(kv_dim as i32), &(pos0 as i32))
-    }
-
-    /// Rows `tokens` of an embedding table, dequantized into `out` (`[n, table.cols]`).
-    pub fn embed(
-        &self,
-        table: &WeightView,
-        tokens: &CudaView<i32>,
-        n: usize,
-        out: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        table.check()?;
-        ensure!(tokens.len() >= n && out.len() >= n * table.cols, "embedding buffers too small");
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self.stream, self.typed("embed", table.ty)?, cfg; &table.data, tokens, out, &(table.cols as i32))
-    }
-
-    /// Causal attention of `n` query tokens at positions `pos0 ..` (`q`: `[n, n_heads * head_dim]`) over a
-    /// layer's f16 cache holding positions `0 .. pos0 + n`; writes `[n, n_heads * head_dim]` into `out`.
-    pub fn attention(
-        &self,
-        a: &AttentionArgs,
-        q: &CudaView<f32>,
-        k_cache: &CudaView<u16>,
-        v_cache: &CudaView<u16>,
-        scratch: &mut AttentionScratch,
-        out: &mut CudaViewMut<f32>,
-    ) -> Result<()> {
-        let AttentionArgs { n, pos0, n_heads, n_kv_heads, head_dim } = *a;
-        let group = n_heads / n_kv_heads;
-        let max_group = kernels::ATTENTION_GROUPS[kernels::ATTENTION_GROUPS.len() - 1];
-        ensure!(
-            n_heads.is_multiple_of(n_kv_heads) && group <= max_group,
-            "{n_heads} query heads over {n_kv_heads} KV heads: no attention kernel for groups of {group}"
-        );
-        ensure!(
-            kernels::ATTENTION_HEAD_DIMS.contains(&head_dim),
-            "no attention kernel for heads of {head_dim} values (have {:?})",
-            kernels::ATTENTION_HEAD_DIMS
-        );
-        let kv_dim = n_kv_heads * head_dim;
-        ensure!(
-            q.len() >= n * n_heads * head_dim && out.len() >= n * n_heads * head_dim,
-            "attention buffers too small"
-        );
-        ensure!(
-            k_cache.len() >= (pos0 + n) * kv_dim && v_cache.len() >= (pos0 + n) * kv_dim,
-            "attention cache too small"
-        );
-        let seen = pos0 + n;
-        let n_chunks = seen.div_ceil(ATT_MIN_CHUNK).clamp(1, (ATT_MAX_SPLITS / n).max(1));
-        let chunk = seen.div_ceil(n_chunks);
-        ensure!(scratch.fits(n * n_chunks, n_heads, head_dim), "attention scratch too small");
-        let cfg = LaunchConfig {
-            grid_dim: (n_kv_heads as u32, n_chunks as u32, n as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let partial = self.func(&kernels::attention_partial_name(group, head_dim))?;
-        launch!(self.stream, partial, cfg;
-            q, k_cache, v_cache, &mut scratch.acc, &mut scratch.ml, &(n_heads as i32), &(n_kv_heads as i32),
-            &(pos0 as i32), &(chunk as i32), &scale)?;
-        let cfg = LaunchConfig {
-            grid_dim: (n_heads as u32, n as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self.stream, self.func("attention_merge")?, cfg;
-            &scratch.acc, &scratch.ml, out, &(n_heads as i32), &(head_dim as i32), &(n_chunks as i32))
+        (out, n)
     }
 }
 
-fn elementwise(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).min(4096) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+/// An event created by [`Device::create_event`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EventId(pub u64);
+
+/// The raw operations of a device. Copies and launches are queued on a stream and may run after the
+/// call returns, except where a method says it waits.
+pub trait Device: Send + Sync {
+    fn info(&self) -> &DeviceInfo;
+
+    /// `bytes` of device memory, aligned to 256 bytes, contents unspecified.
+    fn alloc(&self, bytes: usize) -> Result<DevicePtr>;
+
+    /// Frees an allocation once the work queued so far has finished.
+    ///
+    /// # Safety
+    /// `ptr` came from [`Device::alloc`] of this device and is not used afterwards.
+    unsafe fn free(&self, ptr: DevicePtr);
+
+    /// `bytes` of page-locked host memory (write-combined on a GPU: for staging uploads, slow to read).
+    fn alloc_pinned(&self, bytes: usize) -> Result<*mut u8>;
+
+    /// # Safety
+    /// `ptr` came from [`Device::alloc_pinned`] of this device, no queued copy reads it, and it is not
+    /// used afterwards.
+    unsafe fn free_pinned(&self, ptr: *mut u8);
+
+    /// Queues a copy of `bytes` from host memory at `src` to device memory at `dst`. Pageable memory is
+    /// read before the call returns; pinned memory (from [`Device::alloc_pinned`]) when the stream reaches
+    /// the copy, so it must stay unchanged until then (record an event after the copy and wait for it).
+    ///
+    /// # Safety
+    /// `src .. src + bytes` is readable (until the copy has run, for pinned memory); `dst .. dst + bytes`
+    /// lies in an allocation of this device.
+    unsafe fn copy_htod(&self, stream: Stream, dst: DevicePtr, src: *const u8, bytes: usize) -> Result<()>;
+
+    /// Waits for the work queued on `stream`, then copies `bytes` from device memory at `src` to `dst`.
+    ///
+    /// # Safety
+    /// `dst .. dst + bytes` is writable; `src .. src + bytes` lies in an allocation of this device.
+    unsafe fn copy_dtoh(&self, stream: Stream, dst: *mut u8, src: DevicePtr, bytes: usize) -> Result<()>;
+
+    /// Queues setting `bytes` of device memory at `dst` to `value`.
+    ///
+    /// # Safety
+    /// `dst .. dst + bytes` lies in an allocation of this device.
+    unsafe fn memset(&self, stream: Stream, dst: DevicePtr, value: u8, bytes: usize) -> Result<()>;
+
+    /// Queues kernel `kernel` (a name of [`super::kernels::kernel_names`]) with `args`.
+    ///
+    /// # Safety
+    /// The arguments match the kernel's parameters, and every buffer the kernel reads or writes stays
+    /// allocated (and is not written by another stream) until it has run.
+    unsafe fn launch(
+        &self,
+        stream: Stream,
+        kernel: &str,
+        cfg: &LaunchConfig,
+        args: &[KernelArg],
+    ) -> Result<()>;
+
+    /// Lets `kernel` use up to `bytes` of dynamic shared memory per block (the default limit is 48 KiB).
+    fn set_max_dynamic_shared(&self, kernel: &str, bytes: usize) -> Result<()>;
+
+    fn create_event(&self) -> Result<EventId>;
+
+    /// # Safety
+    /// `event` came from [`Device::create_event`] of this device and is not used afterwards.
+    unsafe fn destroy_event(&self, event: EventId);
+
+    /// Captures the work queued on `stream` so far in `event` (replacing what it captured before).
+    fn record_event(&self, event: EventId, stream: Stream) -> Result<()>;
+
+    /// Work queued on `stream` after this call waits for the work `event` captured when this call was
+    /// made (none if it was never recorded).
+    fn wait_event(&self, stream: Stream, event: EventId) -> Result<()>;
+
+    /// Waits (on the host) for the work `event` captured (returns at once if it was never recorded).
+    fn synchronize_event(&self, event: EventId) -> Result<()>;
+
+    /// Waits (on the host) for the work queued on `stream`.
+    fn synchronize(&self, stream: Stream) -> Result<()>;
+}
+
+/// `len` values of type `T` in device memory; freed on drop.
+pub struct DeviceBuffer<T> {
+    ptr: DevicePtr,
+    len: usize,
+    dev: Arc<dyn Device>,
+    _t: PhantomData<T>,
+}
+
+impl<T: Pod> DeviceBuffer<T> {
+    /// Room for `len` values, contents unspecified (any bit pattern is a valid `T`).
+    pub fn alloc(dev: &Arc<dyn Device>, len: usize) -> Result<DeviceBuffer<T>> {
+        let bytes =
+            len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| anyhow::anyhow!("{len} values"))?;
+        let ptr = dev.alloc(bytes)?;
+        Ok(DeviceBuffer { ptr, len, dev: dev.clone(), _t: PhantomData })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn address(&self) -> DevicePtr {
+        self.ptr
+    }
+
+    pub fn view(&self) -> BufView<'_, T> {
+        BufView { ptr: self.ptr, len: self.len, _t: PhantomData }
+    }
+
+    pub fn view_mut(&mut self) -> BufViewMut<'_, T> {
+        BufViewMut { ptr: self.ptr, len: self.len, _t: PhantomData }
+    }
+
+    /// Values `range` (panics when out of bounds, as slicing does).
+    pub fn slice(&self, range: impl RangeBounds<usize>) -> BufView<'_, T> {
+        self.view().slice(range)
+    }
+
+    pub fn slice_mut(&mut self, range: impl RangeBounds<usize>) -> BufViewMut<'_, T> {
+        let (start, end) = bounds(range, self.len);
+        BufViewMut { ptr: self.ptr + offset::<T>(start), len: end - start, _t: PhantomData }
     }
 }
 
-fn check_row_blocks(ty: GgmlType, cols: usize) -> Result<()> {
-    let block = kernels::kernel_block_len(ty);
-    ensure!(cols.is_multiple_of(block), "rows of {cols} {ty} values are not whole kernel blocks of {block}");
-    Ok(())
-}
-
-/// A weight matrix on the device: type, row-major `[rows, cols]`, bytes in ggml's layout.
-pub struct WeightView<'a> {
-    pub ty: GgmlType,
-    pub rows: usize,
-    pub cols: usize,
-    pub data: CudaView<'a, u8>,
-}
-
-impl WeightView<'_> {
-    fn check(&self) -> Result<()> {
-        check_row_blocks(self.ty, self.cols)?;
-        let row_bytes = self.ty.bytes_for(self.cols).context("row size")?;
-        ensure!(
-            self.data.len() >= row_bytes * self.rows,
-            "{} bytes for a {}x{} {} matrix",
-            self.data.len(),
-            self.rows,
-            self.cols,
-            self.ty
-        );
-        Ok(())
+impl<T> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: the buffer owns its allocation, and no view outlives it.
+        unsafe { self.dev.free(self.ptr) };
     }
 }
 
-/// Shape of one attention call.
-#[derive(Clone, Copy)]
-pub struct AttentionArgs {
-    /// New query tokens.
-    pub n: usize,
-    /// Position of the first new token.
-    pub pos0: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
+/// A read-only range of a [`DeviceBuffer`].
+pub struct BufView<'a, T> {
+    ptr: DevicePtr,
+    len: usize,
+    _t: PhantomData<&'a [T]>,
 }
 
-/// Split-K partial results of attention: per (token, head, chunk) the weighted values and (max, sum).
-pub struct AttentionScratch {
-    acc: CudaSlice<f32>,
-    ml: CudaSlice<f32>,
+impl<T> Clone for BufView<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
 }
 
-impl AttentionScratch {
-    /// Room for `splits` (token, chunk) pairs per head: `max(ATT_MAX_SPLITS, tokens)` covers any call.
-    pub fn new(
-        stream: &Arc<CudaStream>,
-        splits: usize,
-        n_heads: usize,
-        head_dim: usize,
-    ) -> Result<AttentionScratch> {
-        Ok(AttentionScratch {
-            acc: stream.alloc_zeros(splits * n_heads * head_dim)?,
-            ml: stream.alloc_zeros(splits * n_heads * 2)?,
-        })
+impl<T> Copy for BufView<'_, T> {}
+
+impl<'a, T> BufView<'a, T> {
+    pub fn len(&self) -> usize {
+        self.len
     }
 
-    fn fits(&self, splits: usize, n_heads: usize, head_dim: usize) -> bool {
-        self.acc.len() >= splits * n_heads * head_dim && self.ml.len() >= splits * n_heads * 2
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
-    pub fn bytes(splits: usize, n_heads: usize, head_dim: usize) -> u64 {
-        (splits * n_heads * (head_dim + 2) * 4) as u64
+    pub fn address(&self) -> DevicePtr {
+        self.ptr
+    }
+
+    pub fn slice(&self, range: impl RangeBounds<usize>) -> BufView<'a, T> {
+        let (start, end) = bounds(range, self.len);
+        BufView { ptr: self.ptr + offset::<T>(start), len: end - start, _t: PhantomData }
+    }
+
+    pub fn arg(&self) -> KernelArg {
+        KernelArg::Ptr { addr: self.ptr, elem_bytes: std::mem::size_of::<T>() as u32 }
+    }
+}
+
+/// A writable range of a [`DeviceBuffer`].
+pub struct BufViewMut<'a, T> {
+    ptr: DevicePtr,
+    len: usize,
+    _t: PhantomData<&'a mut [T]>,
+}
+
+impl<T> BufViewMut<'_, T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn address(&self) -> DevicePtr {
+        self.ptr
+    }
+
+    pub fn as_view(&self) -> BufView<'_, T> {
+        BufView { ptr: self.ptr, len: self.len, _t: PhantomData }
+    }
+
+    pub fn slice_mut(&mut self, range: impl RangeBounds<usize>) -> BufViewMut<'_, T> {
+        let (start, end) = bounds(range, self.len);
+        BufViewMut { ptr: self.ptr + offset::<T>(start), len: end - start, _t: PhantomData }
+    }
+
+    pub fn arg(&self) -> KernelArg {
+        KernelArg::Ptr { addr: self.ptr, elem_bytes: std::mem::size_of::<T>() as u32 }
+    }
+}
+
+fn offset<T>(elements: usize) -> u64 {
+    (elements * std::mem::size_of::<T>()) as u64
+}
+
+fn bounds(range: impl RangeBounds<usize>, len: usize) -> (usize, usize) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e + 1,
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => len,
+    };
+    assert!(start <= end && end <= len, "range {start}..{end} out of a device buffer of {len} values");
+    (start, end)
+}
+
+/// A device event (see [`Device::record_event`]); destroyed on drop.
+pub struct Event {
+    id: EventId,
+    dev: Arc<dyn Device>,
+}
+
+impl Event {
+    pub fn new(dev: &Arc<dyn Device>) -> Result<Event> {
+        Ok(Event { id: dev.create_event()?, dev: dev.clone() })
+    }
+
+    /// Captures the work queued on `stream` so far.
+    pub fn record(&self, stream: Stream) -> Result<()> {
+        self.dev.record_event(self.id, stream)
+    }
+
+    /// Makes work queued on `stream` from now on wait for what this event captured.
+    pub fn wait(&self, stream: Stream) -> Result<()> {
+        self.dev.wait_event(stream, self.id)
+    }
+
+    /// Waits on the host for what this event captured.
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize_event(self.id)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the event is owned here and used by nothing else.
+        unsafe { self.dev.destroy_event(self.id) };
+    }
+}
+
+/// Page-locked host memory for staging uploads; freed on drop.
+pub struct PinnedBuffer {
+    ptr: *mut u8,
+    len: usize,
+    dev: Arc<dyn Device>,
+}
+
+// SAFETY: the buffer owns its memory exclusively; shared access is read-only.
+unsafe impl Send for PinnedBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for PinnedBuffer {}
+
+impl PinnedBuffer {
+    pub fn new(dev: &Arc<dyn Device>, len: usize) -> Result<PinnedBuffer> {
+        let ptr = dev.alloc_pinned(len)?;
+        // SAFETY: the allocation is `len` bytes; zeroing it makes every later read defined.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(PinnedBuffer { ptr, len, dev: dev.clone() })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes, to fill before a copy reads them: a copy queued earlier that reads this buffer must
+    /// have run (wait for the event recorded after it), or it copies what is written now.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` is valid for `len` bytes and owned by `self`, borrowed mutably here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // A queued copy may still read the buffer: let it finish first.
+        let _ = self.dev.synchronize(Stream::Copy);
+        let _ = self.dev.synchronize(Stream::Compute);
+        // SAFETY: owned allocation; the copies that read it have finished.
+        unsafe { self.dev.free_pinned(self.ptr) };
     }
 }

@@ -8,11 +8,12 @@
 //! which needs the routes on the host (one wait per layer).
 
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
-use super::device::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS};
+use super::device::{BufView, BufViewMut, DeviceBuffer};
 use super::expert_cache::ExpertCache;
+use super::ops::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS};
 use super::{CudaOptions, DeviceInfo};
+use crate::engine::cpu::RouterTrace;
 use crate::engine::Engine;
 use crate::format::GgmlType;
 use crate::model::weights::{ExpertWeights, Matrix, Model, ModelWeights};
@@ -27,12 +28,12 @@ struct DeviceMatrix {
     ty: GgmlType,
     rows: usize,
     cols: usize,
-    buf: CudaSlice<u8>,
+    buf: DeviceBuffer<u8>,
 }
 
 impl DeviceMatrix {
     fn upload(gpu: &Gpu, m: &Matrix) -> Result<DeviceMatrix> {
-        Ok(DeviceMatrix { ty: m.ty, rows: m.rows, cols: m.cols, buf: gpu.stream.clone_htod(m.data)? })
+        Ok(DeviceMatrix { ty: m.ty, rows: m.rows, cols: m.cols, buf: gpu.upload(m.data)? })
     }
 
     fn view(&self) -> WeightView<'_> {
@@ -57,10 +58,10 @@ impl ExpertShape {
 struct LayerExperts {
     shape: ExpertShape,
     layouts: Vec<ExpertLayout>,
-    resident: Vec<Option<CudaSlice<u8>>>,
+    resident: Vec<Option<DeviceBuffer<u8>>>,
     /// Host copy of `table`; entries of experts in cache slots change as slots are reused.
     host_table: Vec<u64>,
-    table: CudaSlice<u64>,
+    table: DeviceBuffer<u64>,
 }
 
 impl LayerExperts {
@@ -79,17 +80,19 @@ impl LayerExperts {
                 bufs.push(None);
                 continue;
             }
-            let mut buf = gpu.stream.alloc_zeros::<u8>(layout.bytes)?;
+            let mut buf = gpu.alloc_zeros::<u8>(layout.bytes).with_context(|| {
+                format!("allocating expert {e} of layer {layer} ({} bytes)", layout.bytes)
+            })?;
             for (m, off) in [expert.gate, expert.up, expert.down].iter().zip(layout.offsets) {
-                gpu.stream.memcpy_htod(m.data, &mut buf.slice_mut(off..off + m.data.len()))?;
+                gpu.copy_htod(m.data, &mut buf.slice_mut(off..off + m.data.len()))?;
             }
-            let base = gpu.address(&buf);
+            let base = buf.address();
             for k in 0..3 {
                 host_table[k * n + e] = base + layout.offsets[k] as u64;
             }
             bufs.push(Some(buf));
         }
-        let table = gpu.stream.clone_htod(&host_table)?;
+        let table = gpu.upload(&host_table)?;
         Ok(LayerExperts { shape, layouts, resident: bufs, host_table, table })
     }
 
@@ -102,12 +105,12 @@ impl LayerExperts {
     }
 
     /// Table of matrix kind `k` (0 gate, 1 up, 2 down).
-    fn table(&self, k: usize) -> CudaView<'_, u64> {
+    fn table(&self, k: usize) -> BufView<'_, u64> {
         self.table.slice(k * self.n()..(k + 1) * self.n())
     }
 
     /// Matrix `k` of expert `e`, whose bytes are in `buf` (its resident buffer or a cache slot).
-    fn matrix<'b>(&self, buf: &'b CudaSlice<u8>, e: usize, k: usize) -> WeightView<'b> {
+    fn matrix<'b>(&self, buf: &'b DeviceBuffer<u8>, e: usize, k: usize) -> WeightView<'b> {
         let (ty, rows, cols) = self.shape.kinds[k];
         let off = self.layouts[e].offsets[k];
         let len = rows * ty.bytes_for(cols).unwrap_or(0);
@@ -116,37 +119,37 @@ impl LayerExperts {
 }
 
 struct DeviceLayer {
-    attn_norm: CudaSlice<f32>,
+    attn_norm: DeviceBuffer<f32>,
     q: DeviceMatrix,
     k: DeviceMatrix,
     v: DeviceMatrix,
     o: DeviceMatrix,
-    ffn_norm: CudaSlice<f32>,
+    ffn_norm: DeviceBuffer<f32>,
     router: DeviceMatrix,
     experts: LayerExperts,
-    k_cache: CudaSlice<u16>,
-    v_cache: CudaSlice<u16>,
+    k_cache: DeviceBuffer<u16>,
+    v_cache: DeviceBuffer<u16>,
 }
 
 /// Activation buffers for batches of up to `MAX_BATCH` tokens.
 struct Buffers {
-    x: CudaSlice<f32>,
-    xn: CudaSlice<f32>,
-    q: CudaSlice<f32>,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    att: CudaSlice<f32>,
-    tmp: CudaSlice<f32>,
-    gate: CudaSlice<f32>,
-    up: CudaSlice<f32>,
-    y: CudaSlice<f32>,
-    router_logits: CudaSlice<f32>,
-    ids: CudaSlice<i32>,
-    route_weights: CudaSlice<f32>,
-    tokens: CudaSlice<i32>,
-    gather: CudaSlice<i32>,
-    gather_weights: CudaSlice<f32>,
-    logits: CudaSlice<f32>,
+    x: DeviceBuffer<f32>,
+    xn: DeviceBuffer<f32>,
+    q: DeviceBuffer<f32>,
+    k: DeviceBuffer<f32>,
+    v: DeviceBuffer<f32>,
+    att: DeviceBuffer<f32>,
+    tmp: DeviceBuffer<f32>,
+    gate: DeviceBuffer<f32>,
+    up: DeviceBuffer<f32>,
+    y: DeviceBuffer<f32>,
+    router_logits: DeviceBuffer<f32>,
+    ids: DeviceBuffer<i32>,
+    route_weights: DeviceBuffer<f32>,
+    tokens: DeviceBuffer<i32>,
+    gather: DeviceBuffer<i32>,
+    gather_weights: DeviceBuffer<f32>,
+    logits: DeviceBuffer<f32>,
     attention: AttentionScratch,
 }
 
@@ -179,27 +182,26 @@ impl BufferSizes {
 
 impl Buffers {
     fn new(gpu: &Gpu, cfg: &ModelConfig, s: &BufferSizes) -> Result<Buffers> {
-        let st = &gpu.stream;
         let (b, routes) = (s.batch, s.batch * cfg.n_experts_used);
         Ok(Buffers {
-            x: st.alloc_zeros(b * cfg.hidden_size)?,
-            xn: st.alloc_zeros(b * cfg.hidden_size)?,
-            q: st.alloc_zeros(b * cfg.q_dim())?,
-            k: st.alloc_zeros(b * cfg.kv_dim())?,
-            v: st.alloc_zeros(b * cfg.kv_dim())?,
-            att: st.alloc_zeros(b * cfg.q_dim())?,
-            tmp: st.alloc_zeros(b * cfg.hidden_size)?,
-            gate: st.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
-            up: st.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
-            y: st.alloc_zeros(s.expert_rows * cfg.hidden_size)?,
-            router_logits: st.alloc_zeros(b * cfg.n_experts)?,
-            ids: st.alloc_zeros(routes)?,
-            route_weights: st.alloc_zeros(routes)?,
-            tokens: st.alloc_zeros(b)?,
-            gather: st.alloc_zeros(routes)?,
-            gather_weights: st.alloc_zeros(routes)?,
-            logits: st.alloc_zeros(b * cfg.vocab_size)?,
-            attention: AttentionScratch::new(st, s.attention_splits, cfg.n_heads, cfg.head_dim)?,
+            x: gpu.alloc_zeros(b * cfg.hidden_size)?,
+            xn: gpu.alloc_zeros(b * cfg.hidden_size)?,
+            q: gpu.alloc_zeros(b * cfg.q_dim())?,
+            k: gpu.alloc_zeros(b * cfg.kv_dim())?,
+            v: gpu.alloc_zeros(b * cfg.kv_dim())?,
+            att: gpu.alloc_zeros(b * cfg.q_dim())?,
+            tmp: gpu.alloc_zeros(b * cfg.hidden_size)?,
+            gate: gpu.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
+            up: gpu.alloc_zeros(s.expert_rows * cfg.ffn_size)?,
+            y: gpu.alloc_zeros(s.expert_rows * cfg.hidden_size)?,
+            router_logits: gpu.alloc_zeros(b * cfg.n_experts)?,
+            ids: gpu.alloc_zeros(routes)?,
+            route_weights: gpu.alloc_zeros(routes)?,
+            tokens: gpu.alloc_zeros(b)?,
+            gather: gpu.alloc_zeros(routes)?,
+            gather_weights: gpu.alloc_zeros(routes)?,
+            logits: gpu.alloc_zeros(b * cfg.vocab_size)?,
+            attention: AttentionScratch::new(gpu, s.attention_splits, cfg.n_heads, cfg.head_dim)?,
         })
     }
 }
@@ -220,20 +222,30 @@ pub struct CudaEngine<'a> {
     host: ModelWeights<'a>,
     token_embd: DeviceMatrix,
     layers: Vec<DeviceLayer>,
-    output_norm: CudaSlice<f32>,
+    output_norm: DeviceBuffer<f32>,
     output: DeviceMatrix,
-    inv_freq: CudaSlice<f64>,
+    inv_freq: DeviceBuffer<f64>,
     buf: Buffers,
     cache: Option<ExpertCache>,
     ctx: usize,
     /// Tokens in the KV cache.
     pos: usize,
+    /// `Some` while tracing: the router's choices, one entry per forward call (as the CPU engine's).
+    router_trace: Option<Vec<RouterTrace>>,
+    /// The choices of the forward call in progress, `[layer][token]`.
+    current_trace: RouterTrace,
 }
 
 impl<'a> CudaEngine<'a> {
     /// Uploads `model` to GPU `opts.device` as the placement plan for `opts.vram_budget` decides
     /// (print [`CudaEngine::plan`] to show it), with an f16 KV cache of `ctx` tokens.
     pub fn new(model: &'a Model, ctx: usize, opts: &CudaOptions) -> Result<CudaEngine<'a>> {
+        Self::on(Gpu::new(opts.device)?, model, ctx, opts.vram_budget)
+    }
+
+    /// The engine on `gpu` (any [`super::Device`]: a GPU, or the tests' emulator); `vram_budget` as in
+    /// [`CudaOptions`].
+    pub fn on(gpu: Gpu, model: &'a Model, ctx: usize, vram_budget: Option<u64>) -> Result<CudaEngine<'a>> {
         let cfg = model.config.clone();
         ensure!(ctx > 0, "the context size must be at least 1 token");
         ensure!(
@@ -242,33 +254,44 @@ impl<'a> CudaEngine<'a> {
             cfg.context_length
         );
         let host = model.weights()?;
-        let gpu = Gpu::new(opts.device)?;
         let sizes = BufferSizes::new(&cfg, MAX_BATCH);
         let model_sizes = ModelSizes::of(&host, &cfg, ctx, sizes.bytes(&cfg));
-        let budget = opts.vram_budget.unwrap_or_else(|| placement::default_budget(gpu.info.free_bytes));
+        let budget = vram_budget.unwrap_or_else(|| placement::default_budget(gpu.info.free_bytes));
         let plan = Plan::new(&model_sizes, budget)?;
-        let upload = |m: &Matrix| DeviceMatrix::upload(&gpu, m);
+        let device = &gpu.info.name;
+        let upload = |m: &Matrix, what: &str| {
+            DeviceMatrix::upload(&gpu, m)
+                .with_context(|| format!("uploading {what} ({} bytes) to {device}", m.data.len()))
+        };
         let kv_len = ctx * cfg.kv_dim();
         let layers = host
             .layers
             .iter()
             .enumerate()
             .map(|(l, w)| {
+                let norm = |v: &[f32]| {
+                    gpu.upload(v).with_context(|| format!("uploading the norms of layer {l} to {device}"))
+                };
+                let attention = |m: &Matrix| upload(m, &format!("the attention weights of layer {l}"));
+                let kv_cache = || {
+                    gpu.alloc_zeros(kv_len).with_context(|| {
+                        format!("allocating the KV cache of layer {l} ({} bytes) on {device}", 2 * 2 * kv_len)
+                    })
+                };
                 Ok(DeviceLayer {
-                    attn_norm: gpu.stream.clone_htod(&w.attn_norm)?,
-                    q: upload(&w.attn_q)?,
-                    k: upload(&w.attn_k)?,
-                    v: upload(&w.attn_v)?,
-                    o: upload(&w.attn_output)?,
-                    ffn_norm: gpu.stream.clone_htod(&w.ffn_norm)?,
-                    router: upload(&w.router)?,
+                    attn_norm: norm(&w.attn_norm)?,
+                    q: attention(&w.attn_q)?,
+                    k: attention(&w.attn_k)?,
+                    v: attention(&w.attn_v)?,
+                    o: attention(&w.attn_output)?,
+                    ffn_norm: norm(&w.ffn_norm)?,
+                    router: upload(&w.router, &format!("the router of layer {l}"))?,
                     experts: LayerExperts::upload(&gpu, &w.experts, &plan.resident[l], l)?,
-                    k_cache: gpu.stream.alloc_zeros(kv_len)?,
-                    v_cache: gpu.stream.alloc_zeros(kv_len)?,
+                    k_cache: kv_cache()?,
+                    v_cache: kv_cache()?,
                 })
             })
-            .collect::<Result<Vec<_>>>()
-            .context("uploading the weights to the GPU")?;
+            .collect::<Result<Vec<_>>>()?;
         let inv_freq: Vec<f64> = (0..cfg.head_dim / 2)
             .map(|i| (cfg.rope_theta as f64).powf(-2.0 * i as f64 / cfg.head_dim as f64))
             .collect();
@@ -277,11 +300,15 @@ impl<'a> CudaEngine<'a> {
             n => Some(ExpertCache::new(&gpu, n, plan.slot_bytes as usize, cfg.n_experts_used)?),
         };
         let engine = CudaEngine {
-            token_embd: upload(&host.token_embd)?,
-            output_norm: gpu.stream.clone_htod(&host.output_norm)?,
-            output: upload(&host.output)?,
-            inv_freq: gpu.stream.clone_htod(&inv_freq)?,
-            buf: Buffers::new(&gpu, &cfg, &sizes)?,
+            token_embd: upload(&host.token_embd, "the token embeddings")?,
+            output_norm: gpu
+                .upload(&host.output_norm)
+                .with_context(|| format!("uploading the norms to {device}"))?,
+            output: upload(&host.output, "the output head")?,
+            inv_freq: gpu.upload(&inv_freq)?,
+            buf: Buffers::new(&gpu, &cfg, &sizes).with_context(|| {
+                format!("allocating the activation buffers ({} bytes) on {device}", sizes.bytes(&cfg))
+            })?,
             layers,
             cache,
             host,
@@ -289,6 +316,8 @@ impl<'a> CudaEngine<'a> {
             cfg,
             ctx,
             pos: 0,
+            router_trace: None,
+            current_trace: Vec::new(),
             gpu,
         };
         engine.gpu.sync()?;
@@ -303,12 +332,24 @@ impl<'a> CudaEngine<'a> {
         &self.gpu.info
     }
 
+    /// Records the router's choices of the following forward calls (for tests; each layer then waits
+    /// for the device to read them).
+    pub fn set_router_trace(&mut self, on: bool) {
+        self.router_trace = on.then(Vec::new);
+    }
+
+    /// The choices recorded since tracing was turned on or last taken, one entry per forward call:
+    /// `[layer][token]` → expert ids, highest weight first.
+    pub fn take_router_trace(&mut self) -> Vec<RouterTrace> {
+        self.router_trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// One batch through every layer at positions `pos ..`; returns the logits `want` asks for.
     fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
         let n = tokens.len();
         let (h, pos0) = (self.cfg.hidden_size, self.pos);
         let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        self.gpu.stream.memcpy_htod(&ids, &mut self.buf.tokens.slice_mut(..n))?;
+        self.gpu.copy_htod(&ids, &mut self.buf.tokens.slice_mut(..n))?;
         self.gpu.embed(
             &self.token_embd.view(),
             &self.buf.tokens.slice(..n),
@@ -330,7 +371,7 @@ impl<'a> CudaEngine<'a> {
         let (gpu, b) = (&self.gpu, &mut self.buf);
         gpu.rms_norm(
             &b.x.slice(first * h..n * h),
-            &self.output_norm,
+            &self.output_norm.view(),
             self.cfg.rms_norm_eps,
             rows,
             &mut b.xn.slice_mut(..rows * h),
@@ -343,7 +384,7 @@ impl<'a> CudaEngine<'a> {
             rows,
             &mut b.logits.slice_mut(..rows * vocab),
         )?;
-        let logits = gpu.stream.clone_dtoh(&b.logits.slice(..rows * vocab))?;
+        let logits = gpu.download(&b.logits.slice(..rows * vocab))?;
         Ok(logits)
     }
 
@@ -354,7 +395,7 @@ impl<'a> CudaEngine<'a> {
         let (gpu, b, layer) = (&self.gpu, &mut self.buf, &mut self.layers[l]);
         gpu.rms_norm(
             &b.x.slice(..n * h),
-            &layer.attn_norm,
+            &layer.attn_norm.view(),
             cfg.rms_norm_eps,
             n,
             &mut b.xn.slice_mut(..n * h),
@@ -363,8 +404,8 @@ impl<'a> CudaEngine<'a> {
         product(gpu, &layer.q.view(), &xn, n, &mut b.q.slice_mut(..n * qd))?;
         product(gpu, &layer.k.view(), &xn, n, &mut b.k.slice_mut(..n * kvd))?;
         product(gpu, &layer.v.view(), &xn, n, &mut b.v.slice_mut(..n * kvd))?;
-        gpu.rope(&mut b.q.slice_mut(..n * qd), n, qd, cfg.head_dim, pos0, &self.inv_freq)?;
-        gpu.rope(&mut b.k.slice_mut(..n * kvd), n, kvd, cfg.head_dim, pos0, &self.inv_freq)?;
+        gpu.rope(&mut b.q.slice_mut(..n * qd), n, qd, cfg.head_dim, pos0, &self.inv_freq.view())?;
+        gpu.rope(&mut b.k.slice_mut(..n * kvd), n, kvd, cfg.head_dim, pos0, &self.inv_freq.view())?;
         gpu.kv_store(
             &b.k.slice(..n * kvd),
             &b.v.slice(..n * kvd),
@@ -401,7 +442,7 @@ impl<'a> CudaEngine<'a> {
             let (gpu, b, layer) = (&self.gpu, &mut self.buf, &self.layers[l]);
             gpu.rms_norm(
                 &b.x.slice(..n * h),
-                &layer.ffn_norm,
+                &layer.ffn_norm.view(),
                 cfg.rms_norm_eps,
                 n,
                 &mut b.xn.slice_mut(..n * h),
@@ -421,6 +462,11 @@ impl<'a> CudaEngine<'a> {
                 &mut b.ids.slice_mut(..n * k),
                 &mut b.route_weights.slice_mut(..n * k),
             )?;
+            if self.router_trace.is_some() {
+                let ids = gpu.download(&b.ids.slice(..n * k))?;
+                let choices = ids.chunks_exact(k).map(|c| c.iter().map(|&e| e as usize).collect());
+                self.current_trace[l].extend(choices);
+            }
         }
         if n == 1 {
             self.moe_decode(l)
@@ -435,13 +481,8 @@ impl<'a> CudaEngine<'a> {
         let cfg = &self.cfg;
         let (h, k, f) = (cfg.hidden_size, cfg.n_experts_used, cfg.ffn_size);
         if !self.layers[l].experts.all_resident() {
-            let ids: Vec<usize> = self
-                .gpu
-                .stream
-                .clone_dtoh(&self.buf.ids.slice(..k))?
-                .into_iter()
-                .map(|e| e as usize)
-                .collect();
+            let ids: Vec<usize> =
+                self.gpu.download(&self.buf.ids.slice(..k))?.into_iter().map(|e| e as usize).collect();
             self.fetch_into_table(l, &ids)?;
         }
         let (gpu, b, ex) = (&self.gpu, &mut self.buf, &self.layers[l].experts);
@@ -494,12 +535,12 @@ impl<'a> CudaEngine<'a> {
         let ex = &mut self.layers[l].experts;
         let n = ex.n();
         for (&e, &slot) in missing.iter().zip(&slots) {
-            let base = self.gpu.address(cache.slot(slot));
+            let base = cache.slot(slot).address();
             for kind in 0..3 {
                 ex.host_table[kind * n + e] = base + ex.layouts[e].offsets[kind] as u64;
             }
         }
-        self.gpu.stream.memcpy_htod(&ex.host_table, &mut ex.table)?;
+        self.gpu.copy_htod(&ex.host_table, &mut ex.table.view_mut())?;
         Ok(())
     }
 
@@ -508,8 +549,8 @@ impl<'a> CudaEngine<'a> {
     fn moe_prompt(&mut self, l: usize, n: usize) -> Result<()> {
         let cfg = &self.cfg;
         let (h, k, f) = (cfg.hidden_size, cfg.n_experts_used, cfg.ffn_size);
-        let ids = self.gpu.stream.clone_dtoh(&self.buf.ids.slice(..n * k))?;
-        let weights = self.gpu.stream.clone_dtoh(&self.buf.route_weights.slice(..n * k))?;
+        let ids = self.gpu.download(&self.buf.ids.slice(..n * k))?;
+        let weights = self.gpu.download(&self.buf.route_weights.slice(..n * k))?;
         // groups[e] = (offset into the gather list, number of tokens).
         let mut gather = Vec::with_capacity(n * k);
         let mut gather_weights = Vec::with_capacity(n * k);
@@ -527,8 +568,8 @@ impl<'a> CudaEngine<'a> {
             }
         }
         ensure!(gather.len() == n * k, "router produced an expert id out of range");
-        self.gpu.stream.memcpy_htod(&gather, &mut self.buf.gather.slice_mut(..n * k))?;
-        self.gpu.stream.memcpy_htod(&gather_weights, &mut self.buf.gather_weights.slice_mut(..n * k))?;
+        self.gpu.copy_htod(&gather, &mut self.buf.gather.slice_mut(..n * k))?;
+        self.gpu.copy_htod(&gather_weights, &mut self.buf.gather_weights.slice_mut(..n * k))?;
         for (e, start, m) in groups {
             let slot = match self.layers[l].experts.resident[e] {
                 Some(_) => None,
@@ -564,7 +605,7 @@ impl<'a> CudaEngine<'a> {
 }
 
 /// `y = x W^T` for `n` rows: the matrix-vector kernel for one token, the tensor-core kernel otherwise.
-fn product(gpu: &Gpu, w: &WeightView, x: &CudaView<f32>, n: usize, y: &mut CudaViewMut<f32>) -> Result<()> {
+fn product(gpu: &Gpu, w: &WeightView, x: &BufView<f32>, n: usize, y: &mut BufViewMut<f32>) -> Result<()> {
     if n == 1 {
         gpu.matvec(w, x, y)
     } else {
@@ -586,6 +627,7 @@ impl Engine for CudaEngine<'_> {
             self.ctx
         );
         let mut logits = Vec::new();
+        self.current_trace = vec![Vec::new(); self.cfg.n_layers];
         let n_batches = tokens.len().div_ceil(MAX_BATCH);
         for (i, batch) in tokens.chunks(MAX_BATCH).enumerate() {
             let want = match (all_logits, i + 1 == n_batches) {
@@ -603,6 +645,9 @@ impl Engine for CudaEngine<'_> {
                     return Err(e);
                 }
             }
+        }
+        if let Some(traces) = &mut self.router_trace {
+            traces.push(std::mem::take(&mut self.current_trace));
         }
         Ok(logits)
     }

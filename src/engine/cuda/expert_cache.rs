@@ -1,13 +1,15 @@
 //! VRAM slots for the experts the placement plan left in host memory: an expert is copied into a slot
 //! when the router picks it and stays there until the least recently used slot is needed for another.
 //! Copies are staged through pinned host buffers (page-locked memory is what lets the GPU's copy
-//! engine read at full PCIe speed) and run on the copy stream; the compute stream waits for them with
-//! an event, so they overlap whatever compute was queued before.
+//! engine read at full PCIe speed) and run on the copy stream. Ordering is by explicit events:
+//! - a slot is overwritten only after the compute work queued before (which may read it) has run;
+//! - the compute stream waits for the copies before what it runs next;
+//! - a staging buffer is refilled only after the copy that read it last has run (one event per buffer).
 
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaSlice, PinnedHostSlice};
 
-use super::device::Gpu;
+use super::device::{DeviceBuffer, Event, PinnedBuffer, Stream};
+use super::ops::Gpu;
 use crate::model::weights::ExpertWeights;
 use crate::placement::ExpertLayout;
 
@@ -81,10 +83,20 @@ impl SlotLru {
     }
 }
 
+/// A pinned buffer and the event recorded after the last copy that read it.
+struct Staging {
+    buf: PinnedBuffer,
+    read: Event,
+}
+
 /// The slots on the device and the pinned buffers their copies go through.
 pub struct ExpertCache {
-    slots: Vec<CudaSlice<u8>>,
-    staging: Vec<PinnedHostSlice<u8>>,
+    slots: Vec<DeviceBuffer<u8>>,
+    staging: Vec<Staging>,
+    /// Recorded on the compute stream before slots are overwritten.
+    compute_done: Event,
+    /// Recorded on the copy stream after a step's copies.
+    copies_done: Event,
     lru: SlotLru,
     bytes_copied: u64,
 }
@@ -94,15 +106,23 @@ impl ExpertCache {
     /// copy at once, so that the second copy does not wait for the first).
     pub fn new(gpu: &Gpu, n_slots: usize, slot_bytes: usize, n_staging: usize) -> Result<ExpertCache> {
         let slots = (0..n_slots)
-            .map(|_| gpu.copy_stream.alloc_zeros::<u8>(slot_bytes))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .with_context(|| format!("allocating {n_slots} expert slots of {slot_bytes} bytes"))?;
+            .map(|_| gpu.alloc_zeros::<u8>(slot_bytes))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("allocating {n_slots} expert slots of {slot_bytes} bytes in VRAM"))?;
         let staging = (0..n_staging.max(1))
-            // SAFETY: the buffers are written in full before each copy reads them.
-            .map(|_| unsafe { gpu.ctx.alloc_pinned::<u8>(slot_bytes) })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .context("allocating pinned staging buffers")?;
-        Ok(ExpertCache { slots, staging, lru: SlotLru::new(n_slots), bytes_copied: 0 })
+            .map(|_| Ok(Staging { buf: gpu.pinned(slot_bytes)?, read: gpu.event()? }))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| {
+                format!("allocating {n_staging} pinned staging buffers of {slot_bytes} bytes")
+            })?;
+        Ok(ExpertCache {
+            slots,
+            staging,
+            compute_done: gpu.event()?,
+            copies_done: gpu.event()?,
+            lru: SlotLru::new(n_slots),
+            bytes_copied: 0,
+        })
     }
 
     /// Makes experts `ids` of `layer` available in slots and returns each one's slot. Missing experts
@@ -116,7 +136,8 @@ impl ExpertCache {
     ) -> Result<Vec<usize>> {
         let keep: Vec<ExpertKey> = ids.iter().map(|&e| (layer, e)).collect();
         // Slots about to be overwritten may still be read by queued kernels.
-        gpu.copy_stream.wait(&gpu.stream.record_event(None)?)?;
+        self.compute_done.record(Stream::Compute)?;
+        self.compute_done.wait(Stream::Copy)?;
         let mut out = Vec::with_capacity(ids.len());
         let mut copied = false;
         for (i, &e) in ids.iter().enumerate() {
@@ -135,7 +156,8 @@ impl ExpertCache {
             out.push(slot);
         }
         if copied {
-            gpu.stream.wait(&gpu.copy_stream.record_event(None)?)?;
+            self.copies_done.record(Stream::Copy)?;
+            self.copies_done.wait(Stream::Compute)?;
         }
         Ok(out)
     }
@@ -147,20 +169,21 @@ impl ExpertCache {
             "expert of {} bytes exceeds the slot size",
             layout.bytes
         );
-        let buf = &mut self.staging[staging];
-        // Waits until the previous copy out of this buffer is done.
-        let host = buf.as_mut_slice()?;
+        let Staging { buf, read } = &mut self.staging[staging];
+        // The previous copy out of this buffer must have read it before it is refilled.
+        read.synchronize()?;
+        let host = buf.as_mut_slice();
         for (m, off) in [expert.gate, expert.up, expert.down].iter().zip(layout.offsets) {
             host[off..off + m.data.len()].copy_from_slice(m.data);
         }
-        // The pinned buffer itself (not a slice of it) goes to the copy, so that cudarc records an event
-        // on it and the next `as_mut_slice` waits for this copy. Buffer and slot have the same size.
-        gpu.copy_stream.memcpy_htod(buf, &mut self.slots[slot])?;
+        // Buffer and slot have the same size.
+        gpu.copy_pinned(Stream::Copy, buf, &mut self.slots[slot].view_mut())?;
+        read.record(Stream::Copy)?;
         self.bytes_copied += buf.len() as u64;
         Ok(())
     }
 
-    pub fn slot(&self, slot: usize) -> &CudaSlice<u8> {
+    pub fn slot(&self, slot: usize) -> &DeviceBuffer<u8> {
         &self.slots[slot]
     }
 

@@ -9,7 +9,7 @@ use super::nvrtc::Nvrtc;
 use crate::format::GgmlType;
 
 /// Prepended to every kernel file: types, f16 conversions and the ggml block decoders.
-const PRELUDE: &str = include_str!("../../../kernels/common.cuh");
+pub const PRELUDE: &str = include_str!("../../../kernels/common.cuh");
 
 /// Every kernel file: (name, source without the prelude).
 pub const SOURCES: [(&str, &str); 4] = [

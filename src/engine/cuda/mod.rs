@@ -2,24 +2,33 @@
 //! driver reached through cudarc's dynamically loaded `libcuda`, so the binary starts on machines
 //! without an NVIDIA driver and [`cuda_available`] says why CUDA cannot be used.
 //!
-//! Layout: `nvrtc` (the compiler, found in the toolkit or the `nvidia-cuda-nvrtc-cu12` wheel),
-//! `kernels` (embedded sources, on-disk cubin cache), `device` (context, streams, typed launches),
-//! `expert_cache` (VRAM slots for experts that the placement plan left in host memory), `engine`
-//! (the forward pass, same math as the CPU engine).
+//! Layout: `nvrtc` (the compiler, found in the toolkit or the `nvidia-cuda-nvrtc` wheels),
+//! `kernels` (embedded sources, on-disk cubin cache), `device` (the [`Device`] trait: buffers, copies,
+//! launches, streams, events, pinned staging), `driver` (the GPU as a `Device`, through the CUDA driver
+//! API), `ops` ([`Gpu`]: typed launch wrappers over any `Device`), `expert_cache` (VRAM slots for experts
+//! that the placement plan left in host memory), `engine` (the forward pass, same math as the CPU engine).
+//! The tests run `ops`, `expert_cache` and `engine` on a CPU emulator of the kernels (tests/emulator).
 
 mod choice;
-mod device;
+pub mod device;
+mod driver;
 mod engine;
 pub mod expert_cache;
 pub mod kernels;
 pub mod nvrtc;
+mod ops;
 
 use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaContext;
 
 pub use self::choice::{parse_bytes, DeviceChoice};
-pub use self::device::{AttentionArgs, AttentionScratch, Gpu, WeightView};
+pub use self::device::{
+    BufView, BufViewMut, Device, DeviceBuffer, DevicePtr, Event, KernelArg, LaunchConfig, PinnedBuffer,
+    Stream,
+};
 pub use self::engine::CudaEngine;
+pub use self::ops::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS, MAX_EXPERTS};
 
 /// What the CLI and the placement plan need to know about a GPU.
 #[derive(Clone, Debug)]
@@ -30,6 +39,8 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
     pub total_bytes: u64,
     pub free_bytes: u64,
+    /// Shared memory a block may use (the opt-in limit, for kernels that ask for more than 48 KiB).
+    pub max_shared_bytes: usize,
 }
 
 impl DeviceInfo {
@@ -88,6 +99,9 @@ pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
         compute_capability: ctx.compute_capability()?,
         total_bytes: total as u64,
         free_bytes: free as u64,
+        max_shared_bytes: ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+            as usize,
     };
     ensure!(
         info.arch() >= kernels::MIN_ARCH,

@@ -1,5 +1,6 @@
 //! NVRTC, the CUDA runtime compiler, bound by hand with `libloading`: the library is looked up in
-//! more places than cudarc's loader knows (the `nvidia-cuda-nvrtc-cu12` Python wheel in particular),
+//! more places than cudarc's loader knows (the `nvidia-cuda-nvrtc-cu12` and `nvidia-cuda-nvrtc` (CUDA 13)
+//! Python wheels in particular),
 //! and only the handful of entry points that compile a program to a cubin are needed.
 
 use std::ffi::{c_char, c_int, CStr, CString};
@@ -10,12 +11,18 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 use libloading::Library;
 
-/// The library file name on this platform (the CUDA 12 ABI).
-const LIB_NAMES: [&str; 2] = ["libnvrtc.so.12", "libnvrtc.so"];
+/// The library file names on this platform: CUDA 12 first (a CUDA 13 driver runs its cubins too), then
+/// CUDA 13 (hosts with only CUDA 13), then whatever `libnvrtc.so` is. The entry points used here are the
+/// same in both.
+const LIB_NAMES: [&str; 3] = ["libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"];
+
+/// Where the wheels put the library under site-packages: `nvidia-cuda-nvrtc-cu12`, `nvidia-cuda-nvrtc` 13.
+const WHEEL_PATHS: [&str; 2] = ["nvidia/cuda_nvrtc/lib/libnvrtc.so.12", "nvidia/cu13/lib/libnvrtc.so.13"];
 
 /// How to get NVRTC, appended to every "not found" error.
 pub const INSTALL_HINT: &str = "install the CUDA toolkit, or `pip install nvidia-cuda-nvrtc-cu12` \
-     (then point MIXTRAL_Q_NVRTC at site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12, \
+     (or `nvidia-cuda-nvrtc` for CUDA 13; then point MIXTRAL_Q_NVRTC at \
+     site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 or site-packages/nvidia/cu13/lib/libnvrtc.so.13, \
      or MIXTRAL_Q_PYTHON at that Python)";
 
 type Program = *mut std::ffi::c_void;
@@ -65,11 +72,12 @@ impl Nvrtc {
                 Err(_) => tried.push(candidate.display().to_string()),
             }
         }
-        bail!("NVRTC (libnvrtc.so.12) not found (tried {}): {INSTALL_HINT}", tried.join(", "))
+        bail!("NVRTC (libnvrtc.so.12 or .13) not found (tried {}): {INSTALL_HINT}", tried.join(", "))
     }
 
     fn bind(lib: Library, path: PathBuf) -> Result<Nvrtc> {
-        // SAFETY: the signatures are those of nvrtc.h (CUDA 12), and `_lib` outlives the pointers.
+        // SAFETY: the signatures are those of nvrtc.h (the same in CUDA 12 and 13), and `_lib` outlives
+        // the pointers.
         unsafe {
             let version_fn: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int =
                 *lib.get("nvrtcVersion")?;
@@ -201,7 +209,7 @@ fn candidates() -> Vec<PathBuf> {
         }
     }
     for site in python_site_packages() {
-        out.push(site.join("nvidia/cuda_nvrtc/lib/libnvrtc.so.12"));
+        out.extend(WHEEL_PATHS.iter().map(|p| site.join(p)));
     }
     let mut seen = std::collections::HashSet::new();
     out.retain(|p| seen.insert(p.clone()));
