@@ -11,20 +11,8 @@ use crate::format::codec;
 use crate::format::gguf::{GgufFile, TensorInfo};
 use crate::format::GgmlType;
 
-/// Tensor types the engines compute with.
-pub const SUPPORTED_TYPES: [GgmlType; 11] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
+/// Tensor types the engines compute with (derived from the type descriptors).
+pub const SUPPORTED_TYPES: [GgmlType; GgmlType::COMPUTABLE.len()] = GgmlType::COMPUTABLE;
 
 /// One weight matrix inside the mapped file: type, row-major `[rows, cols]` (row r = output r), bytes.
 #[derive(Clone, Copy)]
