@@ -147,6 +147,7 @@ impl Model {
         let file = GgufFile::open(path)?;
         let config =
             ModelConfig::from_gguf(&file.metadata).with_context(|| format!("in {}", path.display()))?;
+        check_layers(&config).with_context(|| format!("in {}", path.display()))?;
         let model = Model { file, config };
         model.weights()?;
         Ok(model)
@@ -156,6 +157,25 @@ impl Model {
     pub fn weights(&self) -> Result<ModelWeights<'_>> {
         ModelWeights::from_gguf(&self.file, &self.config)
     }
+}
+
+/// The layer kinds whose weights this loader finds. The spec and the forward pass describe dense
+/// layers and shared experts too, but their tensors (`blk.N.ffn_gate.weight`, `*_shexp`) are not read
+/// yet: such files are refused with what they are.
+fn check_layers(cfg: &ModelConfig) -> Result<()> {
+    if cfg.n_experts == 0 {
+        bail!("llama.expert_count is missing or 0: this is a dense llama model, not Mixtral");
+    }
+    if cfg.n_leading_dense > 0 {
+        bail!(
+            "layers 0..{} have dense FFNs (llama.leading_dense_block_count): not supported yet",
+            cfg.n_leading_dense
+        );
+    }
+    if cfg.shared_ffn_size > 0 {
+        bail!("the MoE layers have shared experts (llama.expert_shared_*): not supported yet");
+    }
+    Ok(())
 }
 
 fn find<'f>(file: &'f GgufFile, name: &str) -> Result<&'f TensorInfo> {
@@ -247,6 +267,10 @@ pub(crate) mod testing {
             context_length: 32,
             rope_theta: 1e4,
             rms_norm_eps: 1e-5,
+            n_leading_dense: 0,
+            dense_ffn_size: 64,
+            shared_ffn_size: 0,
+            gating: crate::model::spec::Gating::MIXTRAL,
         }
     }
 

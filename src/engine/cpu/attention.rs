@@ -78,8 +78,8 @@ mod tests {
 
     /// `[position, kv_dim]` keys and values as the cache holds them, one buffer per KV head.
     fn by_head(cfg: &ModelConfig, k: &[f32], v: &[f32]) -> Vec<HeadCache> {
-        let mut cache = super::super::kv_cache::KvCache::new(1, cfg.n_kv_heads, cfg.head_dim, k.len());
-        cache.append(0, k, v);
+        let mut cache = super::super::kv_cache::KvCache::new(1, cfg.n_kv_heads, cfg.head_dim);
+        cache.append(0, 0, k, v);
         cache.heads(0).iter().map(|h| HeadCache { keys: h.keys.clone(), values: h.values.clone() }).collect()
     }
 

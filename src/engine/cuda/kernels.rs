@@ -63,14 +63,9 @@ fn store(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// `$MIXTRAL_Q_CACHE/kernels`, else `$XDG_CACHE_HOME/mixtral-q/kernels`, else `~/.cache/mixtral-q/kernels`.
+/// `kernels/` in the cache folder ([`crate::cache::cache_dir`]).
 pub fn cache_dir() -> Option<PathBuf> {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(root) = var("MIXTRAL_Q_CACHE") {
-        return Some(root.join("kernels"));
-    }
-    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
-    Some(cache.join("mixtral-q").join("kernels"))
+    crate::cache::cache_dir().ok().map(|d| d.join("kernels"))
 }
 
 /// FNV-1a (64 bits) of everything that determines the cubin: the full source, the options, the

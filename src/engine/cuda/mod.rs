@@ -7,7 +7,6 @@
 //! `expert_cache` (VRAM slots for experts that the placement plan left in host memory), `engine`
 //! (the forward pass, same math as the CPU engine).
 
-mod choice;
 mod device;
 mod engine;
 pub mod expert_cache;
@@ -17,7 +16,6 @@ pub mod nvrtc;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::CudaContext;
 
-pub use self::choice::{parse_bytes, DeviceChoice};
 pub use self::device::{AttentionArgs, AttentionScratch, Gpu, WeightView};
 pub use self::engine::CudaEngine;
 
