@@ -19,6 +19,8 @@
 //!   predicts the next layer's experts from this layer's output.
 
 pub mod backend;
+#[cfg(test)]
+mod tests;
 pub mod weights;
 
 use anyhow::{ensure, Result};
