@@ -379,6 +379,57 @@ mod tests {
     }
 
     #[test]
+    fn mixtral_8x22b_round_trips_and_every_layer_is_a_mixtral_moe() {
+        let cfg = ModelConfig::mixtral_8x22b(56);
+        let mut meta = Metadata::new();
+        cfg.to_gguf(&mut meta);
+        assert_eq!(ModelConfig::from_gguf(&meta).unwrap(), cfg);
+        assert!(cfg.is_mixtral());
+        let moe = MoeSpec {
+            n_experts: 8,
+            top_k: 2,
+            expert_ffn_size: 16384,
+            shared_ffn_size: None,
+            gating: Gating::MIXTRAL,
+        };
+        assert!((0..56).all(|l| cfg.layer(l) == LayerSpec { ffn: FfnSpec::Moe(moe) }));
+    }
+
+    /// llama.cpp's keys for the other layer kinds: a dense llama (no expert keys), leading dense
+    /// blocks with their own FFN width, shared experts, gating without renormalization.
+    #[test]
+    fn layer_specs_from_llama_cpp_keys() {
+        use crate::format::gguf::MetaValue::{Bool, U32};
+        let mixtral = ModelConfig::mixtral_8x7b(4);
+        let mut meta = Metadata::new();
+        mixtral.to_gguf(&mut meta);
+        let mut dense = Metadata::new();
+        ModelConfig { n_experts: 0, n_experts_used: 0, ..mixtral.clone() }.to_gguf(&mut dense);
+        assert!(dense.get("llama.expert_count").is_none());
+        let dense = ModelConfig::from_gguf(&dense).unwrap();
+        assert_eq!(dense.layer(3).ffn, FfnSpec::Dense { ffn_size: 14336 });
+        assert!(!dense.is_mixtral());
+
+        meta.set("llama.leading_dense_block_count", U32(1));
+        meta.set("llama.feed_forward_length", U32(10944));
+        meta.set("llama.expert_feed_forward_length", U32(1408));
+        meta.set("llama.expert_shared_count", U32(2));
+        meta.set("llama.expert_weights_norm", Bool(false));
+        let cfg = ModelConfig::from_gguf(&meta).unwrap();
+        assert_eq!(cfg.layer(0).ffn, FfnSpec::Dense { ffn_size: 10944 });
+        let FfnSpec::Moe(moe) = cfg.layer(1).ffn else { panic!("layer 1 is a MoE layer") };
+        assert_eq!((moe.expert_ffn_size, moe.shared_ffn_size), (1408, Some(2816)));
+        assert_eq!(moe.gating, Gating::Softmax { renormalize: false });
+        let mut again = Metadata::new();
+        cfg.to_gguf(&mut again);
+        assert_eq!(ModelConfig::from_gguf(&again).unwrap(), cfg);
+
+        meta.set("llama.expert_gating_func", U32(2));
+        let err = ModelConfig::from_gguf(&meta).unwrap_err().to_string();
+        assert!(err.contains("gating"), "{err}");
+    }
+
+    #[test]
     fn rejects_other_architectures() {
         let json = serde_json::json!({"model_type": "llama", "hidden_size": 8});
         let err = ModelConfig::from_hf_config(&json).unwrap_err().to_string();
