@@ -26,7 +26,9 @@ pub struct Matrix<'a> {
 impl<'a> Matrix<'a> {
     /// Checks that `data` holds exactly `rows` rows of whole blocks.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Matrix<'a>> {
-        ensure!(SUPPORTED_TYPES.contains(&ty), "type {ty} is not supported");
+        if !SUPPORTED_TYPES.contains(&ty) {
+            return Err(crate::Error::UnsupportedType(ty).into());
+        }
         let row_bytes = ty.bytes_for(cols).with_context(|| {
             format!("rows of {cols} values are not whole {ty} blocks of {}", ty.block_len())
         })?;

@@ -19,7 +19,7 @@ use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use self::kv_cache::KvCache;
-use self::moe::Routes;
+pub use self::moe::Routes;
 use self::products::{matvecs, Input};
 use self::rope::Rope;
 use super::transformer::{Backend, ExpertInput, ExpertMatrix, Prepare, Route, Transformer, Weights};

@@ -6,6 +6,7 @@
 //! parallel pass. Outputs are summed in expert order either way, so prompt and decode add the same
 //! terms in the same order.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use anyhow::{ensure, Result};
@@ -80,12 +81,12 @@ impl Routes {
     }
 
     /// The rows of one expert's pairs, contiguous: gathered from token rows, or a slice of pair rows.
-    fn group_rows(&self, x: &CpuTensor, input: ExpertInput, pairs: &Range<usize>) -> Vec<f32> {
+    fn group_rows<'x>(&self, x: &'x CpuTensor, input: ExpertInput, pairs: &Range<usize>) -> Cow<'x, [f32]> {
         match input {
             ExpertInput::Tokens => {
-                self.pairs[pairs.clone()].iter().flat_map(|&(t, _)| x.row(t)).copied().collect()
+                Cow::Owned(self.pairs[pairs.clone()].iter().flat_map(|&(t, _)| x.row(t)).copied().collect())
             }
-            ExpertInput::Pairs => x.data[pairs.start * x.width..pairs.end * x.width].to_vec(),
+            ExpertInput::Pairs => Cow::Borrowed(&x.data[pairs.start * x.width..pairs.end * x.width]),
         }
     }
 

@@ -153,10 +153,6 @@ impl<B: Backend> Transformer<B> {
     pub fn set_max_batch(&mut self, tokens: usize) {
         self.max_batch = tokens.max(1);
     }
-
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
 }
 
 impl<B: Backend> Engine for Transformer<B> {

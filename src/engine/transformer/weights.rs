@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 
 use super::backend::{Backend, Prepare};
 use crate::model::spec::{FfnSpec, Gating};
-use crate::model::weights::{ExpertWeights, ModelWeights};
+use crate::model::weights::ModelWeights;
 use crate::model::ModelConfig;
 
 pub struct Weights<B: Backend> {
@@ -92,20 +92,6 @@ impl<B: Backend> Weights<B> {
             layers,
             output_norm: backend.vector(&host.output_norm)?,
             output: backend.matrix(&host.output)?,
-        })
-    }
-}
-
-impl<B: Backend> FfnWeights<B> {
-    /// The handles of one host FFN (an expert's three matrices).
-    pub fn prepare<'w>(backend: &mut B, w: &ExpertWeights<'w>) -> Result<FfnWeights<B>>
-    where
-        B: Prepare<'w>,
-    {
-        Ok(FfnWeights {
-            gate: backend.matrix(&w.gate)?,
-            up: backend.matrix(&w.up)?,
-            down: backend.matrix(&w.down)?,
         })
     }
 }
