@@ -106,3 +106,44 @@ pub fn open<'a>(model: &'a Model, ctx: usize, opts: &OpenOptions) -> Result<Open
         notices: why_cpu.map(|why| format!("note: {why}")).into_iter().collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weights::testing::{tiny_config, tiny_tensors, write_gguf};
+    use crate::Error;
+
+    #[test]
+    fn open_picks_the_backend_and_errors_are_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &tiny_config(), &tiny_tensors(&tiny_config(), false)).unwrap();
+        let model = Model::load(&path).unwrap();
+        let cpu = OpenOptions { device: DeviceChoice::Cpu, vram_budget: None };
+        let opened = open(&model, 8, &cpu).unwrap();
+        assert!(opened.backend.starts_with("CPU ("), "{}", opened.backend);
+        assert!(opened.notices.is_empty());
+        let mut engine = opened.engine;
+        let typed = |e: anyhow::Error| e.downcast_ref::<Error>().cloned();
+        let err = engine.forward(&[3, 64], false).unwrap_err();
+        assert_eq!(typed(err), Some(Error::TokenOutOfVocabulary { token: 64, vocab: 64 }));
+        engine.forward(&[1, 2, 3], false).unwrap();
+        let err = engine.forward(&[1; 6], false).unwrap_err();
+        assert_eq!(err.to_string(), "6 new tokens after 3 do not fit in the context of 8 tokens");
+        assert_eq!(typed(err), Some(Error::ContextFull { cached: 3, new: 6, capacity: 8 }));
+        engine.set_router_trace(true).unwrap();
+        engine.forward(&[4], false).unwrap();
+        assert_eq!(engine.take_router_trace().len(), 1);
+
+        if cuda::cuda_available().is_ok() {
+            eprintln!("a CUDA GPU is present: the no-GPU paths of engine::open are not exercised here");
+            return;
+        }
+        let auto = open(&model, 8, &OpenOptions::default()).unwrap();
+        assert_eq!(auto.notices.len(), 1);
+        assert!(auto.notices[0].starts_with("note: using the CPU: "), "{:?}", auto.notices);
+        let cuda = OpenOptions { device: DeviceChoice::Cuda(0), vram_budget: None };
+        let err = open(&model, 8, &cuda).err().expect("no GPU here");
+        assert!(matches!(typed(err), Some(Error::NoGpu(_))));
+    }
+}

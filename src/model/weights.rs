@@ -251,6 +251,17 @@ pub(crate) mod testing {
     use crate::format::GgmlType;
     use crate::model::ModelConfig;
 
+    /// `n` values in [-1, 1) from a linear congruential generator: deterministic test inputs.
+    pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
     /// One tensor to write: name, ggml dims, type, bytes.
     pub type Tensor = (String, Vec<u64>, GgmlType, Vec<u8>);
 

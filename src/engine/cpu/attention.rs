@@ -55,6 +55,7 @@ pub fn softmax(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::weights::testing::pseudo_random;
 
     fn cfg(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> ModelConfig {
         ModelConfig {
@@ -64,16 +65,6 @@ mod tests {
             hidden_size: n_heads * head_dim,
             ..ModelConfig::mixtral_8x7b(1)
         }
-    }
-
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
     }
 
     /// `[position, kv_dim]` keys and values as the cache holds them, one buffer per KV head.

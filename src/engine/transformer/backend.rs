@@ -12,7 +12,9 @@
 //!   [`Backend::Vector`], [`Backend::Experts`]), the router's choice ([`Backend::Routes`]) and the KV
 //!   cache live where the backend keeps them: on a GPU, device buffers. The transformer never reads
 //!   them; only [`Backend::to_host`] (the logits) and [`Backend::routes_to_host`] (router traces,
-//!   when asked for) cross to the host, so a device backend syncs once per forward call. Weights are
+//!   when asked for) cross to the host on its behalf, so a device backend need not wait for the device
+//!   inside a forward call (an op may, where it needs the router's ids on the host: grouping a
+//!   prompt's tokens by expert, fetching a missing expert). Weights are
 //!   handles the backend prepared at load ([`Prepare`]: the CPU keeps views into the mapped file, CUDA
 //!   uploads). Ops return fresh tensors; a device backend recycles buffers (a pool, or stream-ordered
 //!   allocation) so that this costs no allocation per op.

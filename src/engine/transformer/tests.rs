@@ -6,7 +6,7 @@ use super::*;
 use crate::engine::cpu::{CpuBackend, CpuEngine, CpuTensor};
 use crate::format::{codec, GgmlType};
 use crate::model::spec::Gating;
-use crate::model::weights::testing::{tiny_config, tiny_tensors, write_gguf};
+use crate::model::weights::testing::{pseudo_random, tiny_config, tiny_tensors, write_gguf};
 use crate::model::weights::{ExpertWeights, Matrix, Model};
 
 const TOKENS: [u32; 7] = [1, 17, 5, 63, 0, 42, 8];
@@ -15,16 +15,6 @@ fn tiny_model(dir: &tempfile::TempDir) -> Model {
     let path = dir.path().join("tiny.gguf");
     write_gguf(&path, &tiny_config(), &tiny_tensors(&tiny_config(), false)).unwrap();
     Model::load(&path).unwrap()
-}
-
-fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
