@@ -616,7 +616,7 @@ fn whole_model_matches_the_cpu_engine(devices: Devices) {
     for (target, rel_tol, model) in &models {
         let vocab = model.config.vocab_size;
         let mut cpu = CpuEngine::new(model, 32).unwrap();
-        cpu.set_router_trace(true);
+        cpu.set_router_trace(true).unwrap();
         let want = cpu.forward(&tokens, true).unwrap();
         let cpu_routes = cpu.take_router_trace().remove(0);
         let tol = rel_tol * (1.0 + max_abs(&want));
@@ -636,7 +636,7 @@ fn whole_model_matches_the_cpu_engine(devices: Devices) {
         ] {
             let mut engine =
                 CudaEngine::on(devices(budget.map(|b| b + UNPLANNED_BYTES)), model, 32, budget).unwrap();
-            engine.set_router_trace(true);
+            engine.set_router_trace(true).unwrap();
             let p = engine.plan().clone();
             eprintln!("{target}, {what}: {p}");
             if budget.is_some() {

@@ -20,7 +20,7 @@ fn f32_gguf_matches_the_reference_logits_router_and_perplexity() {
     assert_eq!(cases.len(), 5);
     for case in &cases {
         engine.truncate(0);
-        engine.set_router_trace(true);
+        engine.set_router_trace(true).unwrap();
         let logits = engine.forward(&case.ids, true).expect("forward");
         let trace = engine.take_router_trace();
 

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
+use mixtral_q::format::FileType;
+
 use super::human_bytes;
 use super::load::ModelArgs;
 
@@ -119,7 +121,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         cfg.n_layers,
         cfg.n_experts,
         cfg.hidden_size,
-        loaded.model.file.metadata.get_u64("general.file_type").map(file_type_name).unwrap_or("?")
+        loaded
+            .model
+            .file
+            .metadata
+            .get_u64("general.file_type")
+            .and_then(FileType::from_id)
+            .map_or("?", |f| f.description)
     );
     match args.output {
         Format::Md => {
@@ -158,24 +166,5 @@ fn human_params(n: u64) -> String {
         format!("{:.2} B", n as f64 / 1e9)
     } else {
         format!("{:.2} M", n as f64 / 1e6)
-    }
-}
-
-/// llama.cpp's name of a `general.file_type`.
-fn file_type_name(ft: u64) -> &'static str {
-    match ft {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        14 => "Q4_K - Small",
-        15 => "Q4_K - Medium",
-        16 => "Q5_K - Small",
-        17 => "Q5_K - Medium",
-        18 => "Q6_K",
-        _ => "?",
     }
 }

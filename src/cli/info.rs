@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use mixtral_q::format::gguf::{GgufFile, MetaValue, TensorInfo};
-use mixtral_q::format::GgmlType;
+use mixtral_q::format::{FileType, GgmlType};
 use mixtral_q::model::ModelConfig;
 use serde::Serialize;
 
@@ -178,7 +178,7 @@ impl Report {
                 has_chat_template: meta.get("tokenizer.chat_template").is_some(),
             },
             file_type,
-            file_type_name: file_type.and_then(file_type_name),
+            file_type_name: file_type.and_then(FileType::from_id).map(|f| f.name),
             metadata: meta.iter().map(|(k, v)| MetaRow { key: k.to_string(), value: summarise(v) }).collect(),
             tensors: list_tensors.then(|| {
                 file.tensors
@@ -396,30 +396,6 @@ fn value_type_name(v: &MetaValue) -> String {
         MetaValue::Array { .. } => "array",
     }
     .to_string()
-}
-
-/// llama.cpp's `llama_ftype` names (llama.h).
-fn file_type_name(ft: u64) -> Option<&'static str> {
-    Some(match ft {
-        0 => "ALL_F32",
-        1 => "MOSTLY_F16",
-        2 => "MOSTLY_Q4_0",
-        3 => "MOSTLY_Q4_1",
-        7 => "MOSTLY_Q8_0",
-        8 => "MOSTLY_Q5_0",
-        9 => "MOSTLY_Q5_1",
-        10 => "MOSTLY_Q2_K",
-        11 => "MOSTLY_Q3_K_S",
-        12 => "MOSTLY_Q3_K_M",
-        13 => "MOSTLY_Q3_K_L",
-        14 => "MOSTLY_Q4_K_S",
-        15 => "MOSTLY_Q4_K_M",
-        16 => "MOSTLY_Q5_K_S",
-        17 => "MOSTLY_Q5_K_M",
-        18 => "MOSTLY_Q6_K",
-        32 => "MOSTLY_BF16",
-        _ => return None,
-    })
 }
 
 fn human_bytes(b: u64) -> String {

@@ -2,12 +2,12 @@
 //! `-m` is given (the bundled trained checkpoint models/rustdoc-mixtral, quantized on first use into
 //! the cache folder).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
-use mixtral_q::engine::cpu::{dot, CpuEngine};
-use mixtral_q::engine::cuda::{parse_bytes, CudaEngine, CudaOptions, DeviceChoice};
-use mixtral_q::engine::Engine;
+pub use mixtral_q::cache::cache_dir;
+use mixtral_q::engine::{self, parse_bytes, DeviceChoice, Engine, OpenOptions};
 use mixtral_q::model::weights::Model;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
 use mixtral_q::text::Tokenizer;
@@ -38,39 +38,26 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
     pub ctx: usize,
     pub is_demo: bool,
-    device: DeviceChoice,
-    vram_budget: Option<u64>,
+    options: OpenOptions,
+    /// Where the engine runs, once [`Loaded::engine`] made it.
+    backend: OnceLock<String>,
 }
 
 impl Loaded {
-    /// The engine on the chosen device; a GPU prints its placement plan, and `auto` on a machine
-    /// without a usable GPU says in one line why it runs on the CPU.
-    pub fn engine(&self) -> Result<Box<dyn Engine + '_>> {
-        let (device, why_cpu) = self.device.resolve()?;
-        match device {
-            Some(device) => {
-                let opts = CudaOptions { device, vram_budget: self.vram_budget };
-                let engine = CudaEngine::new(&self.model, self.ctx, &opts)?;
-                eprintln!("{}\n{}", engine.device(), engine.plan());
-                Ok(Box::new(engine))
-            }
-            None => {
-                if let Some(why) = why_cpu {
-                    eprintln!("note: {why}");
-                }
-                Ok(Box::new(CpuEngine::new(&self.model, self.ctx)?))
-            }
+    /// The engine on the chosen device (`engine::open`), printing what it says at load: a GPU's
+    /// placement plan, or in one line why `auto` runs on the CPU.
+    pub fn engine(&self) -> Result<Box<dyn Engine + Send + '_>> {
+        let opened = engine::open(&self.model, self.ctx, &self.options)?;
+        for notice in &opened.notices {
+            eprintln!("{notice}");
         }
+        let _ = self.backend.set(opened.backend);
+        Ok(opened.engine)
     }
 
-    /// The backend, for reports: "CPU (avx512)" or the GPU's name.
+    /// The backend of the engine made last, for reports: "CPU (avx512)" or the GPU's name.
     pub fn backend(&self) -> String {
-        match self.device.resolve() {
-            Ok((Some(n), _)) => mixtral_q::engine::cuda::device_info(n)
-                .map(|d| format!("CUDA ({})", d.name))
-                .unwrap_or_else(|_| "CUDA".into()),
-            _ => format!("CPU ({})", dot::simd_level()),
-        }
+        self.backend.get().cloned().unwrap_or_else(|| "?".into())
     }
 }
 
@@ -96,7 +83,8 @@ impl ModelArgs {
             None if is_demo => DEMO_CONTEXT,
             None => model.config.context_length.min(4096),
         };
-        Ok(Loaded { model, tokenizer, ctx, is_demo, device: self.device, vram_budget: self.vram_budget })
+        let options = OpenOptions { device: self.device, vram_budget: self.vram_budget };
+        Ok(Loaded { model, tokenizer, ctx, is_demo, options, backend: OnceLock::new() })
     }
 }
 
@@ -134,18 +122,6 @@ const DEMO_FILES: [(&str, &[u8]); 6] = [
     ("tokenizer.json", include_bytes!("../../models/rustdoc-mixtral/tokenizer.json")),
     ("tokenizer_config.json", include_bytes!("../../models/rustdoc-mixtral/tokenizer_config.json")),
 ];
-
-/// `$MIXTRAL_Q_CACHE`, else `$XDG_CACHE_HOME/mixtral-q`, else `~/.cache/mixtral-q`.
-pub fn cache_dir() -> Result<PathBuf> {
-    if let Some(d) = std::env::var_os("MIXTRAL_Q_CACHE") {
-        return Ok(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Ok(Path::new(&d).join("mixtral-q"));
-    }
-    let home = std::env::var_os("HOME").context("neither MIXTRAL_Q_CACHE nor HOME is set")?;
-    Ok(Path::new(&home).join(".cache/mixtral-q"))
-}
 
 /// The demo model as a Q4_K GGUF in the cache folder, converted on first use.
 pub fn demo_model() -> Result<PathBuf> {

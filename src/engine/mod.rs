@@ -1,19 +1,32 @@
-//! The forward pass, per backend. Every backend implements [`Engine`], so the commands and the chat
-//! REPL do not care where the math runs.
+//! The forward pass and where it runs. Every engine implements [`Engine`], so the commands and the
+//! chat REPL do not care where the math runs; [`open`] picks the backend for `--device`.
+//!
+//! - `transformer`: the model written once over a backend's ops (the forward pass, batching, KV-cache
+//!   rollback, router traces), and the [`transformer::Backend`] trait those ops form.
+//! - `cpu`: the CPU backend (rayon, SIMD dot products), the reference for every other backend.
+//! - `cuda`: the CUDA backend (cudarc + NVRTC kernels, expert cache). It still has its own forward pass
+//!   (`CudaEngine`); porting it onto the backend ops is the next step.
+//! - `device_choice`: what `--device` and `--vram-budget` accept.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
+use crate::model::weights::Model;
 use crate::model::ModelConfig;
 
 pub mod cpu;
 pub mod cuda;
+mod device_choice;
+pub mod transformer;
+
+pub use self::device_choice::{parse_bytes, DeviceChoice};
+pub use self::transformer::{RouterTrace, Transformer, DEFAULT_MAX_BATCH};
 
 /// A model instance with its KV cache: tokens go in at the cache's current position, logits come out.
 pub trait Engine {
     /// Processes `tokens` at positions `position() .. position() + tokens.len()`, appending them to the
     /// KV cache. Returns the logits of the last token (`[vocab]`), or of every token (`[n, vocab]`,
     /// row-major) when `all_logits` is set. Errors (leaving the cache unchanged) when the tokens do not
-    /// fit in the context or an id is out of the vocabulary.
+    /// fit in the context or an id is out of the vocabulary ([`crate::Error`]).
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>>;
 
     /// Number of tokens in the KV cache.
@@ -30,5 +43,107 @@ pub trait Engine {
     /// One line of backend statistics for `/stats` and `--verbose` (e.g. the expert-cache hit rate).
     fn stats_line(&self) -> Option<String> {
         None
+    }
+
+    /// Records the router's choices of the following forward calls (`on`), or stops. An error where
+    /// the engine cannot record them.
+    fn set_router_trace(&mut self, on: bool) -> Result<()> {
+        let _ = on;
+        bail!("this engine does not record the router's choices (the CPU engine does)")
+    }
+
+    /// The choices recorded since tracing was turned on or last taken, one entry per forward call.
+    fn take_router_trace(&mut self) -> Vec<RouterTrace> {
+        Vec::new()
+    }
+}
+
+/// How [`open`] chooses and sets up the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenOptions {
+    pub device: DeviceChoice,
+    /// Bytes of VRAM a GPU engine may use (default: free VRAM minus a reserve).
+    pub vram_budget: Option<u64>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { device: DeviceChoice::Auto, vram_budget: None }
+    }
+}
+
+/// An engine from [`open`], with what to tell the user about it.
+pub struct Opened<'a> {
+    pub engine: Box<dyn Engine + Send + 'a>,
+    /// Where it runs, for reports: "CPU (avx512)", "CUDA (NVIDIA H100 80GB HBM3)".
+    pub backend: String,
+    /// Lines for the user at load: the GPU and its placement plan, or why `auto` chose the CPU.
+    pub notices: Vec<String>,
+}
+
+/// The engine for `model` with a KV cache of `ctx` tokens on the device `opts` asks for: a CUDA GPU
+/// (`auto` when one is usable), else the CPU.
+pub fn open<'a>(model: &'a Model, ctx: usize, opts: &OpenOptions) -> Result<Opened<'a>> {
+    let (device, mut why_cpu) = opts.device.resolve()?;
+    if let Some(device) = device {
+        if model.config.is_mixtral() {
+            let cuda_opts = cuda::CudaOptions { device, vram_budget: opts.vram_budget };
+            let engine = cuda::CudaEngine::new(model, ctx, &cuda_opts)?;
+            let backend = format!("CUDA ({})", engine.device().name);
+            let notices = vec![format!("{}\n{}", engine.device(), engine.plan())];
+            return Ok(Opened { engine: Box::new(engine), backend, notices });
+        }
+        let why = "the CUDA engine runs Mixtral layers only (softmax top-k renormalized, no shared experts)";
+        if opts.device != DeviceChoice::Auto {
+            bail!("{why}: use --device cpu for this model");
+        }
+        why_cpu = Some(format!("using the CPU: {why}"));
+    }
+    let engine = cpu::CpuEngine::new(model, ctx)?;
+    Ok(Opened {
+        engine: Box::new(engine),
+        backend: format!("CPU ({})", cpu::dot::simd_level()),
+        notices: why_cpu.map(|why| format!("note: {why}")).into_iter().collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weights::testing::{tiny_config, tiny_tensors, write_gguf};
+    use crate::Error;
+
+    #[test]
+    fn open_picks_the_backend_and_errors_are_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &tiny_config(), &tiny_tensors(&tiny_config(), false)).unwrap();
+        let model = Model::load(&path).unwrap();
+        let cpu = OpenOptions { device: DeviceChoice::Cpu, vram_budget: None };
+        let opened = open(&model, 8, &cpu).unwrap();
+        assert!(opened.backend.starts_with("CPU ("), "{}", opened.backend);
+        assert!(opened.notices.is_empty());
+        let mut engine = opened.engine;
+        let typed = |e: anyhow::Error| e.downcast_ref::<Error>().cloned();
+        let err = engine.forward(&[3, 64], false).unwrap_err();
+        assert_eq!(typed(err), Some(Error::TokenOutOfVocabulary { token: 64, vocab: 64 }));
+        engine.forward(&[1, 2, 3], false).unwrap();
+        let err = engine.forward(&[1; 6], false).unwrap_err();
+        assert_eq!(err.to_string(), "6 new tokens after 3 do not fit in the context of 8 tokens");
+        assert_eq!(typed(err), Some(Error::ContextFull { cached: 3, new: 6, capacity: 8 }));
+        engine.set_router_trace(true).unwrap();
+        engine.forward(&[4], false).unwrap();
+        assert_eq!(engine.take_router_trace().len(), 1);
+
+        if cuda::cuda_available().is_ok() {
+            eprintln!("a CUDA GPU is present: the no-GPU paths of engine::open are not exercised here");
+            return;
+        }
+        let auto = open(&model, 8, &OpenOptions::default()).unwrap();
+        assert_eq!(auto.notices.len(), 1);
+        assert!(auto.notices[0].starts_with("note: using the CPU: "), "{:?}", auto.notices);
+        let cuda = OpenOptions { device: DeviceChoice::Cuda(0), vram_budget: None };
+        let err = open(&model, 8, &cuda).err().expect("no GPU here");
+        assert!(matches!(typed(err), Some(Error::NoGpu(_))));
     }
 }

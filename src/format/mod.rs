@@ -1,8 +1,10 @@
 //! File formats, with no model knowledge: GGUF read/write, safetensors read, ggml block codecs.
 
 pub mod codec;
+mod file_type;
 mod ggml_type;
 pub mod gguf;
 pub mod safetensors;
 
-pub use ggml_type::GgmlType;
+pub use file_type::{FileType, FILE_TYPES};
+pub use ggml_type::{ActivationKind, GgmlType, TypeInfo};

@@ -11,20 +11,8 @@ use crate::format::codec;
 use crate::format::gguf::{GgufFile, TensorInfo};
 use crate::format::GgmlType;
 
-/// Tensor types the engines compute with.
-pub const SUPPORTED_TYPES: [GgmlType; 11] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
+/// Tensor types the engines compute with (derived from the type descriptors).
+pub const SUPPORTED_TYPES: [GgmlType; GgmlType::COMPUTABLE.len()] = GgmlType::COMPUTABLE;
 
 /// One weight matrix inside the mapped file: type, row-major `[rows, cols]` (row r = output r), bytes.
 #[derive(Clone, Copy)]
@@ -38,7 +26,9 @@ pub struct Matrix<'a> {
 impl<'a> Matrix<'a> {
     /// Checks that `data` holds exactly `rows` rows of whole blocks.
     pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Matrix<'a>> {
-        ensure!(SUPPORTED_TYPES.contains(&ty), "type {ty} is not supported");
+        if !SUPPORTED_TYPES.contains(&ty) {
+            return Err(crate::Error::UnsupportedType(ty).into());
+        }
         let row_bytes = ty.bytes_for(cols).with_context(|| {
             format!("rows of {cols} values are not whole {ty} blocks of {}", ty.block_len())
         })?;
@@ -159,6 +149,7 @@ impl Model {
         let file = GgufFile::open(path)?;
         let config =
             ModelConfig::from_gguf(&file.metadata).with_context(|| format!("in {}", path.display()))?;
+        check_layers(&config).with_context(|| format!("in {}", path.display()))?;
         let model = Model { file, config };
         model.weights()?;
         Ok(model)
@@ -168,6 +159,25 @@ impl Model {
     pub fn weights(&self) -> Result<ModelWeights<'_>> {
         ModelWeights::from_gguf(&self.file, &self.config)
     }
+}
+
+/// The layer kinds whose weights this loader finds. The spec and the forward pass describe dense
+/// layers and shared experts too, but their tensors (`blk.N.ffn_gate.weight`, `*_shexp`) are not read
+/// yet: such files are refused with what they are.
+fn check_layers(cfg: &ModelConfig) -> Result<()> {
+    if cfg.n_experts == 0 {
+        bail!("llama.expert_count is missing or 0: this is a dense llama model, not Mixtral");
+    }
+    if cfg.n_leading_dense > 0 {
+        bail!(
+            "layers 0..{} have dense FFNs (llama.leading_dense_block_count): not supported yet",
+            cfg.n_leading_dense
+        );
+    }
+    if cfg.shared_ffn_size > 0 {
+        bail!("the MoE layers have shared experts (llama.expert_shared_*): not supported yet");
+    }
+    Ok(())
 }
 
 fn find<'f>(file: &'f GgufFile, name: &str) -> Result<&'f TensorInfo> {
@@ -241,6 +251,17 @@ pub(crate) mod testing {
     use crate::format::GgmlType;
     use crate::model::ModelConfig;
 
+    /// `n` values in [-1, 1) from a linear congruential generator: deterministic test inputs.
+    pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
     /// One tensor to write: name, ggml dims, type, bytes.
     pub type Tensor = (String, Vec<u64>, GgmlType, Vec<u8>);
 
@@ -259,6 +280,10 @@ pub(crate) mod testing {
             context_length: 32,
             rope_theta: 1e4,
             rms_norm_eps: 1e-5,
+            n_leading_dense: 0,
+            dense_ffn_size: 64,
+            shared_ffn_size: 0,
+            gating: crate::model::spec::Gating::MIXTRAL,
         }
     }
 

@@ -216,10 +216,9 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-    /// Mixtral-8x7B as llama.cpp's Q4_K_M lays it out (experts Q4_K, attention q Q4_K, k/v Q8_0,
+    /// A Mixtral as llama.cpp's Q4_K_M lays it out (experts Q4_K, attention q Q4_K, k/v Q8_0,
     /// output Q5_K, embeddings Q4_K, head Q6_K), with a 4096-token context.
-    fn mixtral_sizes() -> ModelSizes {
-        let cfg = ModelConfig::mixtral_8x7b(32);
+    fn q4_k_m_sizes(cfg: &ModelConfig) -> ModelSizes {
         let bytes = |ty: GgmlType, rows: usize, cols: usize| (rows * ty.bytes_for(cols).unwrap()) as u64;
         let (h, f) = (cfg.hidden_size, cfg.ffn_size);
         let attn = bytes(GgmlType::Q4_K, cfg.q_dim(), h)
@@ -238,11 +237,15 @@ mod tests {
         ]);
         ModelSizes {
             dense,
-            experts: vec![vec![expert.bytes as u64; 8]; 32],
-            kv_cache: kv_cache_bytes(&cfg, 4096),
+            experts: vec![vec![expert.bytes as u64; cfg.n_experts]; cfg.n_layers],
+            kv_cache: kv_cache_bytes(cfg, 4096),
             scratch: 256 << 20,
-            n_experts_used: 2,
+            n_experts_used: cfg.n_experts_used,
         }
+    }
+
+    fn mixtral_sizes() -> ModelSizes {
+        q4_k_m_sizes(&ModelConfig::mixtral_8x7b(32))
     }
 
     #[test]
@@ -315,6 +318,39 @@ mod tests {
         assert_eq!(s.kv_cache, kv_cache_bytes(&model.config, 64));
         let all = Plan::new(&s, u64::MAX).unwrap();
         assert!(all.all_resident());
+    }
+
+    /// Mixtral-8x22B (56 layers, hidden 6144, FFN 16384, 48/8 heads, vocab 32768) through the same
+    /// arithmetic: its shapes come from the config alone.
+    #[test]
+    fn mixtral_8x22b_in_the_placement_arithmetic() {
+        let cfg = ModelConfig::mixtral_8x22b(56);
+        assert_eq!(
+            (cfg.n_layers, cfg.hidden_size, cfg.ffn_size, cfg.n_heads, cfg.n_kv_heads),
+            (56, 6144, 16384, 48, 8)
+        );
+        let p = cfg.n_params() as f64 / 1e9;
+        assert!((p - 140.6).abs() < 0.2, "{p}B parameters");
+        let s = q4_k_m_sizes(&cfg);
+        // One expert: 3 matrices of 16384x6144 at 4.5 bits = 169.9 MB; 448 of them.
+        let e = s.experts[0][0] as f64 / 1e6;
+        assert!((e - 169.9).abs() < 0.5, "{e} MB");
+        assert_eq!(s.experts.iter().flatten().count(), 448);
+        // KV cache: 56 layers x 1024 (8 KV heads x 128) x 2 (k, v) x 2 bytes = 224 KiB per token.
+        assert_eq!(s.kv_cache, 4096 * 224 * 1024);
+        let all_experts: u64 = s.experts.iter().flatten().sum();
+        assert!((all_experts as f64 / GIB as f64 - 70.9).abs() < 0.1);
+        // 75.4 GiB in all: an 80 GiB budget holds everything, 64 GiB leaves about 70 experts out.
+        assert!(Plan::new(&s, 80 * GIB).unwrap().all_resident());
+        let h = Plan::new(&s, 64 * GIB).unwrap();
+        assert!(!h.all_resident() && (370..390).contains(&h.resident_experts()), "{}", h.resident_experts());
+        // A 24 GB card: attention and the rest take ~4.5 GiB, so about 120 experts fit, spread evenly.
+        let plan = Plan::new(&s, 24 * GIB).unwrap();
+        let resident = plan.resident_experts();
+        assert!((100..140).contains(&resident), "{resident}");
+        assert!(plan.vram_bytes() <= 24 * GIB && plan.vram_bytes() + s.experts[0][0] > 24 * GIB);
+        let per_layer: Vec<usize> = plan.resident.iter().map(|l| l.iter().filter(|&&r| r).count()).collect();
+        assert!(per_layer.iter().max().unwrap() - per_layer.iter().min().unwrap() <= 1, "{per_layer:?}");
     }
 
     #[test]

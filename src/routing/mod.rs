@@ -24,13 +24,13 @@ use crate::engine::Engine;
 use crate::model::weights::Model;
 use crate::text::{StreamDecoder, Tokenizer};
 
-/// The router's choices for `tokens`, `[token][layer]` → experts (highest weight first), from the
-/// CPU engine. A text longer than the engine's context goes through in consecutive windows, each
+/// The router's choices for `tokens`, `[token][layer]` → experts (highest weight first), from
+/// `engine`. A text longer than the engine's context goes through in consecutive windows, each
 /// starting with an empty KV cache. This is the one place that reads the engine's router trace.
-pub fn route_tokens(engine: &mut CpuEngine, tokens: &[u32]) -> Result<Vec<Vec<Vec<usize>>>> {
+pub fn route_tokens(engine: &mut dyn Engine, tokens: &[u32]) -> Result<Vec<Vec<Vec<usize>>>> {
     let window = engine.context_size();
     let mut routes = Vec::with_capacity(tokens.len());
-    engine.set_router_trace(true);
+    engine.set_router_trace(true)?;
     for chunk in tokens.chunks(window) {
         engine.truncate(0);
         engine.forward(chunk, false)?;
@@ -40,7 +40,7 @@ pub fn route_tokens(engine: &mut CpuEngine, tokens: &[u32]) -> Result<Vec<Vec<Ve
             routes.extend((0..n).map(|t| call.iter().map(|layer| layer[t].clone()).collect::<Vec<_>>()));
         }
     }
-    engine.set_router_trace(false);
+    engine.set_router_trace(false)?;
     ensure!(routes.len() == tokens.len(), "the engine traced {} of {} tokens", routes.len(), tokens.len());
     Ok(routes)
 }

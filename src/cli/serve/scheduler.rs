@@ -88,7 +88,7 @@ pub struct Scheduler<'a> {
 
 impl<'a> Scheduler<'a> {
     pub fn new(
-        engines: &'a mut [Box<dyn Engine + '_>],
+        engines: &'a mut [Box<dyn Engine + Send + '_>],
         tok: &'a Tokenizer,
         template: &'a ChatTemplate,
         load: &'a Load,
@@ -308,7 +308,7 @@ impl<'a> Scheduler<'a> {
 mod tests {
     use std::path::Path;
 
-    use mixtral_q::engine::cuda::DeviceChoice;
+    use mixtral_q::engine::DeviceChoice;
     use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
     use serde_json::json;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -348,13 +348,13 @@ mod tests {
             }
         }
 
-        fn engines(&self, n: usize) -> Vec<Box<dyn Engine + '_>> {
+        fn engines(&self, n: usize) -> Vec<Box<dyn Engine + Send + '_>> {
             (0..n).map(|_| self.loaded.engine().unwrap()).collect()
         }
 
         fn scheduler<'a>(
             &'a self,
-            engines: &'a mut [Box<dyn Engine + '_>],
+            engines: &'a mut [Box<dyn Engine + Send + '_>],
         ) -> (Scheduler<'a>, crossbeam::channel::Sender<Job>) {
             let (tx, rx) = crossbeam::channel::unbounded();
             (Scheduler::new(engines, &self.loaded.tokenizer, &self.template, &self.load, rx), tx)

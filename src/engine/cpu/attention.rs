@@ -55,6 +55,7 @@ pub fn softmax(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::weights::testing::pseudo_random;
 
     fn cfg(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> ModelConfig {
         ModelConfig {
@@ -66,20 +67,10 @@ mod tests {
         }
     }
 
-    fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
     /// `[position, kv_dim]` keys and values as the cache holds them, one buffer per KV head.
     fn by_head(cfg: &ModelConfig, k: &[f32], v: &[f32]) -> Vec<HeadCache> {
-        let mut cache = super::super::kv_cache::KvCache::new(1, cfg.n_kv_heads, cfg.head_dim, k.len());
-        cache.append(0, k, v);
+        let mut cache = super::super::kv_cache::KvCache::new(1, cfg.n_kv_heads, cfg.head_dim);
+        cache.append(0, 0, k, v);
         cache.heads(0).iter().map(|h| HeadCache { keys: h.keys.clone(), values: h.values.clone() }).collect()
     }
 

@@ -1,179 +1,248 @@
-//! The CPU backend: the reference forward pass that every other backend is checked against.
+//! The CPU backend: the transformer's ops on host threads (rayon) with SIMD dot products, reading the
+//! weights straight from the mapped file. It is the reference every other backend is checked against.
 //!
-//! Per layer: `h = x + Attn(RMSNorm(x))`, `out = h + MoE(RMSNorm(h))`; then a final RMSNorm and the
-//! output head. All tokens of one `forward` call go through each layer together, so every weight
-//! matrix is read once per call; parallelism is inside the matrix products and across attention heads.
+//! Decode (one token) runs the products of a step in one parallel pass (`products::matvecs`: q/k/v
+//! together, both experts' gate and up together, both downs together), so that no core waits at the
+//! end of each; prompts quantize each input once per weight type and share it across the matrices
+//! that read it (q/k/v; an expert's gate and up). Parallelism is inside the products and across
+//! attention heads.
 
 mod attention;
 pub mod dot;
 mod kv_cache;
 mod moe;
 mod norm;
+mod products;
 mod rope;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
 use self::kv_cache::KvCache;
+pub use self::moe::Routes;
+use self::products::{matvecs, Input};
 use self::rope::Rope;
-use super::Engine;
-use crate::format::GgmlType;
-use crate::model::weights::{LayerWeights, Matrix, Model, ModelWeights};
+use super::transformer::{Backend, ExpertInput, ExpertMatrix, Prepare, Route, Transformer, Weights};
+use crate::model::spec::Gating;
+use crate::model::weights::{ExpertWeights, Matrix, Model};
 use crate::model::ModelConfig;
 
-/// The experts the router chose in one forward call: `[layer][token]` → expert ids, highest weight first.
-pub type RouterTrace = Vec<Vec<Vec<usize>>>;
-
-pub struct CpuEngine<'a> {
-    weights: ModelWeights<'a>,
-    cfg: ModelConfig,
-    cache: KvCache,
-    rope: Rope,
-    /// Longer `forward` calls are processed in batches of this many tokens.
-    max_batch: usize,
-    /// `Some` while tracing: one entry per forward call.
-    router_trace: Option<Vec<RouterTrace>>,
-}
+/// The CPU engine: the transformer on the CPU backend.
+pub type CpuEngine<'a> = Transformer<CpuBackend<'a>>;
 
 impl<'a> CpuEngine<'a> {
     /// An engine over `model` with a KV cache of `ctx` tokens.
     pub fn new(model: &'a Model, ctx: usize) -> Result<CpuEngine<'a>> {
-        Self::from_weights(model.weights()?, model.config.clone(), ctx)
+        let mut backend = CpuBackend::new(&model.config);
+        let weights = Weights::prepare(&mut backend, &model.weights()?, &model.config)?;
+        Transformer::with_weights(backend, weights, model.config.clone(), ctx)
+    }
+}
+
+/// Activations on the host: `[rows, width]`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub width: usize,
+}
+
+impl CpuTensor {
+    pub fn new(data: Vec<f32>, width: usize) -> CpuTensor {
+        debug_assert!(width > 0 && data.len().is_multiple_of(width));
+        CpuTensor { data, width }
     }
 
-    pub fn from_weights(weights: ModelWeights<'a>, cfg: ModelConfig, ctx: usize) -> Result<CpuEngine<'a>> {
-        ensure!(ctx > 0, "the context size must be at least 1 token");
-        ensure!(
-            ctx <= cfg.context_length,
-            "context size {ctx} exceeds the model's context length {}",
-            cfg.context_length
-        );
-        Ok(CpuEngine {
-            cache: KvCache::new(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, ctx),
+    pub fn zeros(rows: usize, width: usize) -> CpuTensor {
+        CpuTensor::new(vec![0.0; rows * width], width)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.width
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.width..][..self.width]
+    }
+}
+
+/// The ops on the CPU, for one model's shapes. Weights are the host's views into the mapped file.
+pub struct CpuBackend<'a> {
+    cfg: ModelConfig,
+    rope: Rope,
+    _weights: std::marker::PhantomData<Matrix<'a>>,
+}
+
+impl CpuBackend<'_> {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        CpuBackend {
+            cfg: cfg.clone(),
             rope: Rope::new(cfg.head_dim, cfg.rope_theta),
-            weights,
-            cfg,
-            max_batch: DEFAULT_MAX_BATCH,
-            router_trace: None,
-        })
-    }
-
-    /// Sets the batch size of prompt processing (at least 1).
-    pub fn set_max_batch(&mut self, tokens: usize) {
-        self.max_batch = tokens.max(1);
-    }
-
-    /// Records the router's choices of the following forward calls (for tests and `/stats`).
-    pub fn set_router_trace(&mut self, on: bool) {
-        self.router_trace = on.then(Vec::new);
-    }
-
-    /// The choices recorded since tracing was turned on or last taken, one entry per forward call.
-    pub fn take_router_trace(&mut self) -> Vec<RouterTrace> {
-        self.router_trace.as_mut().map(std::mem::take).unwrap_or_default()
-    }
-
-    /// One batch through every layer; appends its keys and values to the cache and returns the logits
-    /// that `logits` asks for, with the router's choices (`[layer][token]`).
-    fn run(&mut self, tokens: &[u32], logits: Logits) -> Result<(Vec<f32>, RouterTrace)> {
-        let cfg = &self.cfg;
-        let (n, hidden, start) = (tokens.len(), cfg.hidden_size, self.cache.len());
-        let mut x = vec![0.0; n * hidden];
-        for (&tok, row) in tokens.iter().zip(x.chunks_exact_mut(hidden)) {
-            self.weights.token_embd.dequantize_row(tok as usize, row)?;
+            _weights: Default::default(),
         }
-        let mut trace = Vec::with_capacity(cfg.n_layers);
-        for (l, layer) in self.weights.layers.iter().enumerate() {
-            let attn = attention_block(cfg, layer, &self.rope, &mut self.cache, l, &x, start)?;
-            add(&mut x, &attn);
-            let xn = norm::rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_norm_eps);
-            let routes = moe::route_tokens(layer, &xn, cfg.n_experts_used)?;
-            add(&mut x, &moe::mix_experts(&layer.experts, &xn, &routes)?);
-            trace.push(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()).collect());
-        }
-        self.cache.commit(n);
-        let rows = match logits {
-            Logits::None => return Ok((Vec::new(), trace)),
-            Logits::Last => &x[(n - 1) * hidden..],
-            Logits::All => &x[..],
-        };
-        let xn = norm::rms_norm_rows(rows, &self.weights.output_norm, cfg.rms_norm_eps);
-        let mut out = vec![0.0; rows.len() / hidden * cfg.vocab_size];
-        Input::new(&xn).matmul(&self.weights.output, &mut out)?;
-        Ok((out, trace))
     }
 }
 
-/// Which logits a batch returns.
-#[derive(Clone, Copy)]
-enum Logits {
-    None,
-    Last,
-    All,
+impl<'a> Prepare<'a> for CpuBackend<'a> {
+    fn matrix(&mut self, m: &Matrix<'a>) -> Result<Matrix<'a>> {
+        Ok(*m)
+    }
+
+    fn vector(&mut self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+
+    fn experts(&mut self, _layer: usize, experts: &[ExpertWeights<'a>]) -> Result<Vec<ExpertWeights<'a>>> {
+        Ok(experts.to_vec())
+    }
 }
 
-/// Default longest batch sent through the layers at once: bounds the activation memory of long
-/// prompts (an expert's `[tokens, ffn]` intermediate is 56 KiB per token at Mixtral's size) while every
-/// weight is still read only once per 512 tokens.
-pub const DEFAULT_MAX_BATCH: usize = 512;
+/// Below this many values an elementwise op runs on the calling thread.
+const PARALLEL_MIN_VALUES: usize = 1 << 16;
 
-impl Engine for CpuEngine<'_> {
-    fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        ensure!(!tokens.is_empty(), "no tokens to process");
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary of {} tokens", self.cfg.vocab_size);
+impl<'a> Backend for CpuBackend<'a> {
+    type Tensor = CpuTensor;
+    type Matrix = Matrix<'a>;
+    type Vector = Vec<f32>;
+    type Experts = Vec<ExpertWeights<'a>>;
+    type Routes = Routes;
+    type KvCache = KvCache;
+
+    fn kv_cache(&mut self, _capacity: usize) -> Result<KvCache> {
+        // The buffers grow with the tokens actually cached: a large `--ctx` costs nothing until used.
+        Ok(KvCache::new(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim))
+    }
+
+    fn embed(&mut self, table: &Matrix<'a>, tokens: &[u32]) -> Result<CpuTensor> {
+        let mut x = CpuTensor::zeros(tokens.len(), table.cols);
+        for (&token, row) in tokens.iter().zip(x.data.chunks_exact_mut(table.cols)) {
+            table.dequantize_row(token as usize, row)?;
         }
-        let start = self.cache.len();
+        Ok(x)
+    }
+
+    fn rows(&mut self, x: &CpuTensor, first: usize, count: usize) -> Result<CpuTensor> {
+        ensure!(first + count <= x.rows(), "rows {first}..{} of a {}-row tensor", first + count, x.rows());
+        Ok(CpuTensor::new(x.data[first * x.width..(first + count) * x.width].to_vec(), x.width))
+    }
+
+    fn to_host(&mut self, x: CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data)
+    }
+
+    fn rms_norm(&mut self, x: &CpuTensor, w: &Vec<f32>) -> Result<CpuTensor> {
+        ensure!(x.width == w.len(), "RMSNorm of {}-wide rows with {} weights", x.width, w.len());
+        Ok(CpuTensor::new(norm::rms_norm_rows(&x.data, w, self.cfg.rms_norm_eps), x.width))
+    }
+
+    fn add(&mut self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        ensure!(x.data.len() == y.data.len(), "adding {} values to {}", y.data.len(), x.data.len());
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn swiglu(&mut self, gate: &mut CpuTensor, up: &CpuTensor) -> Result<()> {
         ensure!(
-            start + tokens.len() <= self.cache.capacity(),
-            "{} new tokens after {start} do not fit in the context of {} tokens",
-            tokens.len(),
-            self.cache.capacity()
+            gate.data.len() == up.data.len(),
+            "SwiGLU of {} gate and {} up values",
+            gate.data.len(),
+            up.data.len()
         );
-        let mut logits = Vec::new();
-        let mut trace: RouterTrace = vec![Vec::new(); self.cfg.n_layers];
-        let n_batches = tokens.len().div_ceil(self.max_batch);
-        for (i, batch) in tokens.chunks(self.max_batch).enumerate() {
-            let want = match (all_logits, i + 1 == n_batches) {
-                (true, _) => Logits::All,
-                (false, true) => Logits::Last,
-                (false, false) => Logits::None,
-            };
-            // On a worker of the thread pool: its parallel loops then start and end without handing work
-            // across from a thread outside the pool (which sleeps and wakes at every one).
-            match rayon::scope(|_| self.run(batch, want)) {
-                Ok((batch_logits, batch_trace)) => {
-                    logits.extend(batch_logits);
-                    for (layer, choices) in trace.iter_mut().zip(batch_trace) {
-                        layer.extend(choices);
-                    }
-                }
-                Err(e) => {
-                    self.cache.truncate(start);
-                    return Err(e);
-                }
-            }
+        swiglu_in_place(&mut gate.data, &up.data, gate.width);
+        Ok(())
+    }
+
+    fn matmul(&mut self, w: &Matrix<'a>, x: &CpuTensor) -> Result<CpuTensor> {
+        let mut out = CpuTensor::zeros(x.rows(), w.rows);
+        Input::new(&x.data).matmul(w, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn matmul_many<const N: usize>(&mut self, ws: [&Matrix<'a>; N], x: &CpuTensor) -> Result<[CpuTensor; N]> {
+        let outs: Vec<CpuTensor> = if x.rows() == 1 {
+            let products: Vec<(&[f32], &Matrix)> = ws.iter().map(|&w| (&x.data[..], w)).collect();
+            matvecs(&products)?.into_iter().zip(ws).map(|(y, w)| CpuTensor::new(y, w.rows)).collect()
+        } else {
+            let mut input = Input::new(&x.data);
+            ws.iter()
+                .map(|w| {
+                    let mut out = CpuTensor::zeros(x.rows(), w.rows);
+                    input.matmul(w, &mut out.data)?;
+                    Ok(out)
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(outs.try_into().unwrap_or_else(|_| unreachable!("N products")))
+    }
+
+    fn rope(&mut self, x: &mut CpuTensor, start: usize) -> Result<()> {
+        let width = x.width;
+        for (t, row) in x.data.chunks_exact_mut(width).enumerate() {
+            self.rope.apply(row, start + t);
         }
-        if let Some(traces) = &mut self.router_trace {
-            traces.push(trace);
-        }
-        Ok(logits)
+        Ok(())
     }
 
-    fn position(&self) -> usize {
-        self.cache.len()
+    fn kv_append(
+        &mut self,
+        cache: &mut KvCache,
+        layer: usize,
+        start: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+    ) -> Result<()> {
+        cache.append(layer, start, &k.data, &v.data);
+        Ok(())
     }
 
-    fn context_size(&self) -> usize {
-        self.cache.capacity()
+    fn kv_truncate(&mut self, cache: &mut KvCache, len: usize) {
+        cache.truncate(len);
     }
 
-    fn truncate(&mut self, n: usize) {
-        self.cache.truncate(n);
+    fn attention(&mut self, cache: &KvCache, layer: usize, start: usize, q: &CpuTensor) -> Result<CpuTensor> {
+        let mut out = CpuTensor::zeros(q.rows(), self.cfg.q_dim());
+        attention::causal_attention(&self.cfg, &q.data, cache.heads(layer), start, &mut out.data);
+        Ok(out)
     }
 
-    fn config(&self) -> &ModelConfig {
-        &self.cfg
+    fn route(&mut self, logits: &CpuTensor, top_k: usize, gating: Gating) -> Result<Routes> {
+        let routes = logits.data.chunks_exact(logits.width).map(|l| moe::route(l, top_k, gating)).collect();
+        Ok(Routes::new(routes, logits.width))
+    }
+
+    fn routes_to_host(&mut self, routes: &Routes) -> Result<Vec<Route>> {
+        Ok(routes.per_token().to_vec())
+    }
+
+    fn expert_matmul<const N: usize>(
+        &mut self,
+        experts: &Vec<ExpertWeights<'a>>,
+        which: [ExpertMatrix; N],
+        x: &CpuTensor,
+        input: ExpertInput,
+        routes: &Routes,
+    ) -> Result<[CpuTensor; N]> {
+        moe::expert_matmul(experts, which, x, input, routes)
+    }
+
+    fn weighted_sum(&mut self, y: &CpuTensor, routes: &Routes) -> Result<CpuTensor> {
+        moe::weighted_sum(y, routes)
+    }
+
+    fn expert_swiglu(
+        &mut self,
+        experts: &Vec<ExpertWeights<'a>>,
+        x: &CpuTensor,
+        routes: &Routes,
+    ) -> Result<CpuTensor> {
+        moe::expert_swiglu(experts, x, routes)
+    }
+
+    fn scoped<R: Send>(&mut self, work: impl FnOnce(&mut Self) -> R + Send) -> R {
+        // On a worker of the thread pool: its parallel loops then start and end without handing work
+        // across from a thread outside the pool (which sleeps and wakes at every one).
+        rayon::scope(|_| work(self))
     }
 
     fn stats_line(&self) -> Option<String> {
@@ -181,121 +250,29 @@ impl Engine for CpuEngine<'_> {
     }
 }
 
-/// `Attn(RMSNorm(x))` for the new tokens `x` (`[n, hidden]`) at positions `start ..`; appends their
-/// keys and values to the cache of layer `l`.
-fn attention_block(
-    cfg: &ModelConfig,
-    layer: &LayerWeights,
-    rope: &Rope,
-    cache: &mut KvCache,
-    l: usize,
-    x: &[f32],
-    start: usize,
-) -> Result<Vec<f32>> {
-    let n = x.len() / cfg.hidden_size;
-    let xn = norm::rms_norm_rows(x, &layer.attn_norm, cfg.rms_norm_eps);
-    let (mut q, mut k, v) = if n == 1 {
-        let [q, k, v] = matvecs(&[(&xn, &layer.attn_q), (&xn, &layer.attn_k), (&xn, &layer.attn_v)])?
-            .try_into()
-            .expect("three products");
-        (q, k, v)
-    } else {
-        let mut q = vec![0.0; n * cfg.q_dim()];
-        let mut k = vec![0.0; n * cfg.kv_dim()];
-        let mut v = vec![0.0; n * cfg.kv_dim()];
-        let mut input = Input::new(&xn);
-        input.matmul(&layer.attn_q, &mut q)?;
-        input.matmul(&layer.attn_k, &mut k)?;
-        input.matmul(&layer.attn_v, &mut v)?;
-        (q, k, v)
+/// `gate[i] = silu(gate[i]) * up[i]`, in parallel over rows of `width` when there are many values.
+fn swiglu_in_place(gate: &mut [f32], up: &[f32], width: usize) {
+    let rows = |g: &mut [f32], u: &[f32]| {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = silu(*g) * u;
+        }
     };
-    for (t, (qt, kt)) in q.chunks_exact_mut(cfg.q_dim()).zip(k.chunks_exact_mut(cfg.kv_dim())).enumerate() {
-        rope.apply(qt, start + t);
-        rope.apply(kt, start + t);
-    }
-    cache.append(l, &k, &v);
-    let mut att = vec![0.0; n * cfg.q_dim()];
-    attention::causal_attention(cfg, &q, cache.heads(l), start, &mut att);
-    let mut out = vec![0.0; n * cfg.hidden_size];
-    Input::new(&att).matmul(&layer.attn_output, &mut out)?;
-    Ok(out)
-}
-
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
+    if gate.len() >= PARALLEL_MIN_VALUES {
+        gate.par_chunks_mut(width).zip(up.par_chunks(width)).for_each(|(g, u)| rows(g, u));
+    } else {
+        rows(gate, up);
     }
 }
 
-/// `out[i] = w_i · x_i` for one token per product, all in one parallel pass (`dot::matvec_many`). Inputs
-/// shared by several matrices of one weight type are quantized once.
-fn matvecs(products: &[(&[f32], &Matrix)]) -> Result<Vec<Vec<f32>>> {
-    let mut quantized: Vec<(&[f32], GgmlType, dot::QuantizedActivations)> = Vec::new();
-    let mut which = Vec::with_capacity(products.len());
-    for &(x, w) in products {
-        let known = quantized.iter().position(|(qx, ty, _)| std::ptr::eq(*qx, x) && *ty == w.ty);
-        which.push(match known {
-            Some(i) => i,
-            None => {
-                quantized.push((x, w.ty, dot::QuantizedActivations::new(w.ty, x)?));
-                quantized.len() - 1
-            }
-        });
-    }
-    let mut outs: Vec<Vec<f32>> = products.iter().map(|(_, w)| vec![0.0; w.rows]).collect();
-    let mut jobs: Vec<dot::MatVec> = products
-        .iter()
-        .zip(&which)
-        .zip(&mut outs)
-        .map(|((&(_, w), &i), out)| dot::MatVec {
-            ty: w.ty,
-            w: w.data,
-            rows: w.rows,
-            cols: w.cols,
-            x: &quantized[i].2,
-            out,
-        })
-        .collect();
-    dot::matvec_many(&mut jobs)?;
-    Ok(outs)
-}
-
-/// Rows of activations (`[n, cols]`) on their way into weight matrices. They are quantized for a
-/// matrix's type (in parallel, over tokens) the first time one needs it, and kept: the matrices that
-/// read the same input (q, k and v; an expert's gate and up) share the quantization.
-struct Input<'a> {
-    xs: &'a [f32],
-    quantized: Vec<(GgmlType, Vec<dot::QuantizedActivations>)>,
-}
-
-impl<'a> Input<'a> {
-    fn new(xs: &'a [f32]) -> Input<'a> {
-        Input { xs, quantized: Vec::new() }
-    }
-
-    /// `out[t, r] = Σ_c w[r, c] · xs[t, c]` for every row `t` (`[n, w.cols]` → `[n, w.rows]`). The one
-    /// place the engine multiplies by a weight matrix: `dot` reads each weight row once for all tokens.
-    fn matmul(&mut self, w: &Matrix, out: &mut [f32]) -> Result<()> {
-        let known = self.quantized.iter().position(|(ty, _)| *ty == w.ty);
-        let i = match known {
-            Some(i) => i,
-            None => {
-                let acts = self
-                    .xs
-                    .par_chunks_exact(w.cols)
-                    .map(|x| dot::QuantizedActivations::new(w.ty, x))
-                    .collect::<Result<Vec<_>>>()?;
-                self.quantized.push((w.ty, acts));
-                self.quantized.len() - 1
-            }
-        };
-        dot::matmul(w.ty, w.data, w.rows, w.cols, &self.quantized[i].1, out)
-    }
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Engine;
+    use crate::format::GgmlType;
     use crate::model::weights::testing::{tiny_config, tiny_tensors, write_gguf};
 
     /// The tiny random model of `model::weights::testing`, as a GGUF file in `dir`.
@@ -333,8 +310,8 @@ mod tests {
         // Split into batches of 4 tokens: the same logits and the same router choices.
         let mut chunked = CpuEngine::new(&model, 16).unwrap();
         chunked.set_max_batch(4);
-        batch.set_router_trace(true);
-        chunked.set_router_trace(true);
+        batch.set_router_trace(true).unwrap();
+        chunked.set_router_trace(true).unwrap();
         batch.truncate(0);
         let all_again = batch.forward(&TOKENS, true).unwrap();
         assert_eq!(all_again, all);
@@ -414,7 +391,7 @@ mod tests {
         let mut engine = CpuEngine::new(&model, 16).unwrap();
         engine.forward(&TOKENS[..2], false).unwrap();
         assert!(engine.take_router_trace().is_empty());
-        engine.set_router_trace(true);
+        engine.set_router_trace(true).unwrap();
         engine.forward(&TOKENS[2..5], false).unwrap();
         engine.forward(&TOKENS[5..6], false).unwrap();
         let trace = engine.take_router_trace();

@@ -13,8 +13,8 @@ use super::device::{BufView, BufViewMut, DeviceBuffer};
 use super::expert_cache::ExpertCache;
 use super::ops::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS};
 use super::{CudaOptions, DeviceInfo};
-use crate::engine::cpu::RouterTrace;
 use crate::engine::Engine;
+use crate::engine::RouterTrace;
 use crate::format::GgmlType;
 use crate::model::weights::{ExpertWeights, Matrix, Model, ModelWeights};
 use crate::model::ModelConfig;
@@ -332,18 +332,6 @@ impl<'a> CudaEngine<'a> {
         &self.gpu.info
     }
 
-    /// Records the router's choices of the following forward calls (for tests; each layer then waits
-    /// for the device to read them).
-    pub fn set_router_trace(&mut self, on: bool) {
-        self.router_trace = on.then(Vec::new);
-    }
-
-    /// The choices recorded since tracing was turned on or last taken, one entry per forward call:
-    /// `[layer][token]` → expert ids, highest weight first.
-    pub fn take_router_trace(&mut self) -> Vec<RouterTrace> {
-        self.router_trace.as_mut().map(std::mem::take).unwrap_or_default()
-    }
-
     /// One batch through every layer at positions `pos ..`; returns the logits `want` asks for.
     fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>> {
         let n = tokens.len();
@@ -614,6 +602,16 @@ fn product(gpu: &Gpu, w: &WeightView, x: &BufView<f32>, n: usize, y: &mut BufVie
 }
 
 impl Engine for CudaEngine<'_> {
+    /// While tracing, each layer waits for the device to read the router's choices.
+    fn set_router_trace(&mut self, on: bool) -> Result<()> {
+        self.router_trace = on.then(Vec::new);
+        Ok(())
+    }
+
+    fn take_router_trace(&mut self) -> Vec<RouterTrace> {
+        self.router_trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         ensure!(!tokens.is_empty(), "no tokens to process");
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {

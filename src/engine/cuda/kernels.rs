@@ -63,14 +63,9 @@ fn store(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// `$MIXTRAL_Q_CACHE/kernels`, else `$XDG_CACHE_HOME/mixtral-q/kernels`, else `~/.cache/mixtral-q/kernels`.
+/// `kernels/` in the cache folder ([`crate::cache::cache_dir`]).
 pub fn cache_dir() -> Option<PathBuf> {
-    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(root) = var("MIXTRAL_Q_CACHE") {
-        return Some(root.join("kernels"));
-    }
-    let cache = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?;
-    Some(cache.join("mixtral-q").join("kernels"))
+    crate::cache::cache_dir().ok().map(|d| d.join("kernels"))
 }
 
 /// FNV-1a (64 bits) of everything that determines the cubin: the full source, the options, the
@@ -134,30 +129,12 @@ pub fn attention_partial_name(group: usize, head_dim: usize) -> String {
 
 /// Kernel-name suffix of a weight type (`matvec_q4_k`, ...), as in `FOR_EACH_WEIGHT_TYPE` of common.cuh.
 pub fn type_suffix(ty: GgmlType) -> Option<&'static str> {
-    use GgmlType::*;
-    Some(match ty {
-        F32 => "f32",
-        F16 => "f16",
-        BF16 => "bf16",
-        Q4_0 => "q4_0",
-        Q4_1 => "q4_1",
-        Q5_0 => "q5_0",
-        Q5_1 => "q5_1",
-        Q8_0 => "q8_0",
-        Q4_K => "q4_k",
-        Q5_K => "q5_k",
-        Q6_K => "q6_k",
-        Q8_1 | Q2_K | Q3_K | Q8_K => return None,
-    })
+    ty.info().cuda_suffix
 }
 
 /// Values per kernel block of a weight type (`BLOCK` in common.cuh): rows must be whole blocks.
 pub fn kernel_block_len(ty: GgmlType) -> usize {
-    match ty {
-        GgmlType::F32 => 4,
-        GgmlType::F16 | GgmlType::BF16 => 8,
-        other => other.block_len(),
-    }
+    ty.info().cuda_block_len
 }
 
 #[cfg(test)]

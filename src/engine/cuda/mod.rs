@@ -9,7 +9,6 @@
 //! that the placement plan left in host memory), `engine` (the forward pass, same math as the CPU engine).
 //! The tests run `ops`, `expert_cache` and `engine` on a CPU emulator of the kernels (tests/emulator).
 
-mod choice;
 pub mod device;
 mod driver;
 mod engine;
@@ -22,7 +21,6 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaContext;
 
-pub use self::choice::{parse_bytes, DeviceChoice};
 pub use self::device::{
     BufView, BufViewMut, Device, DeviceBuffer, DevicePtr, Event, KernelArg, LaunchConfig, PinnedBuffer,
     Stream,

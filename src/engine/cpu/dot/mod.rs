@@ -19,12 +19,27 @@ mod x86;
 #[cfg(test)]
 mod tests;
 
+/// Block sizes of the weight types the kernels read, from their descriptors (compile-time constants,
+/// so that the kernels' block loops see a fixed stride).
+mod block_bytes {
+    use crate::format::GgmlType;
+
+    pub const Q4_0: usize = GgmlType::Q4_0.block_bytes();
+    pub const Q4_1: usize = GgmlType::Q4_1.block_bytes();
+    pub const Q5_0: usize = GgmlType::Q5_0.block_bytes();
+    pub const Q5_1: usize = GgmlType::Q5_1.block_bytes();
+    pub const Q8_0: usize = GgmlType::Q8_0.block_bytes();
+    pub const Q4_K: usize = GgmlType::Q4_K.block_bytes();
+    pub const Q5_K: usize = GgmlType::Q5_K.block_bytes();
+    pub const Q6_K: usize = GgmlType::Q6_K.block_bytes();
+}
+
 use std::sync::OnceLock;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
-use crate::format::GgmlType;
+use crate::format::{ActivationKind, GgmlType};
 use activations::{BlockQ8K, BlockQ8_0};
 
 /// Activations prepared for dot products with weights of type `weight_ty`: Q8_K blocks for K-quant
@@ -42,22 +57,8 @@ enum Activations {
     F32(Vec<f32>),
 }
 
-/// Which activation format a weight type is multiplied with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ActivationKind {
-    Q8K,
-    Q8_0,
-    F32,
-}
-
 fn activation_kind(ty: GgmlType) -> Result<ActivationKind> {
-    use GgmlType::*;
-    Ok(match ty {
-        F32 | F16 | BF16 => ActivationKind::F32,
-        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 => ActivationKind::Q8_0,
-        Q4_K | Q5_K | Q6_K => ActivationKind::Q8K,
-        Q8_1 | Q2_K | Q3_K | Q8_K => bail!("no CPU dot-product kernel for {ty} weights"),
-    })
+    ty.activations().with_context(|| format!("no CPU dot-product kernel for {ty} weights"))
 }
 
 impl QuantizedActivations {

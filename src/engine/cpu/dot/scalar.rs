@@ -2,7 +2,7 @@
 //! block as the SIMD kernels compute them. Every supported weight type has one here.
 
 use super::activations::{BlockQ8K, BlockQ8_0};
-use super::RowKernel;
+use super::{block_bytes as bytes, RowKernel};
 use crate::format::codec::get_scale_min_k4;
 use crate::format::GgmlType;
 
@@ -16,14 +16,14 @@ pub(super) fn kernel(ty: GgmlType) -> Option<RowKernel> {
         BF16 => RowKernel::F32(|w, xs, out| {
             rows_f32(w, xs, out, 2, |b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
         }),
-        Q4_0 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, 18, dot_q4_0)),
-        Q4_1 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, 20, dot_q4_1)),
-        Q5_0 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, 22, dot_q5_0)),
-        Q5_1 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, 24, dot_q5_1)),
-        Q8_0 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, 34, dot_q8_0)),
-        Q4_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, 144, dot_q4k)),
-        Q5_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, 176, dot_q5k)),
-        Q6_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, 210, dot_q6k)),
+        Q4_0 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, bytes::Q4_0, dot_q4_0)),
+        Q4_1 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, bytes::Q4_1, dot_q4_1)),
+        Q5_0 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, bytes::Q5_0, dot_q5_0)),
+        Q5_1 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, bytes::Q5_1, dot_q5_1)),
+        Q8_0 => RowKernel::Q8_0(|w, xs, out| rows_q8_0(w, xs, out, bytes::Q8_0, dot_q8_0)),
+        Q4_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, bytes::Q4_K, dot_q4k)),
+        Q5_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, bytes::Q5_K, dot_q5k)),
+        Q6_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, bytes::Q6_K, dot_q6k)),
         Q8_1 | Q2_K | Q3_K | Q8_K => return None,
     })
 }
@@ -73,11 +73,11 @@ fn nibble(qs: &[u8], i: usize) -> i32 {
 }
 
 fn dot_q4_0(b: &[u8], x: &BlockQ8_0) -> f32 {
-    f16(b) * x.d * sum_i32(&x.qs, |i| nibble(&b[2..18], i) - 8) as f32
+    f16(b) * x.d * sum_i32(&x.qs, |i| nibble(&b[2..bytes::Q4_0], i) - 8) as f32
 }
 
 fn dot_q4_1(b: &[u8], x: &BlockQ8_0) -> f32 {
-    f16(b) * x.d * sum_i32(&x.qs, |i| nibble(&b[4..20], i)) as f32 + f16(&b[2..]) * x.sum
+    f16(b) * x.d * sum_i32(&x.qs, |i| nibble(&b[4..bytes::Q4_1], i)) as f32 + f16(&b[2..]) * x.sum
 }
 
 fn q5_high(b: &[u8], i: usize) -> i32 {
@@ -86,11 +86,11 @@ fn q5_high(b: &[u8], i: usize) -> i32 {
 }
 
 fn dot_q5_0(b: &[u8], x: &BlockQ8_0) -> f32 {
-    f16(b) * x.d * sum_i32(&x.qs, |i| nibble(&b[6..22], i) + q5_high(&b[2..6], i) - 16) as f32
+    f16(b) * x.d * sum_i32(&x.qs, |i| nibble(&b[6..bytes::Q5_0], i) + q5_high(&b[2..6], i) - 16) as f32
 }
 
 fn dot_q5_1(b: &[u8], x: &BlockQ8_0) -> f32 {
-    f16(b) * x.d * sum_i32(&x.qs, |i| nibble(&b[8..24], i) + q5_high(&b[4..8], i)) as f32
+    f16(b) * x.d * sum_i32(&x.qs, |i| nibble(&b[8..bytes::Q5_1], i) + q5_high(&b[4..8], i)) as f32
         + f16(&b[2..]) * x.sum
 }
 
@@ -121,12 +121,14 @@ fn k_nibble(qs: &[u8], i: usize) -> i32 {
 }
 
 fn dot_q4k(b: &[u8], x: &BlockQ8K) -> f32 {
-    dot_k4_like(b, x, |i| k_nibble(&b[16..144], i))
+    dot_k4_like(b, x, |i| k_nibble(&b[16..bytes::Q4_K], i))
 }
 
 fn dot_q5k(b: &[u8], x: &BlockQ8K) -> f32 {
     // qh[i % 32] holds the fifth bit of element i at bit i / 32.
-    dot_k4_like(b, x, |i| k_nibble(&b[48..176], i) | ((((b[16 + i % 32] >> (i / 32)) & 1) as i32) << 4))
+    dot_k4_like(b, x, |i| {
+        k_nibble(&b[48..bytes::Q5_K], i) | ((((b[16 + i % 32] >> (i / 32)) & 1) as i32) << 4)
+    })
 }
 
 /// Q6_K: `w = d * sc[i / 16] * (q - 32)` with q 6 bits: 4 low bits in `ql`, 2 high bits in `qh`.

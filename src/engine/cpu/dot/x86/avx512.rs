@@ -27,20 +27,20 @@ pub(in crate::engine::cpu::dot) fn kernel(ty: GgmlType) -> Option<RowKernel> {
             RowKernel::Q8KGemm(
                 |w, xs, out| {
                     if xs.len() == 1 {
-                        by_tile!(q4k_256::<_, 0>, 144, w, xs, out, [1], 1)
+                        by_tile!(q4k_256::<_, 0>, bytes::Q4_K, w, xs, out, [1], 1)
                     } else {
-                        by_tile!(k45_512::<_, 0>, 144, w, xs, out, [1 2 3 4 5 6 7 8], 8)
+                        by_tile!(k45_512::<_, 0>, bytes::Q4_K, w, xs, out, [1 2 3 4 5 6 7 8], 8)
                     }
                 },
                 super::kquant_gemm::kquant_gemm::<{ super::kquant_gemm::Q4_K }>,
             )
         }
         GgmlType::Q5_K => RowKernel::Q8KGemm(
-            |w, xs, out| by_tile!(k45_512::<_, 1>, 176, w, xs, out, [1 2 3 4 5 6 7 8], 8),
+            |w, xs, out| by_tile!(k45_512::<_, 1>, bytes::Q5_K, w, xs, out, [1 2 3 4 5 6 7 8], 8),
             super::kquant_gemm::kquant_gemm::<{ super::kquant_gemm::Q5_K }>,
         ),
         GgmlType::Q6_K => RowKernel::Q8KGemm(
-            |w, xs, out| by_tile!(q6k_512::<_, 0>, 210, w, xs, out, [1 2 3 4 5 6 7 8], 8),
+            |w, xs, out| by_tile!(q6k_512::<_, 0>, bytes::Q6_K, w, xs, out, [1 2 3 4 5 6 7 8], 8),
             super::kquant_gemm::kquant_gemm::<{ super::kquant_gemm::Q6_K }>,
         ),
         _ => return kernel_256(ty),
@@ -133,7 +133,7 @@ unsafe fn both_halves(p: *const u8) -> __m512i {
 /// activations. Products go through [`block_sums_512`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn k45_512<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
-    let (block_bytes, qs_at) = if Q5 == 1 { (176, 48) } else { (144, 16) };
+    let (block_bytes, qs_at) = if Q5 == 1 { (bytes::Q5_K, 48) } else { (bytes::Q4_K, 16) };
     let mask = _mm512_set1_epi8(0xF);
     let sixteen = _mm512_set1_epi8(16);
     let nibble_shift = halves(_mm256_setzero_si256(), _mm256_set1_epi16(4));
@@ -259,10 +259,10 @@ unsafe fn q4k_256<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out
     });
     let mut acc = [_mm256_setzero_ps(); N];
     let prefetch = w.len() >= LONG_ROW_BYTES;
-    for (i, b) in w.chunks_exact(144).enumerate() {
+    for (i, b) in w.chunks_exact(bytes::Q4_K).enumerate() {
         let p = b.as_ptr();
         if prefetch {
-            prefetch_ahead(p, 144);
+            prefetch_ahead(p, bytes::Q4_K);
         }
         let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
         let scales_mins = k4_scales_mins(p.add(4));
@@ -338,10 +338,10 @@ unsafe fn q6k_512<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8K]], out
     }
     let mut acc = [_mm256_setzero_ps(); N];
     let prefetch = N == 1 && w.len() >= LONG_ROW_BYTES;
-    for (i, b) in w.chunks_exact(210).enumerate() {
+    for (i, b) in w.chunks_exact(bytes::Q6_K).enumerate() {
         let p = b.as_ptr();
         if prefetch {
-            prefetch_ahead(p, 210);
+            prefetch_ahead(p, bytes::Q6_K);
         }
         let d = _mm256_set1_ps(f16_at(p.add(208)));
         let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));

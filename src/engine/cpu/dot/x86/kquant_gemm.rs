@@ -17,6 +17,7 @@ use std::arch::x86_64::*;
 
 use super::avx512::k4_scales_mins;
 use crate::engine::cpu::dot::activations::BlockQ8K;
+use crate::engine::cpu::dot::block_bytes as bytes;
 
 /// Rows per group: one per i32 lane of a 256-bit register.
 const ROWS: usize = 8;
@@ -31,9 +32,9 @@ pub(in crate::engine::cpu::dot) const Q6_K: u8 = 2;
 
 const fn block_bytes(kind: u8) -> usize {
     match kind {
-        Q4_K => 144,
-        Q5_K => 176,
-        _ => 210,
+        Q4_K => bytes::Q4_K,
+        Q5_K => bytes::Q5_K,
+        _ => bytes::Q6_K,
     }
 }
 

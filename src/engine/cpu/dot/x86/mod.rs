@@ -37,7 +37,7 @@ pub(super) fn k4_scales_mins(q: &[u8]) -> ([u8; 8], [u8; 8]) {
 macro_rules! by_tile {
     (
         $f:ident::<_, $variant:literal>,
-        $block_bytes:literal,
+        $block_bytes:expr,
         $w:ident,
         $xs:ident,
         $out:ident,
@@ -69,7 +69,7 @@ macro_rules! simd_kernels {
         use std::arch::x86_64::*;
 
         use crate::engine::cpu::dot::activations::{BlockQ8K, BlockQ8_0};
-        use crate::engine::cpu::dot::RowKernel;
+        use crate::engine::cpu::dot::{block_bytes as bytes, RowKernel};
         use crate::format::GgmlType;
 
         /// The 256-bit kernel for `ty`, or None where only the scalar one exists. Callers hand these out
@@ -80,11 +80,11 @@ macro_rules! simd_kernels {
                 F32 => RowKernel::F32(|w, xs, out| by_tile!(float_n::<_, 0>, 4, w, xs, out, [1 2 3 4], 4)),
                 F16 => RowKernel::F32(|w, xs, out| by_tile!(float_n::<_, 1>, 2, w, xs, out, [1 2 3 4], 4)),
                 BF16 => RowKernel::F32(|w, xs, out| by_tile!(float_n::<_, 2>, 2, w, xs, out, [1 2 3 4], 4)),
-                Q4_0 => RowKernel::Q8_0(|w, xs, out| by_tile!(q4_0_n::<_, 0>, 18, w, xs, out, [1 2 3 4], 4)),
-                Q8_0 => RowKernel::Q8_0(|w, xs, out| by_tile!(q8_0_n::<_, 0>, 34, w, xs, out, [1 2 3 4], 4)),
-                Q4_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n::<_, 0>, 144, w, xs, out, [1 2 3 4], 4)),
-                Q5_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n::<_, 1>, 176, w, xs, out, [1 2 3 4], 4)),
-                Q6_K => RowKernel::Q8K(|w, xs, out| by_tile!(q6k_n::<_, 0>, 210, w, xs, out, [1 2 3 4], 4)),
+                Q4_0 => RowKernel::Q8_0(|w, xs, out| by_tile!(q4_0_n::<_, 0>, bytes::Q4_0, w, xs, out, [1 2 3 4], 4)),
+                Q8_0 => RowKernel::Q8_0(|w, xs, out| by_tile!(q8_0_n::<_, 0>, bytes::Q8_0, w, xs, out, [1 2 3 4], 4)),
+                Q4_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n::<_, 0>, bytes::Q4_K, w, xs, out, [1 2 3 4], 4)),
+                Q5_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n::<_, 1>, bytes::Q5_K, w, xs, out, [1 2 3 4], 4)),
+                Q6_K => RowKernel::Q8K(|w, xs, out| by_tile!(q6k_n::<_, 0>, bytes::Q6_K, w, xs, out, [1 2 3 4], 4)),
                 _ => return None,
             })
         }
@@ -182,7 +182,7 @@ macro_rules! simd_kernels {
         #[target_feature(enable = $features)]
         unsafe fn q8_0_n<const N: usize, const V: u8>(w: &[u8], xs: &[&[BlockQ8_0]], out: &mut [f32]) {
             let mut acc = [_mm256_setzero_ps(); N];
-            for (i, b) in w.chunks_exact(34).enumerate() {
+            for (i, b) in w.chunks_exact(bytes::Q8_0).enumerate() {
                 let d = f16_at(b.as_ptr());
                 let q = load(b.as_ptr().add(2).cast());
                 for t in 0..N {
@@ -201,7 +201,7 @@ macro_rules! simd_kernels {
             let mask = _mm256_set1_epi8(0xF);
             let eight = _mm256_set1_epi8(8);
             let mut acc = [_mm256_setzero_ps(); N];
-            for (i, b) in w.chunks_exact(18).enumerate() {
+            for (i, b) in w.chunks_exact(bytes::Q4_0).enumerate() {
                 let d = f16_at(b.as_ptr());
                 let packed = _mm_loadu_si128(b.as_ptr().add(2).cast());
                 // Values 0..16 are the low nibbles, 16..32 the high ones.
@@ -221,7 +221,7 @@ macro_rules! simd_kernels {
         /// Q4_K (Q5 = 0) and Q5_K (Q5 = 1): `w = d * sc[j] * q - dmin * m[j]` per sub-block j of 32.
         #[target_feature(enable = $features)]
         unsafe fn k45_n<const N: usize, const Q5: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
-            let (block_bytes, qs_at) = if Q5 == 1 { (176, 48) } else { (144, 16) };
+            let (block_bytes, qs_at) = if Q5 == 1 { (bytes::Q5_K, 48) } else { (bytes::Q4_K, 16) };
             let mask = _mm256_set1_epi8(0xF);
             let sixteen = _mm256_set1_epi8(16);
             let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
@@ -283,7 +283,7 @@ macro_rules! simd_kernels {
                 )
             });
             let mut acc = [_mm256_setzero_ps(); N];
-            for (i, b) in w.chunks_exact(210).enumerate() {
+            for (i, b) in w.chunks_exact(bytes::Q6_K).enumerate() {
                 let p = b.as_ptr();
                 let d = f16_at(p.add(208));
                 let mut sumi = [_mm256_setzero_si256(); N];

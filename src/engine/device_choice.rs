@@ -1,10 +1,13 @@
-//! What `--device` and `--vram-budget` accept, for the CLI: `auto` (CUDA device 0 when CUDA works,
-//! else the CPU), `cpu`, `cuda` (device 0) or `cuda:N`; budgets as bytes with an optional K/M/G/T
-//! suffix (binary units: `24G` = 24 GiB).
+//! Where the forward pass runs (what `--device` accepts): `auto` (CUDA device 0 when CUDA works,
+//! else the CPU), `cpu`, `cuda` (device 0) or `cuda:N`; and byte counts as `--vram-budget` takes
+//! them, with an optional K/M/G/T suffix (binary units: `24G` = 24 GiB).
 
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
+
+use super::cuda;
+use crate::Error;
 
 /// Where the forward pass runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,15 +39,15 @@ impl FromStr for DeviceChoice {
 impl DeviceChoice {
     /// The CUDA device to use, or `None` for the CPU. `Auto` falls back to the CPU when CUDA cannot
     /// be used and returns the reason alongside (for `--verbose`); an explicit `cuda` that cannot be
-    /// used is an error.
+    /// used is an [`Error::NoGpu`].
     pub fn resolve(self) -> Result<(Option<usize>, Option<String>)> {
         match self {
             DeviceChoice::Cpu => Ok((None, None)),
-            DeviceChoice::Cuda(n) => {
-                super::device_info(n)?;
-                Ok((Some(n), None))
-            }
-            DeviceChoice::Auto => match super::cuda_available() {
+            DeviceChoice::Cuda(n) => match cuda::device_info(n) {
+                Ok(_) => Ok((Some(n), None)),
+                Err(e) => Err(Error::NoGpu(format!("{e:#}")).into()),
+            },
+            DeviceChoice::Auto => match cuda::cuda_available() {
                 Ok(info) => Ok((Some(info.ordinal), None)),
                 Err(e) => Ok((None, Some(format!("using the CPU: {e:#}")))),
             },
