@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mixtral_q::engine::Engine;
+use mixtral_q::format::output::write_atomic;
 use mixtral_q::text::{
     fold_system_prompt, ChatTemplate, Generation, KnownPrefix, Message, Sampler, SamplingParams, Sequence,
     Step, Tokenizer,
@@ -166,7 +167,7 @@ impl<'e> Session<'e> {
             settings: Some(self.settings.clone()),
         };
         let json = serde_json::to_string_pretty(&saved)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))
+        write_atomic(path, (json + "\n").as_bytes())
     }
 
     /// Loads a conversation saved by `save` (a leading "system" message is taken as the system prompt).
