@@ -7,6 +7,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// The system allocator, plus the memory and time budget that chat templates (code from the model
+/// file) run under.
+#[global_allocator]
+static ALLOCATOR: mixtral_q::text::budget::BudgetedAllocator = mixtral_q::text::budget::BudgetedAllocator;
+
 fn main() -> ExitCode {
     // Like other command-line tools, end quietly when the reader of our output goes away
     // (`mixtral-q info x.gguf --tensors | head`) instead of failing on every later write.

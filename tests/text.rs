@@ -283,6 +283,32 @@ fn templates_with_system_and_python_methods_render() {
     assert!(ChatTemplate::from_source("{% for %}").is_err());
 }
 
+/// A template is code from the model file: runaway loops, deep recursion and huge output are refused
+/// with an error that says so, quickly, instead of hanging or filling memory.
+#[test]
+fn hostile_templates_are_refused() {
+    let user = [Message::new("user", "hi")];
+    let cases = [
+        // 10^10 iterations.
+        ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "instructions"),
+        // 10^10 bytes of output.
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}xxxxxxxx{% endfor %}{% endfor %}",
+            "refused",
+        ),
+        ("{% for a in range(1000) %}{{ 'x' * 100000 }}{% endfor %}", "output exceeds"),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nests deeper"),
+        ("{% for a in range(1000000000) %}x{% endfor %}", "too many elements"),
+    ];
+    for (source, want) in cases {
+        let template = ChatTemplate::from_source(source).unwrap();
+        let start = std::time::Instant::now();
+        let err = format!("{:#}", template.render(&user, true).unwrap_err());
+        assert!(err.contains(want) && err.contains("chat template"), "{source}: {err}");
+        assert!(start.elapsed().as_secs_f64() < 2.0, "{source}: took {:?}", start.elapsed());
+    }
+}
+
 fn logits() -> Vec<f32> {
     vec![1.0, 3.0, 2.5, -1.0, 3.0, 0.0, 2.9, -2.0]
 }

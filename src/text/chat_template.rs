@@ -2,15 +2,20 @@
 //! `transformers` renders them: trim_blocks and lstrip_blocks on, `raise_exception` available, and the
 //! Python string/dict methods templates commonly call (`.strip()`, `.items()`, ...).
 //!
+//! A template is code from the model file's author, so it runs under limits (see [`render`]): fuel
+//! (instructions), recursion depth, output size, and a memory and time budget ([`super::budget`]); a
+//! template past one is refused with an error that says so.
+//!
 //! System prompts: Mixtral-Instruct's template accepts only alternating user/assistant messages and raises
 //! on a system message, so `supports_system()` is false for it. Callers then fold the system prompt into
 //! the first user message with [`fold_system_prompt`] (what ollama does for Mistral models) and tell the
 //! user so.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
 
+use super::budget::within_budget;
 use crate::format::gguf::Metadata;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -29,6 +34,20 @@ impl Message {
 const MIXTRAL_INSTRUCT: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
 
 const TEMPLATE_NAME: &str = "chat";
+
+/// Instructions one rendering may run: real templates need a few dozen per message, so this allows
+/// conversations of tens of thousands of messages and stops a runaway loop within a fraction of a second.
+const FUEL: u64 = 5_000_000;
+/// Nesting of loops, conditionals and macro calls (minijinja counts a macro call as several levels).
+const RECURSION_LIMIT: usize = 200;
+/// Bytes of rendered text; a prompt longer than this would not fit any context anyway.
+const MAX_OUTPUT: usize = 64 << 20;
+/// Memory (net of frees) and time one rendering may take.
+const MEMORY_BUDGET: usize = 512 << 20;
+const TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+const REFUSED: &str = "the chat template was refused";
+const REFUSED_BY_BUDGET: &str =
+    "the chat template was refused: rendering it took more than 512 MiB of memory or 2 s";
 
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -60,6 +79,8 @@ impl ChatTemplate {
 
     pub fn from_source(source: &str) -> Result<ChatTemplate> {
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(RECURSION_LIMIT);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
@@ -76,14 +97,27 @@ impl ChatTemplate {
     /// Renders with minijinja (bos_token/eos_token variables, raise_exception function, add_generation_prompt).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| anyhow!("chat template: {e}"))?;
-        template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
-            .map_err(|e| anyhow!("chat template: {}", error_message(&e)))
+        let context = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        let mut out = LimitedOutput { bytes: Vec::new(), full: false };
+        let result = within_budget(MEMORY_BUDGET, TIME_BUDGET, REFUSED_BY_BUDGET, || {
+            template.render_captured_to(context, &mut out).map(drop)
+        });
+        match result {
+            Ok(()) => String::from_utf8(out.bytes).map_err(|_| anyhow!("chat template: output is not UTF-8")),
+            Err(_) if out.full => bail!("{REFUSED}: its output exceeds {} MiB", MAX_OUTPUT >> 20),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => {
+                bail!("{REFUSED}: it ran more than {FUEL} instructions (an endless or huge loop?)")
+            }
+            Err(e) if is_recursion_error(&e) => {
+                bail!("{REFUSED}: it nests deeper than {RECURSION_LIMIT} levels")
+            }
+            Err(e) => bail!("chat template: {}", error_message(&e)),
+        }
     }
 
     /// Whether a system message renders (Mixtral's template raises an exception on one → false).
@@ -106,6 +140,32 @@ pub fn fold_system_prompt(messages: &[Message]) -> Vec<Message> {
         None => out.insert(0, Message::new("user", &prompt)),
     }
     out
+}
+
+/// Collects the rendered text, failing once it exceeds [`MAX_OUTPUT`].
+struct LimitedOutput {
+    bytes: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_OUTPUT {
+            self.full = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// minijinja reports its recursion limit as an InvalidOperation with this text.
+fn is_recursion_error(e: &Error) -> bool {
+    e.kind() == ErrorKind::InvalidOperation && e.detail().is_some_and(|d| d.contains("recursion limit"))
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {

@@ -2,6 +2,7 @@
 //! sampling, generation over a kept KV cache, and the tokenizer metadata the quantizer writes into GGUF
 //! files.
 
+pub mod budget;
 mod chat_template;
 mod generation;
 mod gguf_vocab;

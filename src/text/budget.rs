@@ -1,0 +1,116 @@
+//! A memory and time budget for code from a model file (its chat template), enforced by the global
+//! allocator.
+//!
+//! minijinja's fuel bounds the number of instructions a template runs, but not what one instruction
+//! costs: `{% set ns.s = ns.s ~ ns.s %}` in a loop doubles a string each time (30 steps are a GiB),
+//! and `'x' * 100000000` allocates 100 MB in one instruction. No minijinja hook sees those, but the
+//! allocator sees every one of them. While [`within_budget`] runs on a thread, [`BudgetedAllocator`]
+//! counts what that thread allocates and checks the clock; past either limit it prints the caller's
+//! message and refuses the allocation, which ends the process (Rust aborts on a failed allocation)
+//! before the machine runs out of memory or the program hangs.
+//!
+//! The binary installs the allocator (`#[global_allocator]` in main.rs); without it, `within_budget`
+//! only runs its closure. Other threads are never affected.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+thread_local! {
+    /// Bytes this thread may still hold (net of frees) while a budget is active.
+    static LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Printed when the budget is exceeded.
+    static MESSAGE: Cell<&'static str> = const { Cell::new("") };
+}
+
+/// Runs `f` on this thread with at most `bytes` of new allocations (net) and `time` to finish; see the
+/// module documentation for what happens past either limit. Not reentrant (an inner call's limits
+/// replace the outer ones until it returns).
+pub fn within_budget<R>(bytes: usize, time: Duration, message: &'static str, f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            LEFT.set(None);
+            DEADLINE.set(None);
+        }
+    }
+    let deadline = Instant::now() + time;
+    MESSAGE.set(message);
+    DEADLINE.set(Some(deadline));
+    LEFT.set(Some(bytes));
+    let _reset = Reset;
+    f()
+}
+
+/// The system allocator plus the per-thread budget of [`within_budget`].
+pub struct BudgetedAllocator;
+
+impl BudgetedAllocator {
+    /// Charges `size` bytes to this thread's budget; false (after printing the message) when it is
+    /// spent or the deadline has passed.
+    fn charge(size: usize) -> bool {
+        // `try_with`: thread-locals may be gone while a thread exits; then there is no budget.
+        let Ok(Some(left)) = LEFT.try_with(Cell::get) else { return true };
+        // Reading the clock first allocates nothing (vDSO), and only guarded threads pay for it.
+        let late = DEADLINE.try_with(Cell::get).ok().flatten().is_some_and(|d| Instant::now() > d);
+        if late || size > left {
+            // The allocation failing aborts the process; say why first. Nothing here may allocate.
+            let message = MESSAGE.try_with(Cell::get).unwrap_or("");
+            let why: &[u8] =
+                if late { b" (it ran out of time)\n" } else { b" (it needed too much memory)\n" };
+            for part in [b"error: ".as_slice(), message.as_bytes(), why] {
+                // SAFETY: writes a valid buffer to the standard error descriptor; the result does not
+                // matter, the process is about to abort.
+                unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+            }
+            // Further allocations on the way down (the abort message) must not recurse into this.
+            let _ = LEFT.try_with(|l| l.set(None));
+            return false;
+        }
+        let _ = LEFT.try_with(|l| l.set(Some(left - size)));
+        true
+    }
+
+    fn refund(size: usize) {
+        let _ = LEFT.try_with(|l| {
+            if let Some(left) = l.get() {
+                l.set(Some(left.saturating_add(size)));
+            }
+        });
+    }
+}
+
+// SAFETY: every call is forwarded to `System` with the caller's layout; the budget only decides
+// whether to forward an allocation (returning null, which callers must handle, when it does not).
+unsafe impl GlobalAlloc for BudgetedAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !Self::charge(layout.size()) {
+            return std::ptr::null_mut();
+        }
+        System.alloc(layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !Self::charge(layout.size()) {
+            return std::ptr::null_mut();
+        }
+        System.alloc_zeroed(layout)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        Self::refund(layout.size());
+        System.dealloc(ptr, layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > layout.size() && !Self::charge(new_size - layout.size()) {
+            return std::ptr::null_mut();
+        }
+        let new = System.realloc(ptr, layout, new_size);
+        if new_size < layout.size() {
+            Self::refund(layout.size() - new_size);
+        }
+        new
+    }
+}
