@@ -149,6 +149,20 @@ fn bad_input_gives_one_line_errors() {
     );
     expect_error(&["perplexity", "-m", m, "-f", dir.path().join("nope.txt").to_str().unwrap()], "nope.txt");
     expect_error(&["info", not_gguf.to_str().unwrap()], "not.gguf");
+    // Sampling values are checked as the REPL's /set checks them.
+    for (flag, value, needle) in [
+        ("--min-p", "3", "--min-p must be in [0, 1]"),
+        ("--top-p", "2", "--top-p must be in (0, 1]"),
+        ("--top-p", "0", "--top-p must be in (0, 1]"),
+        ("--temp", "-1", "--temp must be a number ≥ 0"),
+        ("--temp", "nan", "--temp must be a number ≥ 0"),
+        ("--temp", "inf", "--temp must be a number ≥ 0"),
+        ("--repeat-penalty", "0", "--repeat-penalty must be a number > 0"),
+        ("--repeat-penalty", "-2", "--repeat-penalty must be a number > 0"),
+    ] {
+        expect_error(&["generate", "-m", m, "-p", "hi", flag, value], needle);
+        expect_error(&["chat", "-m", m, flag, value], needle);
+    }
     // A truncated copy of a real model.
     let bytes = std::fs::read(&model).unwrap();
     let truncated = dir.path().join("truncated.gguf");

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use mixtral_q::text::{Sampler, SamplingParams, StreamDecoder};
 
 use super::load::{ModelArgs, DEMO_NOTICE};
@@ -29,16 +29,16 @@ pub struct GenerateArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct SamplingArgs {
     /// Temperature; 0 is greedy.
-    #[arg(long = "temp", default_value_t = 0.8)]
+    #[arg(long = "temp", default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f32,
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub min_p: f32,
     /// Penalty for repeating one of the last 64 tokens; 1.0 is off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repeat_penalty: f32,
     /// Random seed (default: from the clock).
     #[arg(long)]
@@ -46,14 +46,15 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> SamplingParams {
+    /// The parameters, checked as the REPL's `/set` checks them.
+    pub fn params(&self) -> Result<SamplingParams> {
         let seed = self.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0)
         });
-        SamplingParams {
+        let params = SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
@@ -61,11 +62,18 @@ impl SamplingArgs {
             repeat_penalty: self.repeat_penalty,
             seed,
             ..SamplingParams::default()
-        }
+        };
+        // Named as the flags are (`--top-p`), with the rule the REPL's /set and the server apply.
+        params.check().map_err(|e| {
+            let flag = if e.field == "temperature" { "temp".to_owned() } else { e.field.replace('_', "-") };
+            anyhow!("--{flag} {}", e.rule)
+        })?;
+        Ok(params)
     }
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    let params = args.sampling.params()?;
     let loaded = args.model.load()?;
     if loaded.is_demo && !args.json {
         eprintln!("{DEMO_NOTICE}");
@@ -83,7 +91,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         );
     }
     let mut engine = loaded.engine()?;
-    let mut sampler = Sampler::new(args.sampling.params());
+    let mut sampler = Sampler::new(params);
     let mut decoder = StreamDecoder::new(tok);
     let mut history = prompt_ids.clone();
     let mut generated = Vec::new();

@@ -49,6 +49,8 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: &ChatArgs) -> Result<()> {
+    let settings = Settings { sampling: args.sampling.params()?, max_tokens: args.max_tokens };
+    check_settings(&settings)?;
     let loaded = args.model.load()?;
     if loaded.is_demo {
         eprintln!("{DEMO_NOTICE}");
@@ -58,8 +60,6 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         eprintln!("warning: {e:#}; using the Mixtral-Instruct template");
         ChatTemplate::mixtral_instruct()
     });
-    let settings = Settings { sampling: args.sampling.params(), max_tokens: args.max_tokens };
-    check_settings(&settings)?;
     let options = repl::ReplOptions {
         history: history_path(args)?,
         verbose: args.verbose,
