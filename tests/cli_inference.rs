@@ -163,6 +163,19 @@ fn bad_input_gives_one_line_errors() {
         expect_error(&["generate", "-m", m, "-p", "hi", flag, value], needle);
         expect_error(&["chat", "-m", m, flag, value], needle);
     }
+    // A Hugging Face checkpoint (its directory, or a shard, renamed or not) where a GGUF belongs.
+    let hf = tiny_model_dir();
+    let shard = hf.join("model-00001-of-00002.safetensors");
+    let renamed = dir.path().join("shard.bin");
+    std::fs::copy(&shard, &renamed).unwrap();
+    for (path, needle) in
+        [(&hf, "is a directory"), (&shard, "is a safetensors file"), (&renamed, "is a safetensors file")]
+    {
+        let p = path.to_str().unwrap();
+        expect_error(&["generate", "-m", p, "-p", "hi"], needle);
+        expect_error(&["generate", "-m", p, "-p", "hi"], "mixtral-q quantize");
+        expect_error(&["info", p], needle);
+    }
     // A truncated copy of a real model.
     let bytes = std::fs::read(&model).unwrap();
     let truncated = dir.path().join("truncated.gguf");

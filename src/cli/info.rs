@@ -23,6 +23,7 @@ pub struct InfoArgs {
 }
 
 pub fn run(args: &InfoArgs) -> Result<()> {
+    super::load::check_gguf_path(&args.file)?;
     let file = GgufFile::open(&args.file)?;
     let report = Report::new(&file, args.tensors);
     let mut out = std::io::stdout().lock();

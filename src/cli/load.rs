@@ -87,6 +87,7 @@ impl ModelArgs {
             Some(p) => (p.clone(), false),
             None => (demo_model()?, true),
         };
+        check_gguf_path(&path)?;
         let model = Model::load(&path)?;
         let tokenizer = Tokenizer::from_gguf(&model.file.metadata, &path)
             .with_context(|| format!("no usable tokenizer in {}", path.display()))?;
@@ -98,6 +99,33 @@ impl ModelArgs {
         };
         Ok(Loaded { model, tokenizer, ctx, is_demo, device: self.device, vram_budget: self.vram_budget })
     }
+}
+
+/// Catches the usual mix-up before the GGUF reader does: a Hugging Face checkpoint (its directory or
+/// one of its .safetensors files) given where a GGUF file is wanted.
+pub fn check_gguf_path(path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.is_dir() {
+        bail!(
+            "{shown} is a directory, not a GGUF file; if it is a Hugging Face checkpoint, run \
+             `mixtral-q quantize {shown} -o model.gguf` on it and use the GGUF"
+        );
+    }
+    if path.extension().is_some_and(|e| e == "safetensors") || starts_like_safetensors(path) {
+        bail!(
+            "{shown} is a safetensors file, not a GGUF file; run `mixtral-q quantize` on the Hugging Face \
+             checkpoint directory that holds it (`mixtral-q quantize DIR -o model.gguf`) and use the GGUF"
+        );
+    }
+    Ok(())
+}
+
+/// A safetensors file starts with a little-endian u64 header length, then the JSON header's `{`.
+fn starts_like_safetensors(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    read.is_ok() && &head[..4] != b"GGUF" && head[8] == b'{'
 }
 
 pub const DEMO_NOTICE: &str = "note: no -m given, running the bundled demo model: a tiny Mixtral (15 M \
