@@ -239,3 +239,93 @@ fn device_choice_without_and_with_a_gpu() {
     expect_error(&["generate", "-m", m, "-p", "hi", "--device", "tpu"], "tpu");
     expect_error(&["generate", "-m", m, "-p", "hi", "--vram-budget", "lots"], "lots");
 }
+
+/// llama.cpp's spellings on `generate`: -n -1, --seed -1, -f FILE, -p -, --no-display-prompt,
+/// --ignore-eos, -r/--stop; and a full context says so (stderr, `stop_reason` in --json).
+#[test]
+fn generate_takes_llama_cpp_flags_and_reports_why_it_stopped() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "f32");
+    let m = model.to_str().unwrap();
+    let prompt = "The mixture of experts";
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "-m", m, "--json"];
+        args.extend_from_slice(extra);
+        json_of(&args)
+    };
+
+    // No limit: generation runs until the context is full (EOS masked so that it cannot end earlier).
+    let json = gen(&["-p", prompt, "-n", "-1", "--ctx", "40", "--ignore-eos", "--temp", "0"]);
+    let n_prompt = json["prompt_ids"].as_array().unwrap().len();
+    assert_eq!(json["stop_reason"], "context_full");
+    assert_eq!(json["generated_ids"].as_array().unwrap().len(), 40 - n_prompt + 1);
+    let o = run(&["generate", "-m", m, "-p", prompt, "-n", "-1", "--ctx", "40", "--ignore-eos"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the context is full (40 tokens"), "{}", stderr(&o));
+
+    // --ignore-eos: exactly -n tokens, none of them EOS.
+    let json = gen(&["-p", prompt, "-n", "30", "--ignore-eos", "--temp", "0"]);
+    let ids = id_list(&json["generated_ids"]);
+    assert_eq!((ids.len(), json["stop_reason"].as_str()), (30, Some("max_tokens")));
+    assert!(!ids.contains(&2), "{ids:?}");
+
+    // Seeds: -1 picks one and reports it; the reported seed reproduces the run.
+    let a = gen(&["-p", prompt, "-n", "12", "--seed", "-1", "--ignore-eos"]);
+    let seed = a["seed"].as_u64().unwrap().to_string();
+    let b = gen(&["-p", prompt, "-n", "12", "-s", &seed, "--ignore-eos"]);
+    assert_eq!(a["generated_ids"], b["generated_ids"]);
+    assert_eq!(b["seed"].as_u64().unwrap().to_string(), seed);
+
+    // The prompt from a file or standard input gives the same ids as -p.
+    let file = dir.path().join("prompt.txt");
+    std::fs::write(&file, prompt).unwrap();
+    let from_file = gen(&["-f", file.to_str().unwrap(), "-n", "1"]);
+    assert_eq!(from_file["prompt_ids"], a["prompt_ids"]);
+    let mut child = bin()
+        .args(["generate", "-m", m, "--json", "-n", "1", "-p", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(prompt.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let from_stdin: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(from_stdin["prompt_ids"], a["prompt_ids"]);
+
+    // --no-display-prompt: only the continuation is printed.
+    let shown = stdout(&run(&["generate", "-m", m, "-p", prompt, "-n", "4", "--temp", "0"]));
+    let hidden =
+        stdout(&run(&["generate", "-m", m, "-p", prompt, "-n", "4", "--temp", "0", "--no-display-prompt"]));
+    assert!(shown.starts_with(prompt), "{shown:?}");
+    assert_eq!(format!("{prompt}{hidden}"), shown);
+
+    // A stop string: the text ends just before its first appearance, which is not printed.
+    let full = gen(&["-p", prompt, "-n", "30", "--ignore-eos", "--temp", "0"]);
+    let text = full["text"].as_str().unwrap();
+    let chars: Vec<char> = text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let before = &text[..text.find(&stop).unwrap()];
+    for flag in ["-r", "--reverse-prompt", "--stop"] {
+        let json = gen(&["-p", prompt, "-n", "30", "--ignore-eos", "--temp", "0", flag, &stop]);
+        assert_eq!(json["stop_reason"], "stop_string");
+        assert_eq!(json["text"], before, "stop {stop:?}");
+    }
+    let streamed = stdout(&run(&[
+        "generate",
+        "-m",
+        m,
+        "-p",
+        prompt,
+        "-n",
+        "30",
+        "--ignore-eos",
+        "--temp",
+        "0",
+        "-r",
+        &stop,
+    ]));
+    assert_eq!(streamed, format!("{prompt}{before}\n"));
+    expect_error(&["generate", "-m", m, "-p", prompt, "--seed", "-2"], "not a seed");
+    expect_error(&["generate", "-m", m, "-p", prompt, "-n", "-3"], "not a token count");
+}

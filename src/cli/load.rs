@@ -8,9 +8,10 @@ use anyhow::{bail, Context, Result};
 use mixtral_q::engine::cpu::{dot, CpuEngine};
 use mixtral_q::engine::cuda::{parse_bytes, CudaEngine, CudaOptions, DeviceChoice};
 use mixtral_q::engine::Engine;
+use mixtral_q::format::gguf::Metadata;
 use mixtral_q::model::weights::Model;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
-use mixtral_q::text::Tokenizer;
+use mixtral_q::text::{ChatTemplate, Tokenizer};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -30,6 +31,43 @@ pub struct ModelArgs {
     /// streamed from host memory.
     #[arg(long, value_parser = parse_bytes)]
     pub vram_budget: Option<u64>,
+}
+
+/// `--chat-template NAME|JINJA` and `--chat-template-file FILE`, as in llama.cpp.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TemplateArgs {
+    /// Chat template to use instead of the model's: a built-in name (mistral, chatml) or Jinja source.
+    #[arg(long, conflicts_with = "chat_template_file", allow_hyphen_values = true)]
+    pub chat_template: Option<String>,
+    /// Read the chat template (Jinja) from a file.
+    #[arg(long)]
+    pub chat_template_file: Option<PathBuf>,
+}
+
+impl TemplateArgs {
+    /// The template for `meta`'s model: the one given on the command line, else the file's (an error
+    /// when the file's does not parse), else Mixtral-Instruct's.
+    pub fn template(&self, meta: &Metadata) -> Result<ChatTemplate> {
+        let source = match (&self.chat_template, &self.chat_template_file) {
+            (_, Some(path)) => Some(
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+            ),
+            (Some(name), None) => match ChatTemplate::builtin(name) {
+                Some(source) => Some(source.to_owned()),
+                None if name.contains("{{") || name.contains("{%") => Some(name.clone()),
+                None => bail!(
+                    "--chat-template {name:?} is neither a built-in template ({}) nor Jinja source",
+                    ChatTemplate::builtin_names().join(", ")
+                ),
+            },
+            (None, None) => None,
+        };
+        ChatTemplate::for_model(meta, source.as_deref())
+    }
+
+    pub fn is_given(&self) -> bool {
+        self.chat_template.is_some() || self.chat_template_file.is_some()
+    }
 }
 
 /// A loaded model with its tokenizer.

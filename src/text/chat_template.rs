@@ -33,6 +33,17 @@ impl Message {
 /// Mixtral-8x7B-Instruct-v0.1's template, as in its tokenizer_config.json.
 const MIXTRAL_INSTRUCT: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
 
+/// ChatML, for `--chat-template chatml`.
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Built-in templates by the names llama.cpp's `--chat-template` knows them by.
+const BUILTIN: [(&str, &str); 4] = [
+    ("mistral", MIXTRAL_INSTRUCT),
+    ("mistral-v1", MIXTRAL_INSTRUCT),
+    ("mixtral", MIXTRAL_INSTRUCT),
+    ("chatml", CHATML),
+];
+
 const TEMPLATE_NAME: &str = "chat";
 
 /// Instructions one rendering may run: real templates need a few dozen per message, so this allows
@@ -51,6 +62,7 @@ const REFUSED_BY_BUDGET: &str =
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    system_role: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -59,7 +71,13 @@ impl ChatTemplate {
     /// From `tokenizer.chat_template` in GGUF metadata, else the built-in Mixtral-Instruct template.
     /// BOS/EOS texts come from the GGUF vocabulary when it has one, else `<s>` / `</s>`.
     pub fn from_metadata(meta: &Metadata) -> Result<ChatTemplate> {
-        let mut template = match meta.get_str("tokenizer.chat_template") {
+        Self::for_model(meta, None)
+    }
+
+    /// Like [`ChatTemplate::from_metadata`], with `source` (`--chat-template`) used instead of the
+    /// file's template when given.
+    pub fn for_model(meta: &Metadata, source: Option<&str>) -> Result<ChatTemplate> {
+        let mut template = match source.or_else(|| meta.get_str("tokenizer.chat_template")) {
             Some(source) => Self::from_source(source)?,
             None => Self::mixtral_instruct(),
         };
@@ -87,7 +105,21 @@ impl ChatTemplate {
         env.set_unknown_method_callback(python_method);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| anyhow!("chat template does not parse: {e}"))?;
-        Ok(ChatTemplate { env, bos_token: "<s>".into(), eos_token: "</s>".into() })
+        let mut template =
+            ChatTemplate { env, system_role: false, bos_token: "<s>".into(), eos_token: "</s>".into() };
+        template.system_role =
+            template.render(&[Message::new("system", "s"), Message::new("user", "u")], true).is_ok();
+        Ok(template)
+    }
+
+    /// The source of a built-in template (`mistral`, `mixtral`, `chatml`, ...), for `--chat-template`.
+    pub fn builtin(name: &str) -> Option<&'static str> {
+        BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, source)| *source)
+    }
+
+    /// Names of the built-in templates.
+    pub fn builtin_names() -> Vec<&'static str> {
+        BUILTIN.iter().map(|(n, _)| *n).collect()
     }
 
     pub fn mixtral_instruct() -> ChatTemplate {
@@ -122,7 +154,23 @@ impl ChatTemplate {
 
     /// Whether a system message renders (Mixtral's template raises an exception on one → false).
     pub fn supports_system(&self) -> bool {
-        self.render(&[Message::new("system", "s"), Message::new("user", "u")], true).is_ok()
+        self.system_role
+    }
+
+    /// The messages as this template gets them: `system` first as a system message, or folded into the
+    /// first user message when the template has no system role (what the chat REPL and
+    /// `tokenize --chat` do). A leading system message in `messages` is treated the same way.
+    pub fn conversation(&self, system: Option<&str>, messages: &[Message]) -> Vec<Message> {
+        let mut all = Vec::with_capacity(messages.len() + 1);
+        if let Some(system) = system {
+            all.push(Message::new("system", system));
+        }
+        all.extend(messages.iter().cloned());
+        if self.system_role {
+            all
+        } else {
+            fold_system_prompt(&all)
+        }
     }
 }
 

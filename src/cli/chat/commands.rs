@@ -153,6 +153,7 @@ fn stats(session: &Session, out: &mut dyn Write) -> Result<()> {
                 StopReason::Eos => "end of reply",
                 StopReason::MaxTokens => "max_tokens",
                 StopReason::ContextFull => "context full",
+                StopReason::StopString => "stop string",
                 StopReason::Interrupted => "interrupted",
             };
             writeln!(

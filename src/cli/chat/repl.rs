@@ -101,6 +101,7 @@ fn reply(session: &mut Session, text: &str, options: &ReplOptions, out: &mut std
                     session.settings().max_tokens
                 )?,
                 StopReason::ContextFull => writeln!(out, "(the context is full: the reply was cut)")?,
+                StopReason::StopString => {}
             }
             out.flush()?;
             report(&stats, session.engine_stats(), options);

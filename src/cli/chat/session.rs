@@ -11,8 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use mixtral_q::engine::Engine;
 use mixtral_q::format::output::write_atomic;
 use mixtral_q::text::{
-    fold_system_prompt, ChatTemplate, Generation, KnownPrefix, Message, Sampler, SamplingParams, Sequence,
-    Step, Tokenizer,
+    ChatTemplate, Generation, KnownPrefix, Message, Sampler, SamplingParams, Sequence, Step, StopSequences,
+    Tokenizer,
 };
 
 /// What `/set` changes and `/save` keeps.
@@ -38,6 +38,8 @@ pub enum StopReason {
     Eos,
     MaxTokens,
     ContextFull,
+    /// A stop string (`-r/--reverse-prompt`, `/set parameter stop`) appeared.
+    StopString,
     Interrupted,
 }
 
@@ -71,7 +73,6 @@ pub struct Session<'e> {
     seq: Sequence<'e>,
     tok: &'e Tokenizer,
     template: ChatTemplate,
-    system_supported: bool,
     system: Option<String>,
     messages: Vec<Message>,
     settings: Settings,
@@ -80,6 +81,8 @@ pub struct Session<'e> {
     known: Option<KnownPrefix>,
     last: Option<TurnStats>,
     ignore_eos: bool,
+    /// A reply ends where one of these appears (`-r/--reverse-prompt`, `/set parameter stop`).
+    stops: Vec<String>,
 }
 
 impl<'e> Session<'e> {
@@ -89,12 +92,10 @@ impl<'e> Session<'e> {
         template: ChatTemplate,
         settings: Settings,
     ) -> Self {
-        let system_supported = template.supports_system();
         Session {
             seq: Sequence::new(engine),
             tok,
             template,
-            system_supported,
             system: None,
             messages: Vec::new(),
             sampler: Sampler::new(settings.sampling.clone()),
@@ -102,6 +103,7 @@ impl<'e> Session<'e> {
             known: None,
             last: None,
             ignore_eos: false,
+            stops: Vec::new(),
         }
     }
 
@@ -110,9 +112,18 @@ impl<'e> Session<'e> {
         self.ignore_eos = ignore;
     }
 
+    /// Replies end where one of these strings appears (it is not shown nor kept).
+    pub fn set_stop_strings(&mut self, stops: Vec<String>) {
+        self.stops = stops;
+    }
+
+    pub fn stop_strings(&self) -> &[String] {
+        &self.stops
+    }
+
     /// Whether the template has a system role (else the system prompt is folded into the first user message).
     pub fn system_supported(&self) -> bool {
-        self.system_supported
+        self.template.supports_system()
     }
 
     pub fn system(&self) -> Option<&str> {
@@ -234,6 +245,7 @@ impl<'e> Session<'e> {
 
         let mut generation = Generation::new(&mut self.seq, self.tok, prompt_ids, self.settings.max_tokens);
         generation.set_ignore_eos(self.ignore_eos);
+        let mut stops = StopSequences::new(self.stops.clone());
         let mut reply = String::new();
         let stop_reason = loop {
             if stop.load(Ordering::Relaxed) {
@@ -246,36 +258,37 @@ impl<'e> Session<'e> {
             match generation.step(&mut self.seq, &mut self.sampler)? {
                 Step::Prompt => {}
                 Step::Token { text, .. } => {
+                    let (text, stopped) = stops.push(&text);
                     write!(out, "{}", printable(&text))?;
                     out.flush()?;
                     reply.push_str(&text);
+                    if stopped {
+                        break StopReason::StopString;
+                    }
                 }
                 Step::Stopped(reason) => break reason.into(),
             }
         };
-        let rest = generation.flush();
-        write!(out, "{}", printable(&rest))?;
-        reply.push_str(&rest);
+        if stop_reason != StopReason::StopString {
+            let rest = stops.push(&generation.flush()).0 + &stops.finish();
+            write!(out, "{}", printable(&rest))?;
+            reply.push_str(&rest);
+        }
 
         self.messages.push(Message::new("assistant", &reply));
-        self.known =
-            self.known_after_reply(&prompt_text, generation.prompt(), &reply, generation.generated())?;
+        // After a stop string the reply text lacks what its last tokens said: the next turn encodes
+        // the conversation again (and reuses what still matches in the cache).
+        self.known = match stop_reason {
+            StopReason::StopString => None,
+            _ => self.known_after_reply(&prompt_text, generation.prompt(), &reply, generation.generated())?,
+        };
         Ok(turn_stats(&generation, stop_reason))
     }
 
-    /// The messages as the template gets them: the system prompt as a system message, or folded into
-    /// the first user message when the template has no system role.
+    /// The messages as the template gets them (the system prompt first, or folded into the first
+    /// user message).
     fn template_messages(&self) -> Vec<Message> {
-        let mut all = Vec::with_capacity(self.messages.len() + 1);
-        if let Some(system) = &self.system {
-            all.push(Message::new("system", system));
-        }
-        all.extend(self.messages.iter().cloned());
-        if self.system_supported {
-            all
-        } else {
-            fold_system_prompt(&all)
-        }
+        self.template.conversation(self.system.as_deref(), &self.messages)
     }
 
     /// The rendered prompt and its token ids, dropping the oldest exchanges while it leaves less than
