@@ -329,3 +329,36 @@ fn generate_takes_llama_cpp_flags_and_reports_why_it_stopped() {
     expect_error(&["generate", "-m", m, "-p", prompt, "--seed", "-2"], "not a seed");
     expect_error(&["generate", "-m", m, "-p", prompt, "-n", "-3"], "not a token count");
 }
+
+/// `-ngl N` (llama.cpp's layer offload) is accepted by every inference command: 0 runs on the CPU;
+/// llama.cpp-only flags get a message naming what to use instead of a confusing parse error.
+#[test]
+fn llama_cpp_layer_offload_and_unsupported_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "q8_0");
+    let m = model.to_str().unwrap();
+    let o = run(&["generate", "-m", m, "-p", "hi", "-n", "2", "-ngl", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("-ngl 0: running on the CPU"), "{}", stderr(&o));
+    for ngl in ["-ngl", "--n-gpu-layers", "--gpu-layers"] {
+        let o = run(&["generate", "-m", m, "-p", "hi", "-n", "2", ngl, "99", "--ctx-size", "64"]);
+        assert!(o.status.success(), "{ngl}: {}", stderr(&o));
+    }
+    let o = run(&["bench", "-m", m, "-p", "4", "-n", "2", "-r", "1", "-ngl", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (flag, needle) in [
+        ("-ncmoe", "--vram-budget"),
+        ("-fa", "llama.cpp"),
+        ("--mlock", "memory-mapped"),
+        ("-cnv", "mixtral-q chat"),
+    ] {
+        let o = run(&["generate", "-m", m, "-p", "hi", flag, "4"]);
+        assert_eq!(o.status.code(), Some(2), "{flag}");
+        let err = stderr(&o);
+        assert!(
+            err.starts_with(&format!("error: {flag} is a llama.cpp option")) && err.contains(needle),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}

@@ -31,6 +31,10 @@ pub struct ModelArgs {
     /// streamed from host memory.
     #[arg(long, value_parser = parse_bytes)]
     pub vram_budget: Option<u64>,
+    /// llama.cpp's -ngl: keep the weights of this many layers on the GPU (attention and KV cache are
+    /// always there; the experts of later layers stream from host memory). 0 runs on the CPU.
+    #[arg(long = "n-gpu-layers", visible_alias = "gpu-layers")]
+    pub n_gpu_layers: Option<usize>,
 }
 
 /// `--chat-template NAME|JINJA` and `--chat-template-file FILE`, as in llama.cpp.
@@ -78,16 +82,20 @@ pub struct Loaded {
     pub is_demo: bool,
     device: DeviceChoice,
     vram_budget: Option<u64>,
+    gpu_layers: Option<usize>,
 }
 
 impl Loaded {
     /// The engine on the chosen device; a GPU prints its placement plan, and `auto` on a machine
     /// without a usable GPU says in one line why it runs on the CPU.
     pub fn engine(&self) -> Result<Box<dyn Engine + '_>> {
-        let (device, why_cpu) = self.device.resolve()?;
+        let (device, why_cpu) = match self.gpu_layers {
+            Some(0) => (None, Some("-ngl 0: running on the CPU".to_owned())),
+            _ => self.device.resolve()?,
+        };
         match device {
             Some(device) => {
-                let opts = CudaOptions { device, vram_budget: self.vram_budget };
+                let opts = CudaOptions { device, vram_budget: self.vram_budget, gpu_layers: self.gpu_layers };
                 let engine = CudaEngine::new(&self.model, self.ctx, &opts)?;
                 eprintln!("{}\n{}", engine.device(), engine.plan());
                 Ok(Box::new(engine))
@@ -103,7 +111,8 @@ impl Loaded {
 
     /// The backend, for reports: "CPU (avx512)" or the GPU's name.
     pub fn backend(&self) -> String {
-        match self.device.resolve() {
+        let device = if self.gpu_layers == Some(0) { Ok((None, None)) } else { self.device.resolve() };
+        match device {
             Ok((Some(n), _)) => mixtral_q::engine::cuda::device_info(n)
                 .map(|d| format!("CUDA ({})", d.name))
                 .unwrap_or_else(|_| "CUDA".into()),
@@ -135,7 +144,15 @@ impl ModelArgs {
             None if is_demo => DEMO_CONTEXT,
             None => model.config.context_length.min(4096),
         };
-        Ok(Loaded { model, tokenizer, ctx, is_demo, device: self.device, vram_budget: self.vram_budget })
+        Ok(Loaded {
+            model,
+            tokenizer,
+            ctx,
+            is_demo,
+            device: self.device,
+            vram_budget: self.vram_budget,
+            gpu_layers: self.n_gpu_layers,
+        })
     }
 }
 

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod info;
+pub mod llama_flags;
 pub mod load;
 pub mod perplexity;
 pub mod quantize;
@@ -44,6 +45,13 @@ pub enum Command {
     Routing(routing::RoutingArgs),
     /// Serve the model over HTTP with OpenAI's API (chat and text completions, streaming).
     Serve(serve::ServeArgs),
+}
+
+/// The command line, with llama.cpp's spellings translated first (see [`llama_flags`]). Clap's own
+/// errors (and `--help`) end the process as clap does.
+pub fn parse() -> Result<Cli> {
+    let args = llama_flags::translate(std::env::args_os())?;
+    Ok(Cli::parse_from(args))
 }
 
 pub fn run(cli: Cli) -> Result<()> {
