@@ -11,6 +11,10 @@
 //! the first user message with [`fold_system_prompt`] (what ollama does for Mistral models) and tell the
 //! user so.
 
+use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
+use std::sync::Once;
+
 use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
@@ -48,7 +52,7 @@ const TEMPLATE_NAME: &str = "chat";
 
 /// Instructions one rendering may run: real templates need a few dozen per message, so this allows
 /// conversations of tens of thousands of messages and stops a runaway loop within a fraction of a second.
-const FUEL: u64 = 5_000_000;
+const FUEL: u64 = 2_000_000;
 /// Nesting of loops, conditionals and macro calls (minijinja counts a macro call as several levels).
 const RECURSION_LIMIT: usize = 200;
 /// Bytes of rendered text; a prompt longer than this would not fit any context anyway.
@@ -136,9 +140,14 @@ impl ChatTemplate {
             eos_token => &self.eos_token,
         };
         let mut out = LimitedOutput { bytes: Vec::new(), full: false };
-        let result = within_budget(MEMORY_BUDGET, TIME_BUDGET, REFUSED_BY_BUDGET, || {
-            template.render_captured_to(context, &mut out).map(drop)
+        let result = catching_panics(|| {
+            within_budget(MEMORY_BUDGET, TIME_BUDGET, REFUSED_BY_BUDGET, || {
+                template.render_captured_to(context, &mut out).map(drop)
+            })
         });
+        let Some(result) = result else {
+            bail!("{REFUSED}: rendering it crashed the template engine (minijinja)");
+        };
         match result {
             Ok(()) => String::from_utf8(out.bytes).map_err(|_| anyhow!("chat template: output is not UTF-8")),
             Err(_) if out.full => bail!("{REFUSED}: its output exceeds {} MiB", MAX_OUTPUT >> 20),
@@ -188,6 +197,26 @@ pub fn fold_system_prompt(messages: &[Message]) -> Vec<Message> {
         None => out.insert(0, Message::new("user", &prompt)),
     }
     out
+}
+
+/// Runs `f`, turning a panic into `None`: minijinja 2.24 panics on some templates (a reversed slice of
+/// an empty list, `[][::-1]`), which must be refused like any other bad template. The default panic
+/// report ("thread panicked at ...") is not printed for these.
+fn catching_panics<R>(f: impl FnOnce() -> R) -> Option<R> {
+    thread_local!(static QUIET: Cell<bool> = const { Cell::new(false) });
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                previous(info)
+            }
+        }));
+    });
+    QUIET.set(true);
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    QUIET.set(false);
+    result.ok()
 }
 
 /// Collects the rendered text, failing once it exceeds [`MAX_OUTPUT`].
