@@ -198,10 +198,11 @@ impl ModelConfig {
         if self.n_experts_used > self.n_experts {
             bail!("{} experts per token but only {} experts", self.n_experts_used, self.n_experts);
         }
-        // Guards against hostile files: every size must stay well inside usize arithmetic.
-        let limits =
-            [self.vocab_size, self.hidden_size, self.ffn_size, self.n_layers, self.n_heads, self.head_dim];
-        if limits.iter().any(|&v| v > 1 << 20) || self.n_experts > 1024 {
+        // Guards against hostile files: every size must stay well inside usize arithmetic, and the
+        // per-layer lists built from a config before any tensor is read (the quantizer's plan) must stay
+        // small: a config.json claiming a million layers made them take over a GiB (found by tests/fuzz).
+        let limits = [self.vocab_size, self.hidden_size, self.ffn_size, self.n_heads, self.head_dim];
+        if limits.iter().any(|&v| v > 1 << 20) || self.n_experts > 1024 || self.n_layers > 1024 {
             bail!("implausible model size ({self:?})");
         }
         Ok(())
