@@ -6,8 +6,9 @@
 //! and `'x' * 100000000` allocates 100 MB in one instruction. No minijinja hook sees those, but the
 //! allocator sees every one of them. While [`within_budget`] runs on a thread, [`BudgetedAllocator`]
 //! counts what that thread allocates and checks the clock; past either limit it prints the caller's
-//! message and refuses the allocation, which ends the process (Rust aborts on a failed allocation)
-//! before the machine runs out of memory or the program hangs.
+//! message as an error line and ends the process with status 1, as any other error would, before the
+//! machine runs out of memory or the program hangs. (Nothing can unwind out of an allocator, and a
+//! refused allocation would only abort the process with a less helpful message.)
 //!
 //! The binary installs the allocator (`#[global_allocator]` in main.rs); without it, `within_budget`
 //! only runs its closure. Other threads are never affected.
@@ -47,29 +48,26 @@ pub fn within_budget<R>(bytes: usize, time: Duration, message: &'static str, f: 
 pub struct BudgetedAllocator;
 
 impl BudgetedAllocator {
-    /// Charges `size` bytes to this thread's budget; false (after printing the message) when it is
-    /// spent or the deadline has passed.
-    fn charge(size: usize) -> bool {
+    /// Charges `size` bytes to this thread's budget; past the budget or the deadline, ends the process.
+    fn charge(size: usize) {
         // `try_with`: thread-locals may be gone while a thread exits; then there is no budget.
-        let Ok(Some(left)) = LEFT.try_with(Cell::get) else { return true };
-        // Reading the clock first allocates nothing (vDSO), and only guarded threads pay for it.
+        let Ok(Some(left)) = LEFT.try_with(Cell::get) else { return };
+        // Reading the clock allocates nothing (vDSO), and only guarded threads pay for it.
         let late = DEADLINE.try_with(Cell::get).ok().flatten().is_some_and(|d| Instant::now() > d);
         if late || size > left {
-            // The allocation failing aborts the process; say why first. Nothing here may allocate.
             let message = MESSAGE.try_with(Cell::get).unwrap_or("");
             let why: &[u8] =
                 if late { b" (it ran out of time)\n" } else { b" (it needed too much memory)\n" };
             for part in [b"error: ".as_slice(), message.as_bytes(), why] {
-                // SAFETY: writes a valid buffer to the standard error descriptor; the result does not
-                // matter, the process is about to abort.
+                // SAFETY: writes a valid buffer to the standard error descriptor; nothing here may
+                // allocate, so raw libc calls only.
                 unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
             }
-            // Further allocations on the way down (the abort message) must not recurse into this.
-            let _ = LEFT.try_with(|l| l.set(None));
-            return false;
+            // SAFETY: _exit ends the process at once; it allocates nothing and runs no destructors,
+            // which is what is wanted from inside an allocator.
+            unsafe { libc::_exit(1) };
         }
         let _ = LEFT.try_with(|l| l.set(Some(left - size)));
-        true
     }
 
     fn refund(size: usize) {
@@ -81,20 +79,16 @@ impl BudgetedAllocator {
     }
 }
 
-// SAFETY: every call is forwarded to `System` with the caller's layout; the budget only decides
-// whether to forward an allocation (returning null, which callers must handle, when it does not).
+// SAFETY: every call is forwarded to `System` with the caller's layout; the budget only counts (or
+// ends the process).
 unsafe impl GlobalAlloc for BudgetedAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !Self::charge(layout.size()) {
-            return std::ptr::null_mut();
-        }
+        Self::charge(layout.size());
         System.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !Self::charge(layout.size()) {
-            return std::ptr::null_mut();
-        }
+        Self::charge(layout.size());
         System.alloc_zeroed(layout)
     }
 
@@ -104,8 +98,8 @@ unsafe impl GlobalAlloc for BudgetedAllocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > layout.size() && !Self::charge(new_size - layout.size()) {
-            return std::ptr::null_mut();
+        if new_size > layout.size() {
+            Self::charge(new_size - layout.size());
         }
         let new = System.realloc(ptr, layout, new_size);
         if new_size < layout.size() {
