@@ -362,3 +362,58 @@ fn llama_cpp_layer_offload_and_unsupported_flags() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+/// `tokenize --chat` takes what the REPL and chat APIs take: a list of messages, `{"messages": [...]}`
+/// (with "system"), and a `/save` file; the system prompt is folded as the REPL folds it. A template
+/// override is used; a template that would eat the machine's memory is refused.
+#[test]
+fn tokenize_chat_takes_the_repl_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "q8_0");
+    let m = model.to_str().unwrap();
+    let tokenize = |conversation: serde_json::Value, extra: &[&str]| {
+        let path = dir.path().join("conversation.json");
+        std::fs::write(&path, conversation.to_string()).unwrap();
+        let mut args = vec!["tokenize", "-m", m, "--json", "--chat", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        json_of(&args)
+    };
+    let user = |text: &str| serde_json::json!({"role": "user", "content": text});
+    let folded = tokenize(serde_json::json!([user("Be brief.\n\nHi")]), &[]);
+    assert_eq!(folded["text"], "<s>[INST] Be brief.\n\nHi [/INST]");
+    let system_message = serde_json::json!([{"role": "system", "content": "Be brief."}, user("Hi")]);
+    for conversation in [
+        system_message.clone(),
+        serde_json::json!({"messages": system_message}),
+        serde_json::json!({"system": "Be brief.", "messages": [user("Hi")]}),
+        // A /save file.
+        serde_json::json!({"system": "Be brief.", "messages": [user("Hi")], "settings": {"temperature": 0.8}}),
+    ] {
+        assert_eq!(tokenize(conversation.clone(), &[])["ids"], folded["ids"], "{conversation}");
+    }
+    let chatml = tokenize(system_message.clone(), &["--chat-template", "chatml"]);
+    assert_eq!(
+        chatml["text"],
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+
+    let path = dir.path().join("conversation.json");
+    let p = path.to_str().unwrap();
+    std::fs::write(&path, r#"{"turns": []}"#).unwrap();
+    expect_error(&["tokenize", "-m", m, "--chat", p], "neither a JSON list");
+    std::fs::write(&path, system_message.to_string()).unwrap();
+    expect_error(
+        &["tokenize", "-m", m, "--chat", p, "--chat-template", "nonsense"],
+        "neither a built-in template",
+    );
+    // A string doubled 40 times would be a TiB: the budget stops it at 512 MiB, saying why.
+    let doubling = "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}";
+    let o = run(&["tokenize", "-m", m, "--chat", p, "--chat-template", doubling]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.starts_with("error: the chat template was refused: rendering it took more than 512 MiB"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
