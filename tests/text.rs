@@ -272,6 +272,16 @@ fn mixtral_rejects_system_and_folding_helps() {
 }
 
 #[test]
+fn namespaces_used_as_templates_use_them_still_render() {
+    // Reading from a namespace, accumulating into it, strings that mention it: all fine.
+    let source = "{% set ns = namespace(text='', n=0) %}{% for m in messages %}{% set ns.text = ns.text ~ m['content'] %}\
+                  {% set ns.n = ns.n + 1 %}{% set ns.label = 'ns' %}{% endfor %}{{ ns.text }}/{{ ns.n }}/{{ ns.label }}";
+    let template = ChatTemplate::from_source(source).unwrap();
+    let out = template.render(&[Message::new("user", "a"), Message::new("assistant", "b")], true).unwrap();
+    assert_eq!(out, "ab/2/ns");
+}
+
+#[test]
 fn templates_with_system_and_python_methods_render() {
     let source = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'].strip() }}\n{% endfor %}\
                   {% if add_generation_prompt %}<|assistant|>{% endif %}";
@@ -301,11 +311,23 @@ fn hostile_templates_are_refused() {
         ("{% for a in range(1000000000) %}x{% endfor %}", "too many elements"),
         // minijinja 2.24 panics on a reversed slice of an empty list (found by tests/fuzz).
         ("{% for m in messages[1:][::-1] %}{% endfor %}", "crashed the template engine"),
+        // A namespace holding itself: printing it recursed until the stack overflowed (found by
+        // tests/fuzz), directly, through a list, an alias or a loop variable.
+        ("{% set ns = namespace(a='') %}{% set ns.a = ns %}{{ ns.a|upper }}", "namespace inside a namespace"),
+        ("{% set ns = namespace() %}{% set ns.a = [1, ns] %}{{ ns }}", "namespace inside a namespace"),
+        (
+            "{% set n = namespace() %}{% set alias = n %}{%- set n.a = alias -%}{{ n }}",
+            "namespace inside a namespace",
+        ),
+        (
+            "{% set n = namespace() %}{% for x in [n] %}{% set n.a = x %}{% endfor %}{{ n }}",
+            "namespace inside a namespace",
+        ),
     ];
     for (source, want) in cases {
-        let template = ChatTemplate::from_source(source).unwrap();
         let start = std::time::Instant::now();
-        let err = format!("{:#}", template.render(&user, true).unwrap_err());
+        let err = ChatTemplate::from_source(source).and_then(|t| t.render(&user, true));
+        let err = format!("{:#}", err.unwrap_err());
         assert!(err.contains(want) && err.contains("chat template"), "{source}: {err}");
         assert!(start.elapsed().as_secs_f64() < 2.0, "{source}: took {:?}", start.elapsed());
     }

@@ -100,6 +100,7 @@ impl ChatTemplate {
     }
 
     pub fn from_source(source: &str) -> Result<ChatTemplate> {
+        refuse_namespace_cycles(source)?;
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL));
         env.set_recursion_limit(RECURSION_LIMIT);
@@ -197,6 +198,92 @@ pub fn fold_system_prompt(messages: &[Message]) -> Vec<Message> {
         None => out.insert(0, Message::new("user", &prompt)),
     }
     out
+}
+
+/// minijinja 2.24 recurses without end when it prints (or compares) a namespace that holds itself,
+/// as in `{% set ns.me = ns %}` (found by tests/fuzz), and the stack overflow ends the process, which
+/// nothing can catch. Such templates are refused before they run: no namespace attribute may be set
+/// to an expression that names a namespace itself (a name bound by `namespace(...)`, one whose
+/// attribute is set, or an alias of one through `set` or `for`), rather than something read from it.
+fn refuse_namespace_cycles(source: &str) -> Result<()> {
+    let blocks: Vec<&str> = source
+        .split("{%")
+        .skip(1)
+        .filter_map(|b| b.split_once("%}").map(|(block, _)| block))
+        .map(|b| b.trim_start_matches(['-', '+']).trim_end_matches(['-', '+']).trim())
+        .collect();
+    let mut namespaces: Vec<String> = Vec::new();
+    let add = |names: &str, namespaces: &mut Vec<String>| {
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !namespaces.iter().any(|n| n == name) {
+                namespaces.push(name.to_owned());
+            }
+        }
+    };
+    // Until no new name is found: an alias may come before the block that makes its source a namespace.
+    loop {
+        let known = namespaces.len();
+        for block in &blocks {
+            if let Some((target, expr)) = block.strip_prefix("set ").and_then(|b| b.split_once('=')) {
+                match target.trim().split_once('.') {
+                    Some((ns, _)) => add(ns, &mut namespaces),
+                    None if expr.contains("namespace(") || names_one_of(expr, &namespaces) => {
+                        add(target, &mut namespaces)
+                    }
+                    None => {}
+                }
+            } else if let Some((vars, expr)) = block.strip_prefix("for ").and_then(|b| b.split_once(" in ")) {
+                if names_one_of(expr, &namespaces) {
+                    add(vars, &mut namespaces);
+                }
+            }
+        }
+        if namespaces.len() == known {
+            break;
+        }
+    }
+    for block in &blocks {
+        let Some((target, expr)) = block.strip_prefix("set ").and_then(|b| b.split_once('=')) else {
+            continue;
+        };
+        if target.contains('.') && names_one_of(expr, &namespaces) {
+            bail!(
+                "{REFUSED}: {{% {block} %}} stores a namespace inside a namespace, which the template \
+                 engine cannot print without recursing forever"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether `expr` mentions one of `names` as a value of its own: not inside a string, not as an
+/// attribute (`x.ns`), and not to read from it (`ns.x`, `ns['x']`, `ns(...)`).
+fn names_one_of(expr: &str, names: &[String]) -> bool {
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c == b'\'' || c == b'"' {
+            i += 1 + bytes[i + 1..].iter().position(|&b| b == c).unwrap_or(bytes.len());
+            i += 1;
+            continue;
+        }
+        if !(c.is_ascii_alphabetic() || c == b'_') {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+            i += 1;
+        }
+        let word = &expr[start..i];
+        let attribute = expr[..start].trim_end().ends_with('.');
+        let read = matches!(expr[i..].trim_start().bytes().next(), Some(b'.' | b'[' | b'('));
+        if !attribute && !read && names.iter().any(|n| n == word) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Runs `f`, turning a panic into `None`: minijinja 2.24 panics on some templates (a reversed slice of
