@@ -1,5 +1,5 @@
 //! The fuzzing loop on stable Rust: seeded mutations of seed inputs, each input run under
-//! `catch_unwind` (a panic is a finding) and timed (over 2 s is a finding); a watchdog thread ends the
+//! `catch_unwind` (a panic is a finding) and timed (over 2 s of CPU is a finding); a watchdog thread ends the
 //! process on a hang, and the binary's allocator ends it on an allocation over 1 GiB (both save the
 //! input first). Findings are written to `$CARGO_TARGET_TMPDIR/fuzz-findings/<target>/`; once fixed,
 //! copy them to `tests/fuzz/regressions/<target>/`, where every run replays them.
@@ -19,10 +19,11 @@ pub struct Target {
     pub run: Box<dyn Fn(&[u8])>,
 }
 
-/// An input slower than this is a finding.
+/// An input taking more CPU time than this is a finding.
 pub const SLOW: Duration = Duration::from_secs(2);
-/// The watchdog ends the process when one input runs this long (it would otherwise hang the test).
-const HANG: Duration = Duration::from_secs(20);
+/// The watchdog ends the process when one input runs this long in wall time (it would otherwise
+/// hang the test); generous, since a shared machine may starve the process.
+const HANG: Duration = Duration::from_secs(120);
 
 /// The input being run, for the allocator and the watchdog to save when they end the process.
 pub static CURRENT_PTR: AtomicUsize = AtomicUsize::new(0);
@@ -66,14 +67,20 @@ pub fn fuzz(target: &Target, seed: u64, max_inputs: u64, budget: Duration) -> Re
     report
 }
 
-/// Runs one input; a panic or a slow run is returned as a finding (the input saved).
+/// Runs one input; a panic or a slow run is returned as a finding (the input saved). With
+/// `MIXTRAL_Q_FUZZ_TRACE=FILE` every input is first written to FILE (to catch what ends the process
+/// outright, such as a stack overflow: rerun with the same seed).
 pub fn run_one(target: &Target, input: &[u8], slowest: &mut Duration) -> Option<Finding> {
+    if let Some(trace) = std::env::var_os("MIXTRAL_Q_FUZZ_TRACE") {
+        std::fs::write(trace, input).expect("cannot write the trace file");
+    }
     CURRENT_PTR.store(input.as_ptr() as usize, Ordering::SeqCst);
     CURRENT_LEN.store(input.len(), Ordering::SeqCst);
     STARTED_MS.store(now_ms().max(1), Ordering::SeqCst);
-    let t = Instant::now();
+    // CPU time, not wall time: on a shared machine a starved run is not a slow input.
+    let t = process_cpu_time();
     let result = catch_unwind(AssertUnwindSafe(|| (target.run)(input)));
-    let elapsed = t.elapsed();
+    let elapsed = process_cpu_time().saturating_sub(t);
     STARTED_MS.store(0, Ordering::SeqCst);
     CURRENT_LEN.store(0, Ordering::SeqCst);
     *slowest = (*slowest).max(elapsed);
@@ -101,6 +108,14 @@ fn save(target: &str, what: &str, input: &[u8]) -> PathBuf {
     let path = dir.join(format!("{kind}-{:016x}.bin", hash(input)));
     std::fs::write(&path, input).expect("cannot save a finding");
     path
+}
+
+/// CPU time used by this process (all threads: the forward pass runs on rayon's).
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn now_ms() -> u64 {
