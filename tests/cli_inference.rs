@@ -417,3 +417,17 @@ fn tokenize_chat_takes_the_repl_inputs() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// `info` counts parameters as llama.cpp does (`1.59 M`, not `0.00 B`) and says "1 KV head".
+#[test]
+fn info_reads_naturally() {
+    let o = run(&["info", fixtures().join("llamacpp/tiny-q4_k_m.gguf").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("2 layers, hidden 128, FFN 224, 4 heads / 1 KV head × 32, 8 experts (2 used)"),
+        "{text}"
+    );
+    assert!(text.contains("parameters:      1591936 (1.59 M)"), "{text}");
+    assert!(text.contains("8 per layer in 2 layers") && text.contains("  q8_0       6 tensors"), "{text}");
+}

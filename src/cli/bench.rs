@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 
-use super::human_bytes;
 use super::load::ModelArgs;
+use super::{human_bytes, human_count};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -129,7 +129,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 println!(
                     "| {name} | {} | {} | {backend} | {threads} | {} | {:.2} ± {:.2} |",
                     human_bytes(size),
-                    human_params(params),
+                    human_count(params),
                     m.test,
                     m.mean(),
                     m.stddev()
@@ -151,14 +151,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn human_params(n: u64) -> String {
-    if n >= 1_000_000_000 {
-        format!("{:.2} B", n as f64 / 1e9)
-    } else {
-        format!("{:.2} M", n as f64 / 1e6)
-    }
 }
 
 /// llama.cpp's name of a `general.file_type`.
