@@ -73,6 +73,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let options = repl::ReplOptions {
         history: history_path(args)?,
         verbose: args.verbose,
+        model_info: super::info::summary(&loaded.model, loaded.ctx),
         debug_ids: std::env::var_os("MIXTRAL_Q_CHAT_DEBUG").is_some_and(|v| !v.is_empty() && v != "0"),
     };
 
@@ -81,14 +82,16 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     session.set_ignore_eos(args.ignore_eos);
     session.set_stop_strings(args.stop.clone());
     let name = metadata.get_str("general.name").unwrap_or("model");
-    println!(
+    // Only replies go to standard output, so that piped chat (`mixtral-q chat < questions.txt`)
+    // writes the answers alone; the banner, notices and command output go to standard error.
+    eprintln!(
         "mixtral-q chat: {name}, context {} tokens. Type a message; /help lists the commands, Ctrl-D or /exit quits.",
         loaded.ctx
     );
     if let Some(system) = &args.system {
-        commands::set_system(system, &mut session, &mut std::io::stdout())?;
+        commands::set_system(system, &mut session, &mut std::io::stderr())?;
     }
-    repl::run(&mut session, &options)
+    repl::run(&mut session, options)
 }
 
 /// `--history`, else `$MIXTRAL_Q_HISTORY`, else `chat_history.txt` in the cache folder.

@@ -30,6 +30,19 @@ pub struct SavedConversation {
     pub system: Option<String>,
     pub messages: Vec<Message>,
     pub settings: Option<Settings>,
+    /// The token ids the model saw for the conversation (its own sampled ids for the replies), so that
+    /// a loaded conversation continues from exactly what the model saw and reuses a KV cache that
+    /// still holds it. Absent in files written by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<SavedTokens>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SavedTokens {
+    /// The conversation as the template rendered it (without the generation prompt); the ids are
+    /// used only when a loaded conversation renders to exactly this text.
+    pub text: String,
+    pub ids: Vec<u32>,
 }
 
 /// Why a reply ended.
@@ -176,6 +189,7 @@ impl<'e> Session<'e> {
             system: self.system.clone(),
             messages: self.messages.clone(),
             settings: Some(self.settings.clone()),
+            tokens: self.known.as_ref().map(|k| SavedTokens { text: k.text.clone(), ids: k.ids.clone() }),
         };
         let json = serde_json::to_string_pretty(&saved)?;
         write_atomic(path, (json + "\n").as_bytes())
@@ -206,7 +220,17 @@ impl<'e> Session<'e> {
             self.set_settings(settings);
         }
         self.last = None;
+        self.known = saved.tokens.and_then(|t| self.saved_prefix(t));
         Ok(())
+    }
+
+    /// The saved ids, if they still describe the loaded conversation: it renders to the saved text,
+    /// and every id is in the vocabulary.
+    fn saved_prefix(&self, tokens: SavedTokens) -> Option<KnownPrefix> {
+        let text = self.template.render(&self.template_messages(), false).ok()?;
+        let vocab = self.engine.config().vocab_size;
+        (text == tokens.text && tokens.ids.iter().all(|&id| (id as usize) < vocab))
+            .then_some(KnownPrefix { text, ids: tokens.ids })
     }
 
     /// One exchange: adds the user's message, streams the reply to `out` and adds it. `stop` (set by
@@ -235,12 +259,12 @@ impl<'e> Session<'e> {
         let reserve = self.settings.max_tokens.min(ctx / 4).max(1);
         let (prompt_text, prompt_ids, dropped_turns) = self.prompt(ctx, reserve)?;
         if dropped_turns > 0 {
-            writeln!(
-                out,
+            // A notice: to standard error, like the REPL's others (the reply stream is the answer only).
+            eprintln!(
                 "(the conversation outgrew the context of {ctx} tokens: dropped the oldest {dropped_turns} \
                  exchange(s){})",
                 if self.system.is_some() { ", kept the system prompt" } else { "" }
-            )?;
+            );
         }
 
         let mut generation = Generation::new(&mut self.seq, self.tok, prompt_ids, self.settings.max_tokens);
