@@ -121,6 +121,39 @@ fn bench_reports_both_tests() {
     }
 }
 
+/// llama-bench's comma lists: a row per combination of thread count, depth and test.
+#[test]
+fn bench_runs_every_combination_of_its_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = convert(dir.path(), "q4_k");
+    let m = model.to_str().unwrap();
+    let json = json_of(&[
+        "bench", "-m", m, "-p", "4,8", "-n", "2", "-t", "1,2", "-d", "0,4", "-r", "1", "-o", "json",
+    ]);
+    let rows: Vec<(u64, u64, String)> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["n_threads"].as_u64().unwrap(),
+                r["n_depth"].as_u64().unwrap(),
+                r["test"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut expected = Vec::new();
+    for t in [1, 2] {
+        for (d, at) in [(0, ""), (4, " @ d4")] {
+            for test in ["pp4", "pp8", "tg2"] {
+                expected.push((t, d, format!("{test}{at}")));
+            }
+        }
+    }
+    assert_eq!(rows, expected);
+    expect_error(&["generate", "-m", m, "-p", "hi", "-t", "1,2"], "comma list is for `mixtral-q bench`");
+}
+
 /// An `error: ` line naming `needle`, non-zero exit, no panic.
 fn expect_error(args: &[&str], needle: &str) {
     let o = run(args);

@@ -18,9 +18,9 @@ pub struct ModelArgs {
     /// GGUF model file (ours or llama.cpp's). Without it, the bundled tiny demo model runs.
     #[arg(short = 'm', long = "model")]
     pub model: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(short = 't', long)]
-    pub threads: Option<usize>,
+    /// Worker threads (default: all cores). `bench` takes a comma list (`-t 1,2`).
+    #[arg(short = 't', long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(short = 'c', long)]
     pub ctx: Option<usize>,
@@ -123,12 +123,14 @@ impl Loaded {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Loaded> {
-        if let Some(n) = self.threads {
-            if n == 0 {
-                bail!("--threads must be at least 1");
+        match self.threads[..] {
+            [] => {}
+            [0] => bail!("--threads must be at least 1"),
+            [n] => {
+                // Errors only if a pool was already built: then that pool is used, which is fine.
+                let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
             }
-            // Errors only if a pool was already built: then that pool is used, which is fine.
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+            _ => bail!("--threads takes one number here (a comma list is for `mixtral-q bench`)"),
         }
         let (path, is_demo) = match &self.model {
             Some(p) => (p.clone(), false),
