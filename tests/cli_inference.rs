@@ -47,7 +47,9 @@ fn greedy_generate_reproduces_transformers() {
     }
 }
 
-/// `perplexity` over one window holding the whole `long` case equals the reference logits' perplexity.
+/// `perplexity` against the reference logits: with --all-tokens over one window holding the whole `long`
+/// case it is the reference's perplexity; scored like llama-perplexity (second half of each window) it
+/// is the reference's over those positions, with llama-perplexity's ± estimate.
 #[test]
 fn perplexity_matches_the_reference() {
     let dir = tempfile::tempdir().unwrap();
@@ -56,29 +58,119 @@ fn perplexity_matches_the_reference() {
         reference_json()["cases"].as_array().unwrap().iter().find(|c| c["name"] == "long").unwrap().clone();
     let text = dir.path().join("long.txt");
     std::fs::write(&text, long["text"].as_str().unwrap()).unwrap();
-    let ppl = |ctx: &str| {
-        json_of(&[
-            "perplexity",
-            "-m",
-            model.to_str().unwrap(),
-            "-f",
-            text.to_str().unwrap(),
-            "--ctx",
-            ctx,
-            "--json",
-        ])
+    let ppl = |extra: &[&str]| {
+        let mut args =
+            vec!["perplexity", "-m", model.to_str().unwrap(), "-f", text.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        json_of(&args)
     };
-    let json = ppl("512");
     let case = cases().into_iter().find(|c| c.name == "long").unwrap();
-    let want = perplexity(&case.logits, &case.ids, case.logits.len() / case.ids.len());
+    let vocab = case.logits.len() / case.ids.len();
+    let json = ppl(&["--ctx", "512", "--all-tokens"]);
+    let want = perplexity(&case.logits, &case.ids, vocab);
     let got = json["perplexity"].as_f64().unwrap();
     assert!(((got - want) / want).abs() < 1e-4, "perplexity {got} vs reference {want}");
     assert_eq!(json["tokens_scored"].as_u64().unwrap() as usize, case.ids.len() - 1);
 
     // Smaller windows: consecutive windows of --ctx tokens, each starting with BOS, all scored.
-    let json = ppl("32");
+    let json = ppl(&["--ctx", "32", "--all-tokens"]);
     assert_eq!(json["tokens_scored"].as_u64().unwrap() as usize, case.ids.len() - 1);
     assert!(json["perplexity"].as_f64().unwrap() > 1.0);
+
+    // llama-perplexity's scoring over the first window of 48 (it starts with the text's BOS, so its
+    // logits are the reference's): rows 24..46 predict tokens 25..47.
+    assert_eq!(case.ids.len(), 96);
+    let nll: Vec<f64> = (24..47)
+        .map(|t| {
+            let row = &case.logits[t * vocab..(t + 1) * vocab];
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() - row[case.ids[t + 1] as usize]
+        })
+        .collect();
+    let n = nll.len() as f64;
+    let mean = nll.iter().sum::<f64>() / n;
+    let var = nll.iter().map(|x| x * x).sum::<f64>() / n - mean * mean;
+    let (want, want_error) = (mean.exp(), (var / (n - 1.0)).sqrt() * mean.exp());
+    let json = ppl(&["--ctx", "48", "--chunks", "1"]);
+    assert_eq!(json["tokens_scored"], 23);
+    let (got, got_error) = (json["perplexity"].as_f64().unwrap(), json["perplexity_error"].as_f64().unwrap());
+    assert!(((got - want) / want).abs() < 1e-4, "perplexity {got} vs reference {want}");
+    assert!(((got_error - want_error) / want_error).abs() < 1e-3, "± {got_error} vs {want_error}");
+    // Both windows of 48 (the second's first token replaced by BOS): 23 tokens each.
+    let json = ppl(&["--ctx", "48"]);
+    assert_eq!((json["tokens_scored"].as_u64(), json["windows"].as_u64()), (Some(46), Some(2)));
+    let o = run(&["perplexity", "-m", model.to_str().unwrap(), "-f", text.to_str().unwrap(), "--ctx", "64"]);
+    assert!(!o.status.success() && stderr(&o).contains("at least 2 × ctx = 128 tokens"), "{}", stderr(&o));
+}
+
+/// `--kl-divergence-base FILE` saves a base model's log-probabilities; `--kl-divergence` compares
+/// another model over the same windows.
+#[test]
+fn perplexity_kl_divergence_against_a_base_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_model = convert(dir.path(), "f32");
+    let quantized = convert(dir.path(), "q4_k");
+    let long =
+        reference_json()["cases"].as_array().unwrap().iter().find(|c| c["name"] == "long").unwrap().clone();
+    let text = dir.path().join("long.txt");
+    std::fs::write(&text, long["text"].as_str().unwrap()).unwrap();
+    let base = dir.path().join("base.kld");
+    let ppl = |model: &Path, extra: &[&str]| {
+        let mut args = vec!["perplexity", "-m", model.to_str().unwrap(), "-f", text.to_str().unwrap()];
+        args.extend_from_slice(&["--json", "--ctx", "32", "--kl-divergence-base", base.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        json_of(&args)
+    };
+    let saved = ppl(&base_model, &[]);
+    assert!(base.exists());
+
+    // Against itself: no divergence at all.
+    let same = ppl(&base_model, &["--kl-divergence"]);
+    let kl = &same["kl_divergence"];
+    assert_eq!(
+        (kl["mean"].as_f64(), kl["max"].as_f64(), kl["same_top_p"].as_f64()),
+        (Some(0.0), Some(0.0), Some(1.0))
+    );
+    assert_eq!(kl["base_perplexity"], saved["perplexity"]);
+
+    // A 4-bit model: some divergence; its own perplexity is what perplexity alone says.
+    let q = ppl(&quantized, &["--kl-divergence"]);
+    let kl = &q["kl_divergence"];
+    let (mean, max, median) =
+        (kl["mean"].as_f64().unwrap(), kl["max"].as_f64().unwrap(), kl["median"].as_f64().unwrap());
+    assert!(mean > 0.0 && mean < 1.0 && kl["error"].as_f64().unwrap() > 0.0, "{kl}");
+    assert!(
+        max >= kl["p99"].as_f64().unwrap() && kl["p99"].as_f64().unwrap() >= median && median >= 0.0,
+        "{kl}"
+    );
+    assert!(kl["same_top_p"].as_f64().unwrap() > 0.0);
+    assert_eq!(kl["base_perplexity"], saved["perplexity"]);
+    let alone = json_of(&[
+        "perplexity",
+        "-m",
+        quantized.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--json",
+        "--ctx",
+        "32",
+    ]);
+    assert_eq!(q["perplexity"], alone["perplexity"]);
+
+    // Other windows than the base's are refused.
+    let o = run(&[
+        "perplexity",
+        "-m",
+        quantized.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--ctx",
+        "48",
+        "--kl-divergence",
+        "--kl-divergence-base",
+        base.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("other tokens"), "{}", stderr(&o));
 }
 
 #[test]
