@@ -175,6 +175,25 @@ fn gguf_vocab_metadata_is_llama_style() {
     assert!(score_of("s▁") > score_of("▁▁"));
 }
 
+/// The tokenizers crate panics on some malformed tokenizer.json (a broken "decoder" object; found by
+/// tests/fuzz): that is an error naming the file, from a file beside the GGUF or from its metadata.
+#[test]
+fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+    let json = std::fs::read_to_string(model_dir().join("tokenizer.json")).unwrap();
+    let at = json.find("\"decoder\": {").unwrap() + "\"decoder\": {".len();
+    let broken = format!("{}\"type\": \"Sequence\" 7{}", &json[..at], &json[at..]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, &broken).unwrap();
+    let err =
+        format!("{:#}", Tokenizer::from_hf_file(&path).err().expect("a malformed tokenizer.json loaded"));
+    assert!(err.contains("tokenizer.json: malformed (the tokenizers library panicked on it)"), "{err}");
+    let mut meta = gguf_metadata();
+    meta.set("tokenizer.huggingface.json", MetaValue::String(broken));
+    let err = format!("{:#}", Tokenizer::from_gguf(&meta, Path::new("/nonexistent/m.gguf")).err().unwrap());
+    assert!(err.contains("tokenizer.huggingface.json in /nonexistent/m.gguf"), "{err}");
+}
+
 #[test]
 fn missing_tokenizer_json_names_the_path() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,5 +1,5 @@
-//! A memory and time budget for code from a model file (its chat template), enforced by the global
-//! allocator.
+//! Containing third-party code that runs on bytes from a user's file: a memory and time budget for a
+//! chat template (enforced by the global allocator), and panics turned into errors.
 //!
 //! minijinja's fuel bounds the number of instructions a template runs, but not what one instruction
 //! costs: `{% set ns.s = ns.s ~ ns.s %}` in a loop doubles a string each time (30 steps are a GiB),
@@ -15,6 +15,8 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 thread_local! {
@@ -107,4 +109,25 @@ unsafe impl GlobalAlloc for BudgetedAllocator {
         }
         new
     }
+}
+
+/// Runs `f`, turning a panic into `None`, for libraries that panic on some input from a user's file
+/// (minijinja 2.24 on a reversed slice of an empty list, `[][::-1]`; tokenizers 0.22 on some malformed
+/// tokenizer.json): the input is refused like any other bad input. The default panic report
+/// ("thread panicked at ...") is not printed for these.
+pub(crate) fn catching_panics<R>(f: impl FnOnce() -> R) -> Option<R> {
+    thread_local!(static QUIET: Cell<bool> = const { Cell::new(false) });
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                previous(info)
+            }
+        }));
+    });
+    QUIET.set(true);
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    QUIET.set(false);
+    result.ok()
 }

@@ -11,15 +11,11 @@
 //! the first user message with [`fold_system_prompt`] (what ollama does for Mistral models) and tell the
 //! user so.
 
-use std::cell::Cell;
-use std::panic::AssertUnwindSafe;
-use std::sync::Once;
-
 use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
 
-use super::budget::within_budget;
+use super::budget::{catching_panics, within_budget};
 use crate::format::gguf::Metadata;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -284,26 +280,6 @@ fn names_one_of(expr: &str, names: &[String]) -> bool {
         }
     }
     false
-}
-
-/// Runs `f`, turning a panic into `None`: minijinja 2.24 panics on some templates (a reversed slice of
-/// an empty list, `[][::-1]`), which must be refused like any other bad template. The default panic
-/// report ("thread panicked at ...") is not printed for these.
-fn catching_panics<R>(f: impl FnOnce() -> R) -> Option<R> {
-    thread_local!(static QUIET: Cell<bool> = const { Cell::new(false) });
-    static HOOK: Once = Once::new();
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !QUIET.with(Cell::get) {
-                previous(info)
-            }
-        }));
-    });
-    QUIET.set(true);
-    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
-    QUIET.set(false);
-    result.ok()
 }
 
 /// Collects the rendered text, failing once it exceeds [`MAX_OUTPUT`].
