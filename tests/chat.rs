@@ -466,26 +466,17 @@ fn saved_token_ids_let_a_loaded_conversation_reuse_the_cache() {
 /// standard error. llama.cpp's -sys sets the system prompt.
 #[test]
 fn piped_chat_writes_only_replies_to_stdout() {
-    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("saved.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mixtral-q"))
-        .args(["chat", "-n", "5", "--ignore-eos", "-sys", "Be brief."])
-        .env("MIXTRAL_Q_CACHE", dir.path().join("cache"))
-        .env("MIXTRAL_Q_HISTORY", dir.path().join("history.txt"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     let input = format!("Hello there.\n/show\nWhat next?\n/save {}\n", saved.display());
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (out, err) = (String::from_utf8(o.stdout).unwrap(), String::from_utf8(o.stderr).unwrap());
+    let (out, err) = piped(dir.path(), &["-n", "5", "--ignore-eos", "-sys", "Be brief."], &input);
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    // The REPL shows control characters (the demo model's random text has some) as U+FFFD.
+    let shown = |text: String| -> String {
+        text.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '\u{FFFD}' } else { c }).collect()
+    };
     let replies: Vec<String> =
-        messages(&saved).into_iter().filter(|m| m.0 == "assistant").map(|m| m.1).collect();
+        messages(&saved).into_iter().filter(|m| m.0 == "assistant").map(|m| shown(m.1)).collect();
     assert_eq!(replies.len(), 2);
     assert_eq!(out, format!("{}\n{}\n", replies[0], replies[1]), "stdout holds the replies and nothing else");
     assert_eq!(saved["system"], "Be brief.");
@@ -494,4 +485,48 @@ fn piped_chat_writes_only_replies_to_stdout() {
     {
         assert!(err.contains(notice), "stderr lacks {notice:?}: {err}");
     }
+}
+
+/// Runs piped `mixtral-q chat ARGS` on the demo model with `input`; returns (stdout, stderr).
+fn piped(dir: &Path, args: &[&str], input: &str) -> (String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mixtral-q"))
+        .arg("chat")
+        .args(args)
+        .env("MIXTRAL_Q_CACHE", dir.join("cache"))
+        .env("MIXTRAL_Q_HISTORY", dir.join("history.txt"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (String::from_utf8(o.stdout).unwrap(), String::from_utf8(o.stderr).unwrap())
+}
+
+/// `-r/--reverse-prompt` ends a reply before the stop string; `-n -1` lets it run to a full context.
+#[test]
+fn chat_stop_strings_and_no_reply_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--temp", "0", "-n", "16", "--ignore-eos"];
+    let (full, _) = piped(dir.path(), &args, "Hello\n");
+    let reply = full.trim_end_matches('\n');
+    let chars: Vec<char> = reply.chars().collect();
+    assert!(chars.len() > 8, "{reply:?}");
+    // Two characters from the middle that are really in the text (not a control character shown as U+FFFD).
+    let at = (chars.len() / 2..chars.len() - 1)
+        .find(|&k| !chars[k..k + 2].contains(&'\u{FFFD}'))
+        .expect("printable text in the reply");
+    let stop: String = chars[at..at + 2].iter().collect();
+    let before = &reply[..reply.find(&stop).unwrap()];
+    let (cut, _) = piped(dir.path(), &[&args[..], &["-r", &stop]].concat(), "Hello\n");
+    assert_eq!(cut, format!("{before}\n"), "stop string {stop:?}");
+
+    let (out, err) =
+        piped(dir.path(), &["-n", "-1", "--ctx", "48", "--ignore-eos"], "Hello\n/show parameters\n");
+    assert!(err.contains("(the context is full: the reply was cut)"), "{err}");
+    assert!(err.contains("max_tokens -1 (no limit)"), "{err}");
+    assert!(!out.is_empty());
 }

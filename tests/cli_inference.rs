@@ -429,7 +429,10 @@ fn generate_takes_llama_cpp_flags_and_reports_why_it_stopped() {
     let full = gen(&["-p", prompt, "-n", "30", "--ignore-eos", "--temp", "0"]);
     let text = full["text"].as_str().unwrap();
     let chars: Vec<char> = text.chars().collect();
-    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let at = (chars.len() / 2..chars.len() - 2)
+        .find(|&k| !chars[k..k + 3].contains(&'\u{FFFD}'))
+        .expect("printable text in the continuation");
+    let stop: String = chars[at..at + 3].iter().collect();
     let before = &text[..text.find(&stop).unwrap()];
     for flag in ["-r", "--reverse-prompt", "--stop"] {
         let json = gen(&["-p", prompt, "-n", "30", "--ignore-eos", "--temp", "0", flag, &stop]);

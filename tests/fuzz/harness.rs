@@ -55,15 +55,25 @@ pub fn fuzz(target: &Target, seed: u64, max_inputs: u64, budget: Duration) -> Re
     let mut rng = Rng::new(seed ^ hash(target.name.as_bytes()));
     let start = Instant::now();
     let mut report = Report { inputs: 0, seconds: 0.0, slowest: Duration::ZERO, findings: Vec::new() };
+    let mut slowest_input = Vec::new();
     while report.inputs < max_inputs && start.elapsed() < budget {
         let seed_input = &target.seeds[rng.below(target.seeds.len())];
         let input = (target.mutate)(&mut rng, seed_input, &target.seeds);
         report.inputs += 1;
+        let before = report.slowest;
         if let Some(f) = run_one(target, &input, &mut report.slowest) {
             report.findings.push(f);
         }
+        if report.slowest > before {
+            slowest_input = input;
+        }
     }
     report.seconds = start.elapsed().as_secs_f64();
+    // Kept for a look at what takes longest (not a finding below `SLOW`).
+    let dir = findings_dir(target.name);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(dir.join("slowest-input.bin"), &slowest_input);
+    }
     report
 }
 
