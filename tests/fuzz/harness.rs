@@ -14,10 +14,14 @@ use std::time::{Duration, Instant};
 pub struct Target {
     pub name: &'static str,
     pub seeds: Vec<Vec<u8>>,
-    /// A new input from a seed (all seeds given for splicing).
-    pub mutate: Box<dyn Fn(&mut Rng, &[u8], &[Vec<u8>]) -> Vec<u8>>,
-    pub run: Box<dyn Fn(&[u8])>,
+    pub mutate: Mutator,
+    pub run: Reader,
 }
+
+/// A new input from a seed (all seeds given for splicing).
+pub type Mutator = Box<dyn Fn(&mut Rng, &[u8], &[Vec<u8>]) -> Vec<u8>>;
+/// Runs the readers on one input.
+pub type Reader = Box<dyn Fn(&[u8])>;
 
 /// An input taking more CPU time than this is a finding.
 pub const SLOW: Duration = Duration::from_secs(2);

@@ -529,8 +529,11 @@ fn small_model(rng: &mut Rng, lie: bool) -> Option<Vec<u8>> {
         .gguf_tensors()
         .into_iter()
         .map(|(name, dims)| {
-            let fits: Vec<GgmlType> =
-                SUPPORTED_TYPES.iter().copied().filter(|t| dims[0] as usize % t.block_len() == 0).collect();
+            let fits: Vec<GgmlType> = SUPPORTED_TYPES
+                .iter()
+                .copied()
+                .filter(|t| (dims[0] as usize).is_multiple_of(t.block_len()))
+                .collect();
             let ty = if dims.len() == 1 || rng.chance(0.3) { GgmlType::F32 } else { *rng.pick(&fits) };
             let n: u64 = dims.iter().product();
             // Real values through the cheap codecs; random bytes (any scales, NaN included) otherwise.
@@ -583,7 +586,7 @@ fn small_model(rng: &mut Rng, lie: bool) -> Option<Vec<u8>> {
                     }
                     let n: u64 = dims.iter().product();
                     let ty = tensors[t].2;
-                    if n % ty.block_len() as u64 != 0 {
+                    if !n.is_multiple_of(ty.block_len() as u64) {
                         tensors[t].2 = GgmlType::F32;
                     }
                     let ty = tensors[t].2;
@@ -601,7 +604,7 @@ fn small_model(rng: &mut Rng, lie: bool) -> Option<Vec<u8>> {
                         GgmlType::Q8_1,
                     ]);
                     let n: u64 = tensors[t].1.iter().product();
-                    if tensors[t].1[0] % ty.block_len() as u64 == 0 {
+                    if tensors[t].1[0].is_multiple_of(ty.block_len() as u64) {
                         tensors[t].2 = ty;
                         let bytes = (n / ty.block_len() as u64 * ty.block_bytes() as u64) as usize;
                         tensors[t].3.resize(bytes, 0xff);
