@@ -51,12 +51,14 @@ pub struct GenerateArgs {
 pub struct TokenLimit(pub Option<usize>);
 
 pub fn parse_token_limit(s: &str) -> Result<TokenLimit, String> {
+    parse_or_minus_one(s, "a token count (or -1 for no limit)").map(TokenLimit)
+}
+
+/// A number, or none when it is -1 (llama.cpp's spelling of "no limit" and "random seed").
+fn parse_or_minus_one<T: std::str::FromStr>(s: &str, what: &str) -> Result<Option<T>, String> {
     match s.trim() {
-        "-1" => Ok(TokenLimit(None)),
-        v => v
-            .parse()
-            .map(|n| TokenLimit(Some(n)))
-            .map_err(|_| format!("{s:?} is not a token count (or -1 for no limit)")),
+        "-1" => Ok(None),
+        v => v.parse().map(Some).map_err(|_| format!("{s:?} is not {what}")),
     }
 }
 
@@ -88,13 +90,7 @@ pub struct SamplingArgs {
 pub struct Seed(pub Option<u64>);
 
 fn parse_seed(s: &str) -> Result<Seed, String> {
-    match s.trim() {
-        "-1" => Ok(Seed(None)),
-        v => v
-            .parse()
-            .map(|n| Seed(Some(n)))
-            .map_err(|_| format!("{s:?} is not a seed (a number ≥ 0, or -1 for a random one)")),
-    }
+    parse_or_minus_one(s, "a seed (a number ≥ 0, or -1 for a random one)").map(Seed)
 }
 
 impl SamplingArgs {
