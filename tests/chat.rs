@@ -471,7 +471,7 @@ fn piped_chat_writes_only_replies_to_stdout() {
     let input = format!("Hello there.\n/show\nWhat next?\n/save {}\n", saved.display());
     let (out, err) = piped(dir.path(), &["-n", "5", "--ignore-eos", "-sys", "Be brief."], &input);
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
-    // The REPL shows control characters (the demo model's random text has some) as U+FFFD.
+    // The REPL shows control characters (the tiny model's random text has some) as U+FFFD.
     let shown = |text: String| -> String {
         text.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '\u{FFFD}' } else { c }).collect()
     };
@@ -487,11 +487,17 @@ fn piped_chat_writes_only_replies_to_stdout() {
     }
 }
 
-/// Runs piped `mixtral-q chat ARGS` on the demo model with `input`; returns (stdout, stderr).
+/// Runs piped `mixtral-q chat -m TINY ARGS` with `input`; returns (stdout, stderr).
 fn piped(dir: &Path, args: &[&str], input: &str) -> (String, String) {
     use std::io::Write;
+    let model = dir.join("tiny-mixtral-q4_k.gguf");
+    if !model.exists() {
+        tiny_q4_k(dir);
+    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_mixtral-q"))
         .arg("chat")
+        .arg("-m")
+        .arg(&model)
         .args(args)
         .env("MIXTRAL_Q_CACHE", dir.join("cache"))
         .env("MIXTRAL_Q_HISTORY", dir.join("history.txt"))

@@ -47,7 +47,18 @@ fn assert_in_help(command: &str, help: &str, flag: &str) {
 #[test]
 fn every_flag_the_readme_mentions_exists() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let commands = ["quantize", "info", "synth", "generate", "perplexity", "tokenize", "bench", "chat"];
+    let commands = [
+        "quantize",
+        "info",
+        "synth",
+        "generate",
+        "perplexity",
+        "tokenize",
+        "bench",
+        "chat",
+        "routing",
+        "serve",
+    ];
     let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
     for command in commands {
         let row = rows

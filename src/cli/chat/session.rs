@@ -228,7 +228,7 @@ impl<'e> Session<'e> {
     /// and every id is in the vocabulary.
     fn saved_prefix(&self, tokens: SavedTokens) -> Option<KnownPrefix> {
         let text = self.template.render(&self.template_messages(), false).ok()?;
-        let vocab = self.engine.config().vocab_size;
+        let vocab = self.tok.vocab_size();
         (text == tokens.text && tokens.ids.iter().all(|&id| (id as usize) < vocab))
             .then_some(KnownPrefix { text, ids: tokens.ids })
     }

@@ -334,10 +334,11 @@ mod tests {
                 .unwrap();
             let args = ModelArgs {
                 model: Some(path),
-                threads: None,
+                threads: Vec::new(),
                 ctx: Some(CTX),
                 device: DeviceChoice::Cpu,
                 vram_budget: None,
+                n_gpu_layers: None,
             };
             Fixture {
                 loaded: args.load().unwrap(),
