@@ -35,6 +35,10 @@ pub static CURRENT_LEN: AtomicUsize = AtomicUsize::new(0);
 /// Milliseconds since `EPOCH` when the current input started; 0 while idle.
 static STARTED_MS: AtomicU64 = AtomicU64::new(0);
 
+/// Held by each test of the fuzz binary: inputs are timed in process CPU time, so two tests must not
+/// run at once.
+pub static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub fn findings_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-findings").join(target)
 }
@@ -124,8 +128,9 @@ fn save(target: &str, what: &str, input: &[u8]) -> PathBuf {
     path
 }
 
-/// CPU time used by this process (all threads: the forward pass runs on rayon's).
-fn process_cpu_time() -> Duration {
+/// CPU time used by this process (all threads: the forward pass runs on rayon's). The tests of this
+/// binary hold [`SERIAL`] so that only one input runs at a time.
+pub fn process_cpu_time() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid timespec to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
