@@ -97,18 +97,18 @@ fn check_regular(path: &Path, ty: std::fs::FileType, prefix: &str) -> Result<()>
     } else if ty.is_dir() {
         bail!("{} is {prefix}a directory; give a file name such as model.gguf", path.display());
     } else if ty.is_char_device() {
-        "a character device"
+        "character device"
     } else if ty.is_block_device() {
-        "a block device"
+        "block device"
     } else if ty.is_fifo() {
-        "a FIFO"
+        "FIFO"
     } else if ty.is_socket() {
-        "a socket"
+        "socket"
     } else {
-        "not a regular file"
+        "special file"
     };
     bail!(
-        "refusing to write {}: it is {prefix}{kind}, not a regular file (the output is written beside it \
+        "refusing to write {}: it is {prefix}a {kind}, not a regular file (the output is written beside it \
          and renamed over it at the end, which would replace the {kind})",
         path.display()
     )
