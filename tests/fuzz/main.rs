@@ -111,6 +111,7 @@ fn quiet_panics<R>(f: impl FnOnce() -> R) -> R {
 #[test]
 fn fuzz_every_reader() {
     let _serial = harness::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _cleanup = targets::ScratchCleanup;
     let seconds = env_number("MIXTRAL_Q_FUZZ_SECONDS", 4);
     let max_inputs = env_number("MIXTRAL_Q_FUZZ_INPUTS", u64::MAX);
     let seed = env_number("MIXTRAL_Q_FUZZ_SEED", 1);
@@ -135,7 +136,6 @@ fn fuzz_every_reader() {
         total += report.inputs;
         findings.extend(report.findings.into_iter().map(|f| (target.name, f)));
     }
-    targets::clean_scratch();
     println!(
         "fuzz total: {total} inputs (seed {seed}), largest allocation {} MiB",
         LARGEST.load(Ordering::Relaxed) >> 20
@@ -155,6 +155,7 @@ fn fuzz_every_reader() {
 #[test]
 fn regression_inputs_stay_fixed() {
     let _serial = harness::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _cleanup = targets::ScratchCleanup;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/regressions");
     let mut replayed = 0;
     for dir in std::fs::read_dir(&root).expect("tests/fuzz/regressions") {

@@ -28,10 +28,14 @@ fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// Removes the scratch folder.
-pub fn clean_scratch() {
-    if let Some(dir) = scratch("x").parent() {
-        let _ = std::fs::remove_dir_all(dir);
+/// Removes the scratch folder when dropped (also when a test fails).
+pub struct ScratchCleanup;
+
+impl Drop for ScratchCleanup {
+    fn drop(&mut self) {
+        if let Some(dir) = scratch("x").parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
