@@ -5,7 +5,10 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+/// The system allocator, plus the memory and time budget that chat templates (code from the model
+/// file) run under.
+#[global_allocator]
+static ALLOCATOR: mixtral_q::text::budget::BudgetedAllocator = mixtral_q::text::budget::BudgetedAllocator;
 
 fn main() -> ExitCode {
     // Like other command-line tools, end quietly when the reader of our output goes away
@@ -14,7 +17,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let args = cli::Cli::parse();
+    let args = match cli::parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            // A usage error, as clap reports its own.
+            return ExitCode::from(2);
+        }
+    };
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

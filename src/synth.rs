@@ -2,7 +2,6 @@
 //! widths), as a Hugging Face checkpoint directory (to feed `quantize`) or directly as a GGUF (to feed
 //! the engine benchmarks). Weights are deterministic for a seed: N(0, 1/cols) matrices, norms near 1.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -12,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::format::gguf::Metadata;
+use crate::format::output::{write_atomic, AtomicOutput};
 use crate::model::names::{self, LayerTensor};
 use crate::model::ModelConfig;
 use crate::quantize::{write_gguf, QuantizeOptions, QuantizeReport, RowSource};
@@ -219,11 +219,11 @@ pub fn write_hf_checkpoint(
     seed: u64,
 ) -> Result<()> {
     let cfg = &weights.cfg;
+    if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        bail!("{} exists and is not a directory (--hf writes a checkpoint directory)", dir.display());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let write = |name: &str, text: &str| {
-        std::fs::write(dir.join(name), text)
-            .with_context(|| format!("cannot write {}", dir.join(name).display()))
-    };
+    let write = |name: &str, text: &str| write_atomic(&dir.join(name), text.as_bytes());
     write("config.json", &serde_json::to_string_pretty(&hf_config_json(cfg, dtype.torch_name()))?)?;
     write("tokenizer.json", &tokenizer_json(cfg.vocab_size, seed)?)?;
     write("tokenizer_config.json", BASE_TOKENIZER_CONFIG)?;
@@ -276,7 +276,8 @@ fn write_safetensors(
     let mut header = serde_json::to_string(&header)?.into_bytes();
     header.resize(header.len().div_ceil(8) * 8, b' ');
     let context = || format!("cannot write {}", path.display());
-    let mut out = BufWriter::new(File::create(path).with_context(context)?);
+    let file = AtomicOutput::create(path)?;
+    let mut out = BufWriter::new(file.file());
     out.write_all(&(header.len() as u64).to_le_bytes()).with_context(context)?;
     out.write_all(&header).with_context(context)?;
     for (name, shape) in tensors {
@@ -297,6 +298,8 @@ fn write_safetensors(
         }
     }
     out.flush().with_context(context)?;
+    drop(out);
+    file.commit()?;
     Ok(offset as u64)
 }
 

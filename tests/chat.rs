@@ -386,3 +386,153 @@ fn old_turns_are_dropped_when_the_context_fills() {
     chat.type_line("/exit");
     chat.expect_exit_ok();
 }
+
+/// ollama's REPL commands: /set system, /set parameter NAME VALUE, /set verbose|quiet, /show info.
+#[test]
+fn ollama_commands() {
+    let mut chat = Chat::start(&["-n", "4", "--temp", "0"]);
+    let out = chat.command("/set system Answer in one word.");
+    assert!(out.contains("(system prompt set)") && out.contains("has no system role"), "{out}");
+    assert!(chat
+        .command("/show system")
+        .contains("system prompt (folded into the first user message): Answer in one word."));
+    assert!(chat.command("/set parameter temperature 0.5").contains("(temp = 0.5)"));
+    assert!(chat.command("/set parameter num_predict 3").contains("(max_tokens = 3)"));
+    assert!(chat.command("/set parameter repeat_last_n 8").contains("(repeat_last_n = 8)"));
+    assert!(chat.command("/set parameter top_p 2").contains("error: top_p must be in (0, 1]"));
+    assert!(chat
+        .command("/set parameter num_ctx 8")
+        .contains("error: the context size is set when the chat starts"));
+    assert!(chat.command("/set parameter stop ###").contains("(stop strings: [\"###\"])"));
+    let show = chat.command("/show parameters");
+    assert!(
+        show.contains("temp 0.5") && show.contains("max_tokens 3") && show.contains("repeat_last_n 8"),
+        "{show}"
+    );
+    assert!(show.contains("stop strings: [\"###\"]"), "{show}");
+    let info = chat.command("/show info");
+    for row in ["architecture", "parameters", "experts", "context length", "quantization"] {
+        assert!(info.contains(row), "/show info lacks {row}: {info}");
+    }
+    assert!(info.contains(" M\r\n") || info.contains(" M\n"), "parameters as llama.cpp counts them: {info}");
+    assert!(chat.command("/show colours").contains("error: /show \"colours\""));
+
+    // /set verbose turns on the per-reply statistics, /set quiet off.
+    assert!(chat.command("/set verbose").contains("(verbose: per-reply statistics on)"));
+    assert!(chat.turn("Hello").output.contains("[prompt: "));
+    assert!(chat.command("/set quiet").contains("off"));
+    assert!(!chat.turn("Again").output.contains("[prompt: "));
+    chat.type_line("/exit");
+    chat.expect_exit_ok();
+}
+
+/// `/save` keeps the token ids the model saw (its own sampled reply ids), and `/load` uses them: the
+/// continuation starts from exactly those ids and reuses the KV cache that still holds them.
+#[test]
+fn saved_token_ids_let_a_loaded_conversation_reuse_the_cache() {
+    let mut chat = Chat::start(&["-n", "6", "--verbose", "--ignore-eos", "--seed", "5"]);
+    let turn1 = chat.turn("Tell me about experts.");
+    let saved = chat.saved();
+    let ids: Vec<u32> =
+        saved["tokens"]["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let eos = 2;
+    let mut expected = turn1.prompt_ids.clone();
+    expected.extend(&turn1.reply_ids);
+    expected.push(eos);
+    assert_eq!(ids, expected, "the saved ids are the prompt, the sampled reply and EOS");
+
+    // Load it back: the next prompt starts with the saved ids, and all but the reply's last token
+    // (sampled, never run) come from the cache.
+    let out = chat.command(&format!("/load {}", chat.path("saved.json").display()));
+    assert!(out.contains("(loaded 2 messages"), "{out}");
+    let turn2 = chat.turn("And then?");
+    assert_eq!(&turn2.prompt_ids[..ids.len()], &ids[..]);
+    let (reused, _) = turn2.cache_use();
+    assert_eq!(reused, turn1.prompt_ids.len() + turn1.reply_ids.len() - 1);
+
+    // A file whose conversation was edited keeps working; its stale ids are not used.
+    let mut edited = saved.clone();
+    edited["messages"][1]["content"] = serde_json::json!("An edited reply.");
+    let path = chat.path("edited.json");
+    std::fs::write(&path, edited.to_string()).unwrap();
+    assert!(chat.command(&format!("/load {}", path.display())).contains("(loaded 2 messages"));
+    let turn3 = chat.turn("And then?");
+    assert_ne!(&turn3.prompt_ids[..ids.len()], &ids[..]);
+    chat.type_line("/exit");
+    chat.expect_exit_ok();
+}
+
+/// Piped chat: replies alone on standard output; the banner, notices and command output on
+/// standard error. llama.cpp's -sys sets the system prompt.
+#[test]
+fn piped_chat_writes_only_replies_to_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved.json");
+    let input = format!("Hello there.\n/show\nWhat next?\n/save {}\n", saved.display());
+    let (out, err) = piped(dir.path(), &["-n", "5", "--ignore-eos", "-sys", "Be brief."], &input);
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    // The REPL shows control characters (the tiny model's random text has some) as U+FFFD.
+    let shown = |text: String| -> String {
+        text.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '\u{FFFD}' } else { c }).collect()
+    };
+    let replies: Vec<String> =
+        messages(&saved).into_iter().filter(|m| m.0 == "assistant").map(|m| shown(m.1)).collect();
+    assert_eq!(replies.len(), 2);
+    assert_eq!(out, format!("{}\n{}\n", replies[0], replies[1]), "stdout holds the replies and nothing else");
+    assert_eq!(saved["system"], "Be brief.");
+    for notice in
+        ["mixtral-q chat:", "(stopped at max_tokens = 5", "system prompt (folded", "(saved 4 messages"]
+    {
+        assert!(err.contains(notice), "stderr lacks {notice:?}: {err}");
+    }
+}
+
+/// Runs piped `mixtral-q chat -m TINY ARGS` with `input`; returns (stdout, stderr).
+fn piped(dir: &Path, args: &[&str], input: &str) -> (String, String) {
+    use std::io::Write;
+    let model = dir.join("tiny-mixtral-q4_k.gguf");
+    if !model.exists() {
+        tiny_q4_k(dir);
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mixtral-q"))
+        .arg("chat")
+        .arg("-m")
+        .arg(&model)
+        .args(args)
+        .env("MIXTRAL_Q_CACHE", dir.join("cache"))
+        .env("MIXTRAL_Q_HISTORY", dir.join("history.txt"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (String::from_utf8(o.stdout).unwrap(), String::from_utf8(o.stderr).unwrap())
+}
+
+/// `-r/--reverse-prompt` ends a reply before the stop string; `-n -1` lets it run to a full context.
+#[test]
+fn chat_stop_strings_and_no_reply_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--temp", "0", "-n", "16", "--ignore-eos"];
+    let (full, _) = piped(dir.path(), &args, "Hello\n");
+    let reply = full.trim_end_matches('\n');
+    let chars: Vec<char> = reply.chars().collect();
+    assert!(chars.len() > 8, "{reply:?}");
+    // Two characters from the middle that are really in the text (not a control character shown as U+FFFD).
+    let at = (chars.len() / 2..chars.len() - 1)
+        .find(|&k| !chars[k..k + 2].contains(&'\u{FFFD}'))
+        .expect("printable text in the reply");
+    let stop: String = chars[at..at + 2].iter().collect();
+    let before = &reply[..reply.find(&stop).unwrap()];
+    let (cut, _) = piped(dir.path(), &[&args[..], &["-r", &stop]].concat(), "Hello\n");
+    assert_eq!(cut, format!("{before}\n"), "stop string {stop:?}");
+
+    let (out, err) =
+        piped(dir.path(), &["-n", "-1", "--ctx", "48", "--ignore-eos"], "Hello\n/show parameters\n");
+    assert!(err.contains("(the context is full: the reply was cut)"), "{err}");
+    assert!(err.contains("max_tokens -1 (no limit)"), "{err}");
+    assert!(!out.is_empty());
+}

@@ -371,3 +371,54 @@ fn ctrl_c_stops_cleanly() {
         std::fs::read_dir(&out_dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// `-o` naming a device, a FIFO or a link to a device is refused before any work (the final rename
+/// would replace the node with a regular file); the node is left as it was. Also for `synth`.
+#[test]
+fn outputs_that_are_not_regular_files_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("fifo.gguf");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path inside our temporary folder.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let to_full = d.path().join("full.gguf");
+    std::os::unix::fs::symlink("/dev/full", &to_full).unwrap();
+    let tiny = tiny_model_dir();
+    for (out, kind) in [(&fifo, "a FIFO"), (&to_full, "a symbolic link to a character device")] {
+        let out = out.to_str().unwrap();
+        let runs = [
+            run(&["quantize", tiny.to_str().unwrap(), "-o", out, "--type", "f32"]),
+            run(&[
+                "synth",
+                "-o",
+                out,
+                "--layers",
+                "1",
+                "--hidden",
+                "64",
+                "--ffn",
+                "64",
+                "--heads",
+                "2",
+                "--kv-heads",
+                "1",
+                "--vocab",
+                "512",
+            ]),
+        ];
+        for o in runs {
+            let err = stderr(&o);
+            assert!(!o.status.success(), "writing to {out} succeeded: {}", stdout(&o));
+            assert!(err.contains("refusing to write") && err.contains(kind), "{err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        }
+    }
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(&to_full).unwrap().file_type().is_symlink());
+    assert!(std::fs::metadata("/dev/full").unwrap().file_type().is_char_device());
+    let files = std::fs::read_dir(d.path()).unwrap().count();
+    assert_eq!(files, 2, "temporary files were left behind");
+}

@@ -175,6 +175,25 @@ fn gguf_vocab_metadata_is_llama_style() {
     assert!(score_of("s▁") > score_of("▁▁"));
 }
 
+/// The tokenizers crate panics on some malformed tokenizer.json (a broken "decoder" object; found by
+/// tests/fuzz): that is an error naming the file, from a file beside the GGUF or from its metadata.
+#[test]
+fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+    let json = std::fs::read_to_string(model_dir().join("tokenizer.json")).unwrap();
+    let at = json.find("\"decoder\": {").unwrap() + "\"decoder\": {".len();
+    let broken = format!("{}\"type\": \"Sequence\" 7{}", &json[..at], &json[at..]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, &broken).unwrap();
+    let err =
+        format!("{:#}", Tokenizer::from_hf_file(&path).err().expect("a malformed tokenizer.json loaded"));
+    assert!(err.contains("tokenizer.json: malformed (the tokenizers library panicked on it)"), "{err}");
+    let mut meta = gguf_metadata();
+    meta.set("tokenizer.huggingface.json", MetaValue::String(broken));
+    let err = format!("{:#}", Tokenizer::from_gguf(&meta, Path::new("/nonexistent/m.gguf")).err().unwrap());
+    assert!(err.contains("tokenizer.huggingface.json in /nonexistent/m.gguf"), "{err}");
+}
+
 #[test]
 fn missing_tokenizer_json_names_the_path() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,6 +291,16 @@ fn mixtral_rejects_system_and_folding_helps() {
 }
 
 #[test]
+fn namespaces_used_as_templates_use_them_still_render() {
+    // Reading from a namespace, accumulating into it, strings that mention it: all fine.
+    let source = "{% set ns = namespace(text='', n=0) %}{% for m in messages %}{% set ns.text = ns.text ~ m['content'] %}\
+                  {% set ns.n = ns.n + 1 %}{% set ns.label = 'ns' %}{% endfor %}{{ ns.text }}/{{ ns.n }}/{{ ns.label }}";
+    let template = ChatTemplate::from_source(source).unwrap();
+    let out = template.render(&[Message::new("user", "a"), Message::new("assistant", "b")], true).unwrap();
+    assert_eq!(out, "ab/2/ns");
+}
+
+#[test]
 fn templates_with_system_and_python_methods_render() {
     let source = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'].strip() }}\n{% endfor %}\
                   {% if add_generation_prompt %}<|assistant|>{% endif %}";
@@ -281,6 +310,46 @@ fn templates_with_system_and_python_methods_render() {
     assert_eq!(out, "<|system|>S\n<|user|>U\n<|assistant|>");
     assert_eq!(template.render(&[Message::new("user", "U")], false).unwrap(), "<|user|>U\n");
     assert!(ChatTemplate::from_source("{% for %}").is_err());
+}
+
+/// A template is code from the model file: runaway loops, deep recursion and huge output are refused
+/// with an error that says so, quickly, instead of hanging or filling memory.
+#[test]
+fn hostile_templates_are_refused() {
+    let user = [Message::new("user", "hi")];
+    let cases = [
+        // 10^10 iterations.
+        ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "instructions"),
+        // 10^10 bytes of output.
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}xxxxxxxx{% endfor %}{% endfor %}",
+            "refused",
+        ),
+        ("{% for a in range(1000) %}{{ 'x' * 100000 }}{% endfor %}", "output exceeds"),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nests deeper"),
+        ("{% for a in range(1000000000) %}x{% endfor %}", "too many elements"),
+        // minijinja 2.24 panics on a reversed slice of an empty list (found by tests/fuzz).
+        ("{% for m in messages[1:][::-1] %}{% endfor %}", "crashed the template engine"),
+        // A namespace holding itself: printing it recursed until the stack overflowed (found by
+        // tests/fuzz), directly, through a list, an alias or a loop variable.
+        ("{% set ns = namespace(a='') %}{% set ns.a = ns %}{{ ns.a|upper }}", "namespace inside a namespace"),
+        ("{% set ns = namespace() %}{% set ns.a = [1, ns] %}{{ ns }}", "namespace inside a namespace"),
+        (
+            "{% set n = namespace() %}{% set alias = n %}{%- set n.a = alias -%}{{ n }}",
+            "namespace inside a namespace",
+        ),
+        (
+            "{% set n = namespace() %}{% for x in [n] %}{% set n.a = x %}{% endfor %}{{ n }}",
+            "namespace inside a namespace",
+        ),
+    ];
+    for (source, want) in cases {
+        let start = std::time::Instant::now();
+        let err = ChatTemplate::from_source(source).and_then(|t| t.render(&user, true));
+        let err = format!("{:#}", err.unwrap_err());
+        assert!(err.contains(want) && err.contains("chat template"), "{source}: {err}");
+        assert!(start.elapsed().as_secs_f64() < 2.0, "{source}: took {:?}", start.elapsed());
+    }
 }
 
 fn logits() -> Vec<f32> {

@@ -1,29 +1,31 @@
-//! `mixtral-q bench -m M [-p 512] [-n 128] [-d 0] [-r 3] [-o md|json]`: prompt and decode tokens/s in
-//! llama-bench's form (mean ± standard deviation over the repetitions, after one warm-up run), optionally
-//! with `-d` tokens already in the KV cache (llama-bench's depth: long-context speed).
+//! `mixtral-q bench -m M [-p 512] [-n 128] [-d 0] [-t N] [-r 3] [-o md|json]`: prompt and decode tokens/s
+//! in llama-bench's form (mean ± standard deviation over the repetitions, after one warm-up run),
+//! optionally with `-d` tokens already in the KV cache (llama-bench's depth: long-context speed).
+//! Like llama-bench, `-p`, `-n`, `-d` and `-t` take comma lists (`-p 64,512 -t 1,2`): one row per
+//! combination.
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use mixtral_q::format::FileType;
 
-use super::human_bytes;
-use super::load::ModelArgs;
+use super::load::{Loaded, ModelArgs};
+use super::{human_bytes, human_count};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Prompt tokens processed in one batch (0 skips the prompt test).
-    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
-    pub n_prompt: usize,
-    /// Tokens generated one at a time (0 skips the decode test).
-    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
-    pub n_gen: usize,
-    /// Tokens already in the KV cache when each test starts (processed once, not timed).
-    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
-    pub depth: usize,
+    /// Prompt tokens processed in one batch (0 skips the prompt test); a comma list runs each.
+    #[arg(short = 'p', long = "n-prompt", default_value = "512", value_delimiter = ',')]
+    pub n_prompt: Vec<usize>,
+    /// Tokens generated one at a time (0 skips the decode test); a comma list runs each.
+    #[arg(short = 'n', long = "n-gen", default_value = "128", value_delimiter = ',')]
+    pub n_gen: Vec<usize>,
+    /// Tokens already in the KV cache when each test starts (processed once, not timed); a comma list.
+    #[arg(short = 'd', long = "n-depth", default_value = "0", value_delimiter = ',')]
+    pub depth: Vec<usize>,
     #[arg(short = 'r', long, default_value_t = 3)]
     pub repetitions: usize,
     #[arg(short = 'o', long, value_enum, default_value = "md")]
@@ -39,6 +41,8 @@ pub enum Format {
 struct Measurement {
     test: String,
     n_tokens: usize,
+    threads: usize,
+    depth: usize,
     samples: Vec<f64>,
 }
 
@@ -57,64 +61,42 @@ impl Measurement {
     }
 }
 
+/// Token ids spread over the vocabulary, as llama-bench uses random tokens.
+fn tokens(n: usize, vocab: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + 1) % vocab).collect()
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.repetitions == 0 {
         bail!("-r must be at least 1");
     }
+    if args.model.threads.contains(&0) {
+        bail!("-t must be at least 1");
+    }
+    let max = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
     let mut model_args = args.model.clone();
-    let needed = args.depth + args.n_prompt.max(args.n_gen + 1);
+    // Thread counts are applied per test below, not to the global pool.
+    model_args.threads.clear();
+    let needed = max(&args.depth) + max(&args.n_prompt).max(max(&args.n_gen) + 1);
     model_args.ctx = Some(args.model.ctx.unwrap_or(0).max(needed));
     let loaded = model_args.load()?;
-    let mut engine = loaded.engine()?;
-    let vocab = engine.config().vocab_size as u32;
-    // Token ids spread over the vocabulary, as llama-bench uses random tokens.
-    let tokens = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7919 + 1) % vocab).collect() };
-    // The cache is filled once; every repetition cuts it back to the depth.
-    if args.depth > 0 {
-        engine.forward(&tokens(args.depth), false)?;
-    }
-    let at_depth = if args.depth > 0 { format!(" @ d{}", args.depth) } else { String::new() };
 
-    let mut results = Vec::new();
-    if args.n_prompt > 0 {
-        let prompt = tokens(args.n_prompt);
-        let mut samples = Vec::new();
-        for rep in 0..=args.repetitions {
-            engine.truncate(args.depth);
-            let t = Instant::now();
-            engine.forward(&prompt, false)?;
-            if rep > 0 {
-                samples.push(args.n_prompt as f64 / t.elapsed().as_secs_f64());
+    let results = match &args.model.threads[..] {
+        [] => measure(args, &loaded)?,
+        list => {
+            // One pool per thread count; the engine is made inside it, so that all its work runs there.
+            let mut all = Vec::new();
+            for &n in list {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().context("thread pool")?;
+                all.extend(pool.install(|| measure(args, &loaded))?);
             }
+            all
         }
-        let test = format!("pp{}{at_depth}", args.n_prompt);
-        results.push(Measurement { test, n_tokens: args.n_prompt, samples });
-    }
-    if args.n_gen > 0 {
-        let gen = tokens(args.n_gen);
-        let mut samples = Vec::new();
-        for rep in 0..=args.repetitions {
-            // From an empty cache, BOS first, as llama-bench does.
-            engine.truncate(args.depth);
-            if args.depth == 0 {
-                engine.forward(&[1], false)?;
-            }
-            let t = Instant::now();
-            for &token in &gen {
-                engine.forward(&[token], false)?;
-            }
-            if rep > 0 {
-                samples.push(args.n_gen as f64 / t.elapsed().as_secs_f64());
-            }
-        }
-        let test = format!("tg{}{at_depth}", args.n_gen);
-        results.push(Measurement { test, n_tokens: args.n_gen, samples });
-    }
+    };
 
-    let cfg = engine.config();
+    let cfg = &loaded.model.config;
     let size = loaded.model.file.file_size();
     let params = cfg.n_params();
-    let threads = rayon::current_num_threads();
     let backend = loaded.backend();
     let name = format!(
         "mixtral {}L {}x{} {}",
@@ -135,9 +117,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
             for m in &results {
                 println!(
-                    "| {name} | {} | {} | {backend} | {threads} | {} | {:.2} ± {:.2} |",
+                    "| {name} | {} | {} | {backend} | {} | {} | {:.2} ± {:.2} |",
                     human_bytes(size),
-                    human_params(params),
+                    human_count(params),
+                    m.threads,
                     m.test,
                     m.mean(),
                     m.stddev()
@@ -150,7 +133,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 .map(|m| {
                     serde_json::json!({
                         "model": name, "model_size": size, "model_n_params": params, "backend": backend,
-                        "n_threads": threads, "test": m.test, "n_tokens": m.n_tokens, "n_depth": args.depth,
+                        "n_threads": m.threads, "test": m.test, "n_tokens": m.n_tokens, "n_depth": m.depth,
                         "avg_ts": m.mean(), "stddev_ts": m.stddev(), "samples_ts": m.samples,
                     })
                 })
@@ -161,10 +144,61 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn human_params(n: u64) -> String {
-    if n >= 1_000_000_000 {
-        format!("{:.2} B", n as f64 / 1e9)
-    } else {
-        format!("{:.2} M", n as f64 / 1e6)
+/// Every test of `args` on the current thread pool.
+fn measure(args: &BenchArgs, loaded: &Loaded) -> Result<Vec<Measurement>> {
+    let mut engine = loaded.engine()?;
+    let vocab = engine.config().vocab_size as u32;
+    let threads = rayon::current_num_threads();
+    let mut results = Vec::new();
+    for &depth in &args.depth {
+        // The cache is filled once per depth; every repetition cuts it back to the depth.
+        engine.truncate(0);
+        if depth > 0 {
+            engine.forward(&tokens(depth, vocab), false)?;
+        }
+        let at_depth = if depth > 0 { format!(" @ d{depth}") } else { String::new() };
+        for &n in args.n_prompt.iter().filter(|&&n| n > 0) {
+            let samples = repeat(args.repetitions, || {
+                engine.truncate(depth);
+                let t = Instant::now();
+                engine.forward(&tokens(n, vocab), false)?;
+                Ok(n as f64 / t.elapsed().as_secs_f64())
+            })?;
+            results.push(Measurement {
+                test: format!("pp{n}{at_depth}"),
+                n_tokens: n,
+                threads,
+                depth,
+                samples,
+            });
+        }
+        for &n in args.n_gen.iter().filter(|&&n| n > 0) {
+            let samples = repeat(args.repetitions, || {
+                // From an empty cache, BOS first, as llama-bench does.
+                engine.truncate(depth);
+                if depth == 0 {
+                    engine.forward(&[1], false)?;
+                }
+                let t = Instant::now();
+                for token in tokens(n, vocab) {
+                    engine.forward(&[token], false)?;
+                }
+                Ok(n as f64 / t.elapsed().as_secs_f64())
+            })?;
+            results.push(Measurement {
+                test: format!("tg{n}{at_depth}"),
+                n_tokens: n,
+                threads,
+                depth,
+                samples,
+            });
+        }
     }
+    Ok(results)
+}
+
+/// `repetitions` timed runs after one warm-up run.
+fn repeat(repetitions: usize, mut run: impl FnMut() -> Result<f64>) -> Result<Vec<f64>> {
+    run()?;
+    (0..repetitions).map(|_| run()).collect()
 }

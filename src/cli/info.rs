@@ -10,6 +10,8 @@ use mixtral_q::format::{FileType, GgmlType};
 use mixtral_q::model::ModelConfig;
 use serde::Serialize;
 
+use super::{human_count, plural};
+
 #[derive(clap::Args, Debug)]
 pub struct InfoArgs {
     /// The GGUF file to describe.
@@ -23,6 +25,7 @@ pub struct InfoArgs {
 }
 
 pub fn run(args: &InfoArgs) -> Result<()> {
+    super::load::check_gguf_path(&args.file)?;
     let file = GgufFile::open(&args.file)?;
     let report = Report::new(&file, args.tensors);
     let mut out = std::io::stdout().lock();
@@ -33,6 +36,31 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         report.write_text(&mut out)?;
     }
     Ok(())
+}
+
+/// The model in a few rows, as ollama's `/show info` lists it (for the chat REPL).
+pub fn summary(model: &mixtral_q::model::weights::Model, ctx: usize) -> Vec<(String, String)> {
+    let c = &model.config;
+    let meta = &model.file.metadata;
+    let file_type = meta.get_u64("general.file_type");
+    let quantization = file_type
+        .and_then(FileType::from_id)
+        .map(|f| f.name.to_string())
+        .or(file_type.map(|f| f.to_string()));
+    let rows = [
+        ("name", meta.get_str("general.name").unwrap_or("(none)").to_string()),
+        ("architecture", format!("{} (Mixtral)", meta.get_str("general.architecture").unwrap_or("?"))),
+        ("parameters", human_count(c.n_params())),
+        ("layers", c.n_layers.to_string()),
+        ("experts", format!("{} ({} per token)", c.n_experts, c.n_experts_used)),
+        ("embedding length", c.hidden_size.to_string()),
+        ("heads", format!("{} ({})", plural(c.n_heads, "query head"), plural(c.n_kv_heads, "KV head"))),
+        ("context length", format!("{} (this chat: {ctx})", c.context_length)),
+        ("vocabulary", c.vocab_size.to_string()),
+        ("quantization", quantization.unwrap_or_else(|| "(not set)".into())),
+        ("file", format!("{} ({})", model.file.path.display(), human_bytes(model.file.file_size()))),
+    ];
+    rows.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// Arrays longer than this, and strings longer than `MAX_STRING`, are summarised.
@@ -207,15 +235,15 @@ impl Report {
             (Some(h), _) => {
                 writeln!(
                     w,
-                    "hyperparameters: {} layers, hidden {}, FFN {}, {} heads / {} KV heads × {}, \
-                     {} experts ({} used), vocab {}, context {}, rope theta {}, rms eps {:e}",
-                    h.n_layers,
+                    "hyperparameters: {}, hidden {}, FFN {}, {} / {} × {}, \
+                     {} ({} used), vocab {}, context {}, rope theta {}, rms eps {:e}",
+                    plural(h.n_layers, "layer"),
                     h.hidden_size,
                     h.ffn_size,
-                    h.n_heads,
-                    h.n_kv_heads,
+                    plural(h.n_heads, "head"),
+                    plural(h.n_kv_heads, "KV head"),
                     h.head_dim,
-                    h.n_experts,
+                    plural(h.n_experts, "expert"),
                     h.n_experts_used,
                     h.vocab_size,
                     h.context_length,
@@ -231,10 +259,10 @@ impl Report {
         } else {
             writeln!(
                 w,
-                "experts:         {} layout, {} per layer in {} layers, types {}, {}",
+                "experts:         {} layout, {} per layer in {}, types {}, {}",
                 e.layout,
                 e.experts_per_layer,
-                e.layers,
+                plural(e.layers, "layer"),
                 e.types.join("/"),
                 human_bytes(e.bytes)
             )?;
@@ -243,18 +271,18 @@ impl Report {
         for t in &self.tensor_types {
             writeln!(
                 w,
-                "  {:<6} {:>5} tensors {:>16} params {:>11}",
+                "  {:<6} {:>13} {:>16} params {:>11}",
                 t.ty,
-                t.tensors,
+                plural(t.tensors, "tensor"),
                 t.parameters,
                 human_bytes(t.bytes)
             )?;
         }
         writeln!(
             w,
-            "parameters:      {} ({:.2} B), {} in tensors, {:.2} bits per weight",
+            "parameters:      {} ({}), {} in tensors, {:.2} bits per weight",
             self.total_parameters,
-            self.total_parameters as f64 / 1e9,
+            human_count(self.total_parameters),
             human_bytes(self.tensor_bytes),
             self.bits_per_weight
         )?;

@@ -2,24 +2,25 @@
 //! `-m` is given (the bundled trained checkpoint models/rustdoc-mixtral, quantized on first use into
 //! the cache folder).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 pub use mixtral_q::cache::cache_dir;
 use mixtral_q::engine::{self, parse_bytes, DeviceChoice, Engine, OpenOptions};
+use mixtral_q::format::gguf::Metadata;
 use mixtral_q::model::weights::Model;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
-use mixtral_q::text::Tokenizer;
+use mixtral_q::text::{ChatTemplate, Tokenizer};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// GGUF model file (ours or llama.cpp's). Without it, the bundled tiny demo model runs.
     #[arg(short = 'm', long = "model")]
     pub model: Option<PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(short = 't', long)]
-    pub threads: Option<usize>,
+    /// Worker threads (default: all cores). `bench` takes a comma list (`-t 1,2`).
+    #[arg(short = 't', long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(short = 'c', long)]
     pub ctx: Option<usize>,
@@ -30,6 +31,47 @@ pub struct ModelArgs {
     /// streamed from host memory.
     #[arg(long, value_parser = parse_bytes)]
     pub vram_budget: Option<u64>,
+    /// llama.cpp's -ngl: keep the weights of this many layers on the GPU (attention and KV cache are
+    /// always there; the experts of later layers stream from host memory). 0 runs on the CPU.
+    #[arg(long = "n-gpu-layers", visible_alias = "gpu-layers")]
+    pub n_gpu_layers: Option<usize>,
+}
+
+/// `--chat-template NAME|JINJA` and `--chat-template-file FILE`, as in llama.cpp.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TemplateArgs {
+    /// Chat template to use instead of the model's: a built-in name (mistral, chatml) or Jinja source.
+    #[arg(long, conflicts_with = "chat_template_file", allow_hyphen_values = true)]
+    pub chat_template: Option<String>,
+    /// Read the chat template (Jinja) from a file.
+    #[arg(long)]
+    pub chat_template_file: Option<PathBuf>,
+}
+
+impl TemplateArgs {
+    /// The template for `meta`'s model: the one given on the command line, else the file's (an error
+    /// when the file's does not parse), else Mixtral-Instruct's.
+    pub fn template(&self, meta: &Metadata) -> Result<ChatTemplate> {
+        let source = match (&self.chat_template, &self.chat_template_file) {
+            (_, Some(path)) => Some(
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+            ),
+            (Some(name), None) => match ChatTemplate::builtin(name) {
+                Some(source) => Some(source.to_owned()),
+                None if name.contains("{{") || name.contains("{%") => Some(name.clone()),
+                None => bail!(
+                    "--chat-template {name:?} is neither a built-in template ({}) nor Jinja source",
+                    ChatTemplate::builtin_names().join(", ")
+                ),
+            },
+            (None, None) => None,
+        };
+        ChatTemplate::for_model(meta, source.as_deref())
+    }
+
+    pub fn is_given(&self) -> bool {
+        self.chat_template.is_some() || self.chat_template_file.is_some()
+    }
 }
 
 /// A loaded model with its tokenizer.
@@ -63,17 +105,20 @@ impl Loaded {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Loaded> {
-        if let Some(n) = self.threads {
-            if n == 0 {
-                bail!("--threads must be at least 1");
+        match self.threads[..] {
+            [] => {}
+            [0] => bail!("--threads must be at least 1"),
+            [n] => {
+                // Errors only if a pool was already built: then that pool is used, which is fine.
+                let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
             }
-            // Errors only if a pool was already built: then that pool is used, which is fine.
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+            _ => bail!("--threads takes one number here (a comma list is for `mixtral-q bench`)"),
         }
         let (path, is_demo) = match &self.model {
             Some(p) => (p.clone(), false),
             None => (demo_model()?, true),
         };
+        check_gguf_path(&path)?;
         let model = Model::load(&path)?;
         let tokenizer = Tokenizer::from_gguf(&model.file.metadata, &path)
             .with_context(|| format!("no usable tokenizer in {}", path.display()))?;
@@ -83,9 +128,37 @@ impl ModelArgs {
             None if is_demo => DEMO_CONTEXT,
             None => model.config.context_length.min(4096),
         };
-        let options = OpenOptions { device: self.device, vram_budget: self.vram_budget };
+        let options =
+            OpenOptions { device: self.device, vram_budget: self.vram_budget, gpu_layers: self.n_gpu_layers };
         Ok(Loaded { model, tokenizer, ctx, is_demo, options, backend: OnceLock::new() })
     }
+}
+
+/// Catches the usual mix-up before the GGUF reader does: a Hugging Face checkpoint (its directory or
+/// one of its .safetensors files) given where a GGUF file is wanted.
+pub fn check_gguf_path(path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.is_dir() {
+        bail!(
+            "{shown} is a directory, not a GGUF file; if it is a Hugging Face checkpoint, run \
+             `mixtral-q quantize {shown} -o model.gguf` on it and use the GGUF"
+        );
+    }
+    if path.extension().is_some_and(|e| e == "safetensors") || starts_like_safetensors(path) {
+        bail!(
+            "{shown} is a safetensors file, not a GGUF file; run `mixtral-q quantize` on the Hugging Face \
+             checkpoint directory that holds it (`mixtral-q quantize DIR -o model.gguf`) and use the GGUF"
+        );
+    }
+    Ok(())
+}
+
+/// A safetensors file starts with a little-endian u64 header length, then the JSON header's `{`.
+fn starts_like_safetensors(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 9];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    read.is_ok() && &head[..4] != b"GGUF" && head[8] == b'{'
 }
 
 pub const DEMO_NOTICE: &str = "note: no -m given, running the bundled demo model: a tiny Mixtral (15 M \

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod info;
+pub mod llama_flags;
 pub mod load;
 pub mod perplexity;
 pub mod quantize;
@@ -46,6 +47,13 @@ pub enum Command {
     Serve(serve::ServeArgs),
 }
 
+/// The command line, with llama.cpp's spellings translated first (see [`llama_flags`]). Clap's own
+/// errors (and `--help`) end the process as clap does.
+pub fn parse() -> Result<Cli> {
+    let args = llama_flags::translate(std::env::args_os())?;
+    Ok(Cli::parse_from(args))
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Quantize(a) => quantize::run(&a),
@@ -70,5 +78,44 @@ pub fn human_bytes(n: u64) -> String {
         format!("{:.2} GiB", n / GIB)
     } else {
         format!("{:.2} MiB", n / MIB)
+    }
+}
+
+/// A count as llama.cpp prints parameter counts: `3.86 M`, `46.70 B` (`K` below a million).
+pub fn human_count(n: u64) -> String {
+    let v = n as f64;
+    if v >= 1e9 {
+        format!("{:.2} B", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2} M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.2} K", v / 1e3)
+    } else {
+        n.to_string()
+    }
+}
+
+/// `1 head`, `8 heads`.
+pub fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_plurals_read_naturally() {
+        assert_eq!(human_count(3_857_152), "3.86 M");
+        assert_eq!(human_count(46_702_792_704), "46.70 B");
+        assert_eq!(human_count(12_345), "12.35 K");
+        assert_eq!(human_count(999), "999");
+        assert_eq!(plural(1, "thread"), "1 thread");
+        assert_eq!(plural(2, "KV head"), "2 KV heads");
+        assert_eq!(plural(0, "expert"), "0 experts");
     }
 }

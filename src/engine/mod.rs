@@ -64,11 +64,13 @@ pub struct OpenOptions {
     pub device: DeviceChoice,
     /// Bytes of VRAM a GPU engine may use (default: free VRAM minus a reserve).
     pub vram_budget: Option<u64>,
+    /// Keep the experts of only this many layers in VRAM (llama.cpp's `-ngl N`); 0 runs on the CPU.
+    pub gpu_layers: Option<usize>,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { device: DeviceChoice::Auto, vram_budget: None }
+        OpenOptions { device: DeviceChoice::Auto, vram_budget: None, gpu_layers: None }
     }
 }
 
@@ -84,10 +86,14 @@ pub struct Opened<'a> {
 /// The engine for `model` with a KV cache of `ctx` tokens on the device `opts` asks for: a CUDA GPU
 /// (`auto` when one is usable), else the CPU.
 pub fn open<'a>(model: &'a Model, ctx: usize, opts: &OpenOptions) -> Result<Opened<'a>> {
-    let (device, mut why_cpu) = opts.device.resolve()?;
+    let (device, mut why_cpu) = match opts.gpu_layers {
+        Some(0) => (None, Some("-ngl 0: running on the CPU".to_owned())),
+        _ => opts.device.resolve()?,
+    };
     if let Some(device) = device {
         if model.config.is_mixtral() {
-            let cuda_opts = cuda::CudaOptions { device, vram_budget: opts.vram_budget };
+            let cuda_opts =
+                cuda::CudaOptions { device, vram_budget: opts.vram_budget, gpu_layers: opts.gpu_layers };
             let engine = cuda::CudaEngine::new(model, ctx, &cuda_opts)?;
             let backend = format!("CUDA ({})", engine.device().name);
             let notices = vec![format!("{}\n{}", engine.device(), engine.plan())];
@@ -119,7 +125,7 @@ mod tests {
         let path = dir.path().join("tiny.gguf");
         write_gguf(&path, &tiny_config(), &tiny_tensors(&tiny_config(), false)).unwrap();
         let model = Model::load(&path).unwrap();
-        let cpu = OpenOptions { device: DeviceChoice::Cpu, vram_budget: None };
+        let cpu = OpenOptions { device: DeviceChoice::Cpu, ..OpenOptions::default() };
         let opened = open(&model, 8, &cpu).unwrap();
         assert!(opened.backend.starts_with("CPU ("), "{}", opened.backend);
         assert!(opened.notices.is_empty());
@@ -142,7 +148,7 @@ mod tests {
         let auto = open(&model, 8, &OpenOptions::default()).unwrap();
         assert_eq!(auto.notices.len(), 1);
         assert!(auto.notices[0].starts_with("note: using the CPU: "), "{:?}", auto.notices);
-        let cuda = OpenOptions { device: DeviceChoice::Cuda(0), vram_budget: None };
+        let cuda = OpenOptions { device: DeviceChoice::Cuda(0), ..OpenOptions::default() };
         let err = open(&model, 8, &cuda).err().expect("no GPU here");
         assert!(matches!(typed(err), Some(Error::NoGpu(_))));
     }

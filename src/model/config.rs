@@ -295,18 +295,19 @@ impl ModelConfig {
         if self.n_leading_dense > self.n_layers {
             bail!("{} leading dense layers but only {} layers", self.n_leading_dense, self.n_layers);
         }
-        // Guards against hostile files: every size must stay well inside usize arithmetic.
+        // Guards against hostile files: every size must stay well inside usize arithmetic, and the
+        // per-layer lists built from a config before any tensor is read (the quantizer's plan) must stay
+        // small: a config.json claiming a million layers made them take over a GiB (found by tests/fuzz).
         let limits = [
             self.vocab_size,
             self.hidden_size,
             self.ffn_size,
             self.dense_ffn_size,
             self.shared_ffn_size,
-            self.n_layers,
             self.n_heads,
             self.head_dim,
         ];
-        if limits.iter().any(|&v| v > 1 << 20) || self.n_experts > 1024 {
+        if limits.iter().any(|&v| v > 1 << 20) || self.n_experts > 1024 || self.n_layers > 1024 {
             bail!("implausible model size ({self:?})");
         }
         Ok(())

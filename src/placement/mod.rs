@@ -107,6 +107,15 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(sizes: &ModelSizes, budget: u64) -> Result<Plan> {
+        Self::with_gpu_layers(sizes, budget, None)
+    }
+
+    /// Like [`Plan::new`], with the experts of only the first `gpu_layers` layers allowed to stay in
+    /// VRAM (llama.cpp's `-ngl N`: N layers' weights on the GPU). Attention, norms, routers and the KV
+    /// cache of every layer are on the GPU regardless (the engine computes them there); the experts of
+    /// the other layers stay in host memory and are streamed through the cache slots.
+    pub fn with_gpu_layers(sizes: &ModelSizes, budget: u64, gpu_layers: Option<usize>) -> Result<Plan> {
+        let gpu_layers = gpu_layers.unwrap_or(usize::MAX);
         let base = sizes.dense + sizes.kv_cache + sizes.scratch;
         let all_experts: u64 = sizes.experts.iter().flatten().sum();
         let largest = sizes.experts.iter().flatten().copied().max().unwrap_or(0);
@@ -121,7 +130,7 @@ impl Plan {
             n_slots: 0,
             slot_bytes: 0,
         };
-        if base + all_experts <= budget {
+        if base + all_experts <= budget && gpu_layers >= sizes.experts.len() {
             plan.resident.iter_mut().flatten().for_each(|r| *r = true);
             plan.resident_bytes = all_experts;
             return Ok(plan);
@@ -139,7 +148,7 @@ impl Plan {
         let mut left = budget - base - min_slots * largest;
         let n_experts = sizes.experts.iter().map(Vec::len).max().unwrap_or(0);
         for e in 0..n_experts {
-            for (l, layer) in sizes.experts.iter().enumerate() {
+            for (l, layer) in sizes.experts.iter().enumerate().take(gpu_layers) {
                 if let Some(&bytes) = layer.get(e) {
                     if bytes <= left {
                         left -= bytes;
@@ -296,6 +305,24 @@ mod tests {
         assert_eq!(plan.resident_experts() + plan.n_slots, 5);
         let err = Plan::new(&s, base).unwrap_err().to_string();
         assert!(err.contains("too small"), "{err}");
+    }
+
+    #[test]
+    fn gpu_layers_keep_only_those_layers_experts_resident() {
+        let s = mixtral_sizes();
+        // 80 GB holds everything, but -ngl 10 keeps the experts of layers 0-9 only.
+        let plan = Plan::with_gpu_layers(&s, 80 * GIB, Some(10)).unwrap();
+        let per_layer: Vec<usize> = plan.resident.iter().map(|l| l.iter().filter(|&&r| r).count()).collect();
+        assert_eq!(per_layer, [vec![8; 10], vec![0; 22]].concat());
+        assert!(!plan.all_resident() && plan.n_slots >= 2);
+        assert!(plan.to_string().contains("experts in VRAM: 80 of 256"), "{plan}");
+        // More layers than the model has: as without the limit; a small budget still limits.
+        let all = Plan::with_gpu_layers(&s, 80 * GIB, Some(99)).unwrap();
+        assert!(all.all_resident());
+        let small = Plan::with_gpu_layers(&s, 24 * GIB, Some(32)).unwrap();
+        assert_eq!(small.resident_experts(), Plan::new(&s, 24 * GIB).unwrap().resident_experts());
+        let none = Plan::with_gpu_layers(&s, 80 * GIB, Some(0)).unwrap();
+        assert_eq!(none.resident_experts(), 0);
     }
 
     #[test]

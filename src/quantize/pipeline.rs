@@ -13,6 +13,7 @@ use super::permute;
 use super::plan::{tensor_type, Target, TensorRole};
 use crate::format::codec;
 use crate::format::gguf::{GgufFileWriter, GgufLayout, MetaValue, Metadata};
+use crate::format::output::AtomicOutput;
 use crate::format::safetensors::Checkpoint;
 use crate::format::GgmlType;
 use crate::model::names::{self, LayerTensor};
@@ -144,9 +145,9 @@ pub fn write_gguf(
     let layout =
         GgufLayout::new(meta, jobs.iter().map(|j| (j.name.clone(), j.dims.clone(), j.ty)).collect())?;
     let output_bytes = layout.total_size();
-    let tmp = create_temp_beside(out)?;
-    let writer = GgufFileWriter::new(tmp.as_file(), layout)
-        .with_context(|| format!("cannot write {}", tmp.path().display()))?;
+    let tmp = AtomicOutput::create(out)?;
+    let writer = GgufFileWriter::new(tmp.file(), layout)
+        .with_context(|| format!("cannot write {}", tmp.temp_path().display()))?;
 
     let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.threads.unwrap_or(0)).build()?;
     let bar = progress_bar(opts.progress, input_bytes, jobs.len());
@@ -155,7 +156,7 @@ pub fn write_gguf(
         .with_context(|| format!("cannot write {}", out.display()))?;
     bar.finish_and_clear();
     writer.finish().with_context(|| format!("cannot write {}", out.display()))?;
-    tmp.persist(out).map_err(|e| e.error).with_context(|| format!("cannot create {}", out.display()))?;
+    tmp.commit()?;
 
     Ok(QuantizeReport {
         output: out.to_path_buf(),
@@ -349,25 +350,6 @@ fn convert_matrix(
             Ok(a)
         })?;
     Ok((out, sums))
-}
-
-/// A temporary file in the destination's folder (so the final rename is atomic), removed on drop.
-fn create_temp_beside(out: &Path) -> Result<tempfile::NamedTempFile> {
-    if out.is_dir() {
-        bail!("{} is a directory; give a file name such as model.gguf", out.display());
-    }
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    // 0666 minus the umask, like any new file: tempfile's default (0600) would survive the rename.
-    tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(".tmp")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))
 }
 
 fn progress_bar(show: bool, total_bytes: u64, n_tensors: usize) -> ProgressBar {

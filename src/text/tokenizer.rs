@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use anyhow::{anyhow, Context, Result};
 
+use super::budget::catching_panics;
 use super::spm::{parse_byte_piece, token_type, SpmTokenizer, SPACE_MARK};
 use super::stream::StreamDecoder;
 use crate::format::gguf::Metadata;
@@ -32,7 +33,8 @@ impl Tokenizer {
     /// (model "llama": tokens, scores, token_type, bos/eos/unk ids, add_bos_token).
     pub fn from_gguf(meta: &Metadata, gguf_path: &Path) -> Result<Tokenizer> {
         let mut tok = if let Some(json) = meta.get_str("tokenizer.huggingface.json") {
-            let hf = tokenizers::Tokenizer::from_str(json)
+            let hf = catching_panics(|| tokenizers::Tokenizer::from_str(json))
+                .unwrap_or_else(|| Err("malformed (the tokenizers library panicked on it)".into()))
                 .map_err(|e| anyhow!("tokenizer.huggingface.json in {}: {e}", gguf_path.display()))?;
             Self::from_hf(hf, None, "tokenizer.huggingface.json")?
         } else {
@@ -62,7 +64,8 @@ impl Tokenizer {
     /// tokenizer.json via the `tokenizers` crate; BOS/EOS and add_bos from tokenizer_config.json beside
     /// it when present, else `<s>` / `</s>`.
     pub fn from_hf_file(path: &Path) -> Result<Tokenizer> {
-        let hf = tokenizers::Tokenizer::from_file(path)
+        let hf = catching_panics(|| tokenizers::Tokenizer::from_file(path))
+            .unwrap_or_else(|| Err("malformed (the tokenizers library panicked on it)".into()))
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         let config_path = path.with_file_name("tokenizer_config.json");
         let config: Option<serde_json::Value> = if config_path.is_file() {

@@ -12,26 +12,52 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("/help", "", "show this help"),
     ("/reset", "", "forget the conversation (the system prompt and settings stay)"),
     ("/system", "[TEXT]", "set the system prompt (no TEXT: clear it)"),
-    ("/set", "KEY VALUE", "change a setting: temp, top_k, top_p, min_p, repeat_penalty, seed, max_tokens"),
-    ("/show", "", "show the settings and the system prompt"),
+    (
+        "/set",
+        "KEY VALUE",
+        "change a setting: temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens \
+         (also ollama's /set parameter NAME VALUE, /set system TEXT, /set verbose, /set quiet)",
+    ),
+    ("/show", "[info|parameters|system]", "show the settings and the system prompt (info: the model)"),
     ("/stats", "", "speed of the last reply, context used, backend statistics"),
     ("/save", "FILE", "save the conversation and settings as JSON"),
     ("/load", "FILE", "load a conversation saved with /save"),
     ("/exit", "", "quit (also /quit or Ctrl-D)"),
 ];
 
-/// The keys of `/set`.
-pub const SET_KEYS: &[&str] = &["temp", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_tokens"];
+/// The keys of `/set` (with `system`, `parameter`, `verbose` and `quiet`, for completion).
+pub const SET_KEYS: &[&str] = &[
+    "temp",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "seed",
+    "max_tokens",
+    "system",
+    "parameter",
+    "verbose",
+    "quiet",
+];
 
 /// What the REPL does after a command.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
     Continue,
     Exit,
+    /// `/set verbose` (true) or `/set quiet` (false).
+    Verbose(bool),
 }
 
 /// Runs one slash command line (starting with `/`). Bad input is an `Err` with a one-line message.
-pub fn run(line: &str, session: &mut Session, out: &mut dyn Write) -> Result<Outcome> {
+/// `model_info` is what `/show info` prints.
+pub fn run(
+    line: &str,
+    session: &mut Session,
+    model_info: &[(String, String)],
+    out: &mut dyn Write,
+) -> Result<Outcome> {
     let line = line.trim();
     let (name, arg) = match line.split_once(char::is_whitespace) {
         Some((name, arg)) => (name, arg.trim()),
@@ -45,8 +71,8 @@ pub fn run(line: &str, session: &mut Session, out: &mut dyn Write) -> Result<Out
             writeln!(out, "(conversation cleared)")?;
         }
         "/system" => set_system(arg, session, out)?,
-        "/set" => set(arg, session, out)?,
-        "/show" => show(session, out)?,
+        "/set" => return set(arg, session, out),
+        "/show" => show(arg, session, model_info, out)?,
         "/stats" => stats(session, out)?,
         "/save" => {
             let path = file_arg(arg, "/save")?;
@@ -91,10 +117,44 @@ pub fn set_system(text: &str, session: &mut Session, out: &mut dyn Write) -> Res
     Ok(())
 }
 
-fn set(arg: &str, session: &mut Session, out: &mut dyn Write) -> Result<()> {
+fn set(arg: &str, session: &mut Session, out: &mut dyn Write) -> Result<Outcome> {
     let usage = || anyhow!("usage: /set KEY VALUE, KEY one of {}", SET_KEYS.join(", "));
-    let (key, value) = arg.split_once(char::is_whitespace).ok_or_else(usage)?;
-    let value = value.trim();
+    let (key, value) = match arg.split_once(char::is_whitespace) {
+        Some((key, value)) => (key, value.trim()),
+        None => (arg, ""),
+    };
+    match key {
+        // ollama's spellings.
+        "verbose" | "quiet" if value.is_empty() => {
+            writeln!(out, "({key}: per-reply statistics {})", if key == "verbose" { "on" } else { "off" })?;
+            return Ok(Outcome::Verbose(key == "verbose"));
+        }
+        "system" => {
+            set_system(value, session, out)?;
+            return Ok(Outcome::Continue);
+        }
+        "parameter" => {
+            let (name, value) = value.split_once(char::is_whitespace).ok_or_else(|| {
+                anyhow!("usage: /set parameter NAME VALUE (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, num_predict, stop)")
+            })?;
+            let key = match name {
+                "temperature" => "temp",
+                "num_predict" => "max_tokens",
+                "stop" => {
+                    let mut stops = session.stop_strings().to_vec();
+                    stops.push(value.trim().to_owned());
+                    session.set_stop_strings(stops);
+                    writeln!(out, "(stop strings: {:?})", session.stop_strings())?;
+                    return Ok(Outcome::Continue);
+                }
+                "num_ctx" => bail!("the context size is set when the chat starts: mixtral-q chat --ctx N"),
+                other => other,
+            };
+            return set(&format!("{key} {}", value.trim()), session, out);
+        }
+        _ if value.is_empty() => return Err(usage()),
+        _ => {}
+    }
     let mut settings = session.settings().clone();
     let p = &mut settings.sampling;
     match key {
@@ -103,14 +163,20 @@ fn set(arg: &str, session: &mut Session, out: &mut dyn Write) -> Result<()> {
         "top_p" => p.top_p = number(key, value)?,
         "min_p" => p.min_p = number(key, value)?,
         "repeat_penalty" => p.repeat_penalty = number(key, value)?,
+        "repeat_last_n" => p.repeat_last_n = number(key, value)?,
         "seed" => p.seed = number(key, value)?,
-        "max_tokens" => settings.max_tokens = number(key, value)?,
+        "max_tokens" => {
+            settings.max_tokens = match value {
+                "-1" => usize::MAX,
+                _ => number(key, value)?,
+            }
+        }
         _ => return Err(usage()),
     }
     check_settings(&settings)?;
     session.set_settings(settings);
     writeln!(out, "({key} = {value})")?;
-    Ok(())
+    Ok(Outcome::Continue)
 }
 
 fn number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T> {
@@ -124,23 +190,53 @@ fn file_arg<'a>(arg: &'a str, command: &str) -> Result<&'a Path> {
     Ok(Path::new(arg))
 }
 
-fn show(session: &Session, out: &mut dyn Write) -> Result<()> {
+fn show(what: &str, session: &Session, model_info: &[(String, String)], out: &mut dyn Write) -> Result<()> {
     let s = session.settings();
     let p = &s.sampling;
-    writeln!(
-        out,
-        "temp {}  top_k {}  top_p {}  min_p {}  repeat_penalty {}  seed {}  max_tokens {}",
-        p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.seed, s.max_tokens
-    )?;
-    match session.system() {
-        None => writeln!(out, "system prompt: (none)")?,
-        Some(text) => {
-            let how = if session.system_supported() { "" } else { " (folded into the first user message)" };
-            writeln!(out, "system prompt{how}: {text}")?;
+    let max_tokens =
+        if s.max_tokens == usize::MAX { "-1 (no limit)".to_owned() } else { s.max_tokens.to_string() };
+    let parameters = |out: &mut dyn Write| -> Result<()> {
+        writeln!(
+            out,
+            "temp {}  top_k {}  top_p {}  min_p {}  repeat_penalty {}  repeat_last_n {}  seed {}  max_tokens {max_tokens}",
+            p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, p.repeat_last_n, p.seed
+        )?;
+        if !session.stop_strings().is_empty() {
+            writeln!(out, "stop strings: {:?}", session.stop_strings())?;
         }
+        Ok(())
+    };
+    let system = |out: &mut dyn Write| -> Result<()> {
+        match session.system() {
+            None => writeln!(out, "system prompt: (none)")?,
+            Some(text) => {
+                let how =
+                    if session.system_supported() { "" } else { " (folded into the first user message)" };
+                writeln!(out, "system prompt{how}: {text}")?;
+            }
+        }
+        Ok(())
+    };
+    match what {
+        "" => {
+            parameters(out)?;
+            system(out)?;
+            let (used, ctx) = session.context_used();
+            writeln!(
+                out,
+                "conversation: {} messages; context: {used} / {ctx} tokens",
+                session.messages().len()
+            )?;
+        }
+        "parameters" => parameters(out)?,
+        "system" => system(out)?,
+        "info" => {
+            for (name, value) in model_info {
+                writeln!(out, "  {name:<20} {value}")?;
+            }
+        }
+        other => bail!("/show {other:?}: use /show, /show info, /show parameters or /show system"),
     }
-    let (used, ctx) = session.context_used();
-    writeln!(out, "conversation: {} messages; context: {used} / {ctx} tokens", session.messages().len())?;
     Ok(())
 }
 
@@ -153,6 +249,7 @@ fn stats(session: &Session, out: &mut dyn Write) -> Result<()> {
                 StopReason::Eos => "end of reply",
                 StopReason::MaxTokens => "max_tokens",
                 StopReason::ContextFull => "context full",
+                StopReason::StopString => "stop string",
                 StopReason::Interrupted => "interrupted",
             };
             writeln!(

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use mixtral_q::text::ChatTemplate;
 
-use super::generate::SamplingArgs;
-use super::load::{cache_dir, ModelArgs, DEMO_NOTICE};
+use super::generate::{parse_token_limit, SamplingArgs, TokenLimit};
+use super::load::{cache_dir, ModelArgs, TemplateArgs, DEMO_NOTICE};
 
 mod commands;
 mod repl;
@@ -32,11 +32,16 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
     /// System prompt (folded into the first user message when the template has no system role, as
     /// Mixtral-Instruct's has not).
-    #[arg(long)]
+    #[arg(long, visible_alias = "system-prompt", allow_hyphen_values = true)]
     pub system: Option<String>,
-    /// Reply length limit in tokens (a reply also ends at EOS or on Ctrl-C).
-    #[arg(short = 'n', long, default_value_t = 512)]
-    pub max_tokens: usize,
+    #[command(flatten)]
+    pub template: TemplateArgs,
+    /// Reply length limit in tokens; -1: none (a reply also ends at EOS, a full context or on Ctrl-C).
+    #[arg(short = 'n', long, visible_alias = "n-predict", default_value = "512", allow_negative_numbers = true, value_parser = parse_token_limit)]
+    pub max_tokens: TokenLimit,
+    /// A reply ends where this text appears (not shown); may be given several times.
+    #[arg(short = 'r', long = "reverse-prompt", visible_alias = "stop", allow_hyphen_values = true)]
+    pub stop: Vec<String>,
     /// History file (default: $MIXTRAL_Q_HISTORY, else chat_history.txt in the cache folder).
     #[arg(long)]
     pub history: Option<PathBuf>,
@@ -49,35 +54,44 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: &ChatArgs) -> Result<()> {
+    let max_tokens = args.max_tokens.0.unwrap_or(usize::MAX);
+    let settings = Settings { sampling: args.sampling.params()?, max_tokens };
+    check_settings(&settings)?;
     let loaded = args.model.load()?;
     if loaded.is_demo {
         eprintln!("{DEMO_NOTICE}");
     }
     let metadata = &loaded.model.file.metadata;
-    let template = ChatTemplate::from_metadata(metadata).unwrap_or_else(|e| {
-        eprintln!("warning: {e:#}; using the Mixtral-Instruct template");
-        ChatTemplate::mixtral_instruct()
-    });
-    let settings = Settings { sampling: args.sampling.params(), max_tokens: args.max_tokens };
-    check_settings(&settings)?;
+    let template = match args.template.template(metadata) {
+        Ok(template) => template,
+        Err(e) if args.template.is_given() => return Err(e),
+        Err(e) => {
+            eprintln!("warning: {e:#}; using the Mixtral-Instruct template");
+            ChatTemplate::mixtral_instruct()
+        }
+    };
     let options = repl::ReplOptions {
         history: history_path(args)?,
         verbose: args.verbose,
+        model_info: super::info::summary(&loaded.model, loaded.ctx),
         debug_ids: std::env::var_os("MIXTRAL_Q_CHAT_DEBUG").is_some_and(|v| !v.is_empty() && v != "0"),
     };
 
     let mut engine = loaded.engine()?;
     let mut session = Session::new(engine.as_mut(), &loaded.tokenizer, template, settings);
     session.set_ignore_eos(args.ignore_eos);
+    session.set_stop_strings(args.stop.clone());
     let name = metadata.get_str("general.name").unwrap_or("model");
-    println!(
+    // Only replies go to standard output, so that piped chat (`mixtral-q chat < questions.txt`)
+    // writes the answers alone; the banner, notices and command output go to standard error.
+    eprintln!(
         "mixtral-q chat: {name}, context {} tokens. Type a message; /help lists the commands, Ctrl-D or /exit quits.",
         loaded.ctx
     );
     if let Some(system) = &args.system {
-        commands::set_system(system, &mut session, &mut std::io::stdout())?;
+        commands::set_system(system, &mut session, &mut std::io::stderr())?;
     }
-    repl::run(&mut session, &options)
+    repl::run(&mut session, options)
 }
 
 /// `--history`, else `$MIXTRAL_Q_HISTORY`, else `chat_history.txt` in the cache folder.

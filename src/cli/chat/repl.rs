@@ -32,13 +32,15 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 pub struct ReplOptions {
     pub history: PathBuf,
-    /// Print reused / new prompt tokens after each reply.
+    /// Print reused / new prompt tokens after each reply (`--verbose`, `/set verbose`).
     pub verbose: bool,
+    /// What `/show info` prints: (name, value) rows.
+    pub model_info: Vec<(String, String)>,
     /// Print the prompt and reply token ids after each reply (env `MIXTRAL_Q_CHAT_DEBUG`, for tests).
     pub debug_ids: bool,
 }
 
-pub fn run(session: &mut Session, options: &ReplOptions) -> Result<()> {
+pub fn run(session: &mut Session, mut options: ReplOptions) -> Result<()> {
     let config = Config::builder()
         .auto_add_history(false)
         .max_history_size(2000)
@@ -54,7 +56,10 @@ pub fn run(session: &mut Session, options: &ReplOptions) -> Result<()> {
     // Dropped after a failed write, so that the warning is printed once.
     let mut history_file = Some(options.history.as_path());
 
+    // Replies go to standard output; everything else (command output, notices) to standard error,
+    // so that piped chat writes only the answers to its output.
     let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
     loop {
         let text = match read_input(&mut editor)? {
             Input::Text(text) => text,
@@ -68,14 +73,15 @@ pub fn run(session: &mut Session, options: &ReplOptions) -> Result<()> {
             history_file = None;
         }
         if text.trim_start().starts_with('/') {
-            match commands::run(&text, session, &mut stdout) {
+            match commands::run(&text, session, &options.model_info, &mut stderr) {
                 Ok(Outcome::Exit) => break,
                 Ok(Outcome::Continue) => {}
+                Ok(Outcome::Verbose(on)) => options.verbose = on,
                 Err(e) => eprintln!("error: {e:#}"),
             }
             continue;
         }
-        reply(session, &text, options, &mut stdout)?;
+        reply(session, &text, &options, &mut stdout)?;
     }
     Ok(())
 }
@@ -89,20 +95,23 @@ fn reply(session: &mut Session, text: &str, options: &ReplOptions, out: &mut std
     match result {
         Ok(stats) => {
             writeln!(out)?;
+            out.flush()?;
+            // Why the reply stopped is a notice: standard error.
+            let notices = &mut std::io::stderr();
             match stats.stop {
                 StopReason::Eos => {}
                 StopReason::Interrupted if stats.generated == 0 => {
-                    writeln!(out, "(interrupted before the reply began: the message was not kept)")?
+                    writeln!(notices, "(interrupted before the reply began: the message was not kept)")?
                 }
-                StopReason::Interrupted => writeln!(out, "(interrupted)")?,
+                StopReason::Interrupted => writeln!(notices, "(interrupted)")?,
                 StopReason::MaxTokens => writeln!(
-                    out,
+                    notices,
                     "(stopped at max_tokens = {}: /set max_tokens N for longer replies)",
                     session.settings().max_tokens
                 )?,
-                StopReason::ContextFull => writeln!(out, "(the context is full: the reply was cut)")?,
+                StopReason::ContextFull => writeln!(notices, "(the context is full: the reply was cut)")?,
+                StopReason::StopString => {}
             }
-            out.flush()?;
             report(&stats, session.engine_stats(), options);
         }
         Err(e) => eprintln!("\nerror: {e:#}"),

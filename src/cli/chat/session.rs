@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mixtral_q::engine::Engine;
+use mixtral_q::format::output::write_atomic;
 use mixtral_q::text::{
-    fold_system_prompt, ChatTemplate, Generation, KnownPrefix, Message, Sampler, SamplingParams, Sequence,
-    Step, Tokenizer,
+    ChatTemplate, Generation, KnownPrefix, Message, Sampler, SamplingParams, Sequence, Step, StopSequences,
+    Tokenizer,
 };
 
 /// What `/set` changes and `/save` keeps.
@@ -29,6 +30,19 @@ pub struct SavedConversation {
     pub system: Option<String>,
     pub messages: Vec<Message>,
     pub settings: Option<Settings>,
+    /// The token ids the model saw for the conversation (its own sampled ids for the replies), so that
+    /// a loaded conversation continues from exactly what the model saw and reuses a KV cache that
+    /// still holds it. Absent in files written by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<SavedTokens>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SavedTokens {
+    /// The conversation as the template rendered it (without the generation prompt); the ids are
+    /// used only when a loaded conversation renders to exactly this text.
+    pub text: String,
+    pub ids: Vec<u32>,
 }
 
 /// Why a reply ended.
@@ -37,6 +51,8 @@ pub enum StopReason {
     Eos,
     MaxTokens,
     ContextFull,
+    /// A stop string (`-r/--reverse-prompt`, `/set parameter stop`) appeared.
+    StopString,
     Interrupted,
 }
 
@@ -70,7 +86,6 @@ pub struct Session<'e> {
     seq: Sequence<'e>,
     tok: &'e Tokenizer,
     template: ChatTemplate,
-    system_supported: bool,
     system: Option<String>,
     messages: Vec<Message>,
     settings: Settings,
@@ -79,6 +94,8 @@ pub struct Session<'e> {
     known: Option<KnownPrefix>,
     last: Option<TurnStats>,
     ignore_eos: bool,
+    /// A reply ends where one of these appears (`-r/--reverse-prompt`, `/set parameter stop`).
+    stops: Vec<String>,
 }
 
 impl<'e> Session<'e> {
@@ -88,12 +105,10 @@ impl<'e> Session<'e> {
         template: ChatTemplate,
         settings: Settings,
     ) -> Self {
-        let system_supported = template.supports_system();
         Session {
             seq: Sequence::new(engine),
             tok,
             template,
-            system_supported,
             system: None,
             messages: Vec::new(),
             sampler: Sampler::new(settings.sampling.clone()),
@@ -101,6 +116,7 @@ impl<'e> Session<'e> {
             known: None,
             last: None,
             ignore_eos: false,
+            stops: Vec::new(),
         }
     }
 
@@ -109,9 +125,18 @@ impl<'e> Session<'e> {
         self.ignore_eos = ignore;
     }
 
+    /// Replies end where one of these strings appears (it is not shown nor kept).
+    pub fn set_stop_strings(&mut self, stops: Vec<String>) {
+        self.stops = stops;
+    }
+
+    pub fn stop_strings(&self) -> &[String] {
+        &self.stops
+    }
+
     /// Whether the template has a system role (else the system prompt is folded into the first user message).
     pub fn system_supported(&self) -> bool {
-        self.system_supported
+        self.template.supports_system()
     }
 
     pub fn system(&self) -> Option<&str> {
@@ -164,9 +189,10 @@ impl<'e> Session<'e> {
             system: self.system.clone(),
             messages: self.messages.clone(),
             settings: Some(self.settings.clone()),
+            tokens: self.known.as_ref().map(|k| SavedTokens { text: k.text.clone(), ids: k.ids.clone() }),
         };
         let json = serde_json::to_string_pretty(&saved)?;
-        std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))
+        write_atomic(path, (json + "\n").as_bytes())
     }
 
     /// Loads a conversation saved by `save` (a leading "system" message is taken as the system prompt).
@@ -194,7 +220,17 @@ impl<'e> Session<'e> {
             self.set_settings(settings);
         }
         self.last = None;
+        self.known = saved.tokens.and_then(|t| self.saved_prefix(t));
         Ok(())
+    }
+
+    /// The saved ids, if they still describe the loaded conversation: it renders to the saved text,
+    /// and every id is in the vocabulary.
+    fn saved_prefix(&self, tokens: SavedTokens) -> Option<KnownPrefix> {
+        let text = self.template.render(&self.template_messages(), false).ok()?;
+        let vocab = self.tok.vocab_size();
+        (text == tokens.text && tokens.ids.iter().all(|&id| (id as usize) < vocab))
+            .then_some(KnownPrefix { text, ids: tokens.ids })
     }
 
     /// One exchange: adds the user's message, streams the reply to `out` and adds it. `stop` (set by
@@ -223,16 +259,17 @@ impl<'e> Session<'e> {
         let reserve = self.settings.max_tokens.min(ctx / 4).max(1);
         let (prompt_text, prompt_ids, dropped_turns) = self.prompt(ctx, reserve)?;
         if dropped_turns > 0 {
-            writeln!(
-                out,
+            // A notice: to standard error, like the REPL's others (the reply stream is the answer only).
+            eprintln!(
                 "(the conversation outgrew the context of {ctx} tokens: dropped the oldest {dropped_turns} \
                  exchange(s){})",
                 if self.system.is_some() { ", kept the system prompt" } else { "" }
-            )?;
+            );
         }
 
         let mut generation = Generation::new(&mut self.seq, self.tok, prompt_ids, self.settings.max_tokens);
         generation.set_ignore_eos(self.ignore_eos);
+        let mut stops = StopSequences::new(self.stops.clone());
         let mut reply = String::new();
         let stop_reason = loop {
             if stop.load(Ordering::Relaxed) {
@@ -245,36 +282,37 @@ impl<'e> Session<'e> {
             match generation.step(&mut self.seq, &mut self.sampler)? {
                 Step::Prompt => {}
                 Step::Token { text, .. } => {
+                    let (text, stopped) = stops.push(&text);
                     write!(out, "{}", printable(&text))?;
                     out.flush()?;
                     reply.push_str(&text);
+                    if stopped {
+                        break StopReason::StopString;
+                    }
                 }
                 Step::Stopped(reason) => break reason.into(),
             }
         };
-        let rest = generation.flush();
-        write!(out, "{}", printable(&rest))?;
-        reply.push_str(&rest);
+        if stop_reason != StopReason::StopString {
+            let rest = stops.push(&generation.flush()).0 + &stops.finish();
+            write!(out, "{}", printable(&rest))?;
+            reply.push_str(&rest);
+        }
 
         self.messages.push(Message::new("assistant", &reply));
-        self.known =
-            self.known_after_reply(&prompt_text, generation.prompt(), &reply, generation.generated())?;
+        // After a stop string the reply text lacks what its last tokens said: the next turn encodes
+        // the conversation again (and reuses what still matches in the cache).
+        self.known = match stop_reason {
+            StopReason::StopString => None,
+            _ => self.known_after_reply(&prompt_text, generation.prompt(), &reply, generation.generated())?,
+        };
         Ok(turn_stats(&generation, stop_reason))
     }
 
-    /// The messages as the template gets them: the system prompt as a system message, or folded into
-    /// the first user message when the template has no system role.
+    /// The messages as the template gets them (the system prompt first, or folded into the first
+    /// user message).
     fn template_messages(&self) -> Vec<Message> {
-        let mut all = Vec::with_capacity(self.messages.len() + 1);
-        if let Some(system) = &self.system {
-            all.push(Message::new("system", system));
-        }
-        all.extend(self.messages.iter().cloned());
-        if self.system_supported {
-            all
-        } else {
-            fold_system_prompt(&all)
-        }
+        self.template.conversation(self.system.as_deref(), &self.messages)
     }
 
     /// The rendered prompt and its token ids, dropping the oldest exchanges while it leaves less than

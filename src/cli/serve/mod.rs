@@ -20,7 +20,6 @@ use super::load::{Loaded, ModelArgs, DEMO_NOTICE};
 mod api;
 mod http;
 mod scheduler;
-mod stop;
 
 use scheduler::{Load, Scheduler};
 

@@ -10,12 +10,11 @@ use crossbeam::channel::Receiver;
 use mixtral_q::engine::Engine;
 use mixtral_q::text::{
     common_prefix, ChatTemplate, Generation, KnownPrefix, Message, Sampler, Sequence, Step, StopReason,
-    Tokenizer,
+    StopSequences, Tokenizer,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::api::{Finish, Outcome, Request};
-use super::stop::StopSequences;
 
 /// What a request's handler hears from the scheduler.
 #[derive(Debug)]
@@ -335,10 +334,11 @@ mod tests {
                 .unwrap();
             let args = ModelArgs {
                 model: Some(path),
-                threads: None,
+                threads: Vec::new(),
                 ctx: Some(CTX),
                 device: DeviceChoice::Cpu,
                 vram_budget: None,
+                n_gpu_layers: None,
             };
             Fixture {
                 loaded: args.load().unwrap(),

@@ -246,7 +246,9 @@ impl<'a> Backend for CpuBackend<'a> {
     }
 
     fn stats_line(&self) -> Option<String> {
-        Some(format!("cpu: {} kernels, {} threads", dot::simd_level(), rayon::current_num_threads()))
+        let threads = rayon::current_num_threads();
+        let s = if threads == 1 { "" } else { "s" };
+        Some(format!("cpu: {} kernels, {threads} thread{s}", dot::simd_level()))
     }
 }
 

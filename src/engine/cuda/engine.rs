@@ -240,12 +240,23 @@ impl<'a> CudaEngine<'a> {
     /// Uploads `model` to GPU `opts.device` as the placement plan for `opts.vram_budget` decides
     /// (print [`CudaEngine::plan`] to show it), with an f16 KV cache of `ctx` tokens.
     pub fn new(model: &'a Model, ctx: usize, opts: &CudaOptions) -> Result<CudaEngine<'a>> {
-        Self::on(Gpu::new(opts.device)?, model, ctx, opts.vram_budget)
+        Self::placed(Gpu::new(opts.device)?, model, ctx, opts.vram_budget, opts.gpu_layers)
     }
 
     /// The engine on `gpu` (any [`super::Device`]: a GPU, or the tests' emulator); `vram_budget` as in
     /// [`CudaOptions`].
     pub fn on(gpu: Gpu, model: &'a Model, ctx: usize, vram_budget: Option<u64>) -> Result<CudaEngine<'a>> {
+        Self::placed(gpu, model, ctx, vram_budget, None)
+    }
+
+    /// [`CudaEngine::on`] with `gpu_layers` as in [`CudaOptions`] (`-ngl`).
+    fn placed(
+        gpu: Gpu,
+        model: &'a Model,
+        ctx: usize,
+        vram_budget: Option<u64>,
+        gpu_layers: Option<usize>,
+    ) -> Result<CudaEngine<'a>> {
         let cfg = model.config.clone();
         ensure!(ctx > 0, "the context size must be at least 1 token");
         ensure!(
@@ -257,7 +268,7 @@ impl<'a> CudaEngine<'a> {
         let sizes = BufferSizes::new(&cfg, MAX_BATCH);
         let model_sizes = ModelSizes::of(&host, &cfg, ctx, sizes.bytes(&cfg));
         let budget = vram_budget.unwrap_or_else(|| placement::default_budget(gpu.info.free_bytes));
-        let plan = Plan::new(&model_sizes, budget)?;
+        let plan = Plan::with_gpu_layers(&model_sizes, budget, gpu_layers)?;
         let device = &gpu.info.name;
         let upload = |m: &Matrix, what: &str| {
             DeviceMatrix::upload(&gpu, m)

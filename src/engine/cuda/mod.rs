@@ -71,6 +71,10 @@ pub struct CudaOptions {
     /// Bytes of VRAM the engine may use (`--vram-budget`); default: free VRAM minus a reserve
     /// ([`crate::placement::DEFAULT_RESERVE`]).
     pub vram_budget: Option<u64>,
+    /// Keep the experts of only this many layers in VRAM (`-ngl N`); see [`Plan::with_gpu_layers`].
+    ///
+    /// [`Plan::with_gpu_layers`]: crate::placement::Plan::with_gpu_layers
+    pub gpu_layers: Option<usize>,
 }
 
 /// Device 0, if CUDA can be used: errors say what is missing (the driver, a device, a recent enough GPU).

@@ -98,6 +98,21 @@ impl GgufFile {
         // SAFETY: the mapping is read-only. Another process truncating or rewriting the file while it
         // is mapped is outside what we can guard against (as for every mmap-based model loader).
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        Self::from_map(path, map)
+    }
+
+    /// Parses a GGUF file held in memory (copied into an anonymous mapping); `path` names it in
+    /// errors. For tests and fuzzing: the same checks as [`GgufFile::open`].
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
+        if bytes.is_empty() {
+            bail!("{} is empty (0 bytes), not a GGUF file", path.display());
+        }
+        let mut map = memmap2::MmapOptions::new().len(bytes.len()).map_anon().context("cannot map memory")?;
+        map.copy_from_slice(bytes);
+        Self::from_map(path, map.make_read_only().context("cannot map memory")?)
+    }
+
+    fn from_map(path: &Path, map: Mmap) -> Result<GgufFile> {
         let header = parse(&map).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile {

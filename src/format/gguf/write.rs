@@ -84,6 +84,12 @@ impl GgufLayout {
         &self.tensors
     }
 
+    /// The serialized header: magic, counts, metadata and tensor infos (a whole file when there are no
+    /// tensors).
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
     /// Absolute file offset of the data section.
     pub fn data_offset(&self) -> u64 {
         self.data_offset

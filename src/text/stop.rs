@@ -1,5 +1,6 @@
-//! Stop sequences: the reply ends where one appears, without it. Text that could be the start of one
-//! is held back until the next tokens tell, so a stream never sends what a stop sequence then takes back.
+//! Stop sequences (the server's `stop`, llama.cpp's `-r/--reverse-prompt`): the reply ends where one
+//! appears, without it. Text that could be the start of one is held back until the next tokens tell, so
+//! a stream never sends what a stop sequence then takes back.
 
 pub struct StopSequences {
     stops: Vec<String>,
@@ -7,7 +8,9 @@ pub struct StopSequences {
 }
 
 impl StopSequences {
-    pub fn new(stops: Vec<String>) -> Self {
+    /// Empty strings are ignored (one would match before any text).
+    pub fn new(mut stops: Vec<String>) -> Self {
+        stops.retain(|s| !s.is_empty());
         StopSequences { stops, held: String::new() }
     }
 
@@ -64,6 +67,7 @@ mod tests {
     #[test]
     fn text_before_a_stop_sequence_is_sent_and_the_rest_dropped() {
         assert_eq!(feed(&[], &["a", "b"]), ("a|b|".into(), false));
+        assert_eq!(feed(&[""], &["a", "b"]), ("a|b|".into(), false));
         assert_eq!(feed(&["END"], &["hello E", "N", "D and more"]), ("hello ||".into(), true));
         assert_eq!(feed(&["END"], &["xENDy"]), ("x".into(), true));
         // A near miss is sent once it is clear.
