@@ -240,6 +240,31 @@ fn multibyte_text_round_trips_and_streams() {
     }
 }
 
+/// A continuation streamed after its prompt reads as the whole sequence decoded: the leading space of
+/// its first word stays ("Ownership is" + " to" is not "Ownership isto"). Every split of an ASCII text
+/// at a token boundary (with the tiny vocabulary, few of them fall before a space).
+#[test]
+fn a_continuation_keeps_its_leading_space() {
+    for (name, tok) in all_tokenizers() {
+        let text = "hello world, two  spaces and\ta tab";
+        let ids = tok.encode(text, true).unwrap();
+        let mut before_a_space = 0;
+        for k in 2..ids.len() {
+            let mut stream = StreamDecoder::new(&tok);
+            stream.keep_leading_space();
+            let mut streamed = String::new();
+            for &id in &ids[k..] {
+                streamed.push_str(&stream.push(id).unwrap());
+            }
+            streamed.push_str(&stream.flush());
+            before_a_space += usize::from(streamed.starts_with(' '));
+            let prompt = tok.decode(&ids[..k]).unwrap();
+            assert_eq!(format!("{prompt}{streamed}"), text, "{name}: split after {k} tokens");
+        }
+        assert!(before_a_space >= 1, "{name}: no split before a space");
+    }
+}
+
 #[test]
 fn stream_flush_reports_an_unfinished_character() {
     let tok = hf_tokenizer();

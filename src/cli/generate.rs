@@ -173,6 +173,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let limit = args.n_predict.0.unwrap_or(usize::MAX);
     let mut generation = Generation::new(&mut seq, tok, prompt_ids.clone(), limit);
     generation.set_ignore_eos(args.ignore_eos);
+    generation.continue_prompt_text();
     let mut text = String::new();
     let stop = loop {
         if limit == 0 {

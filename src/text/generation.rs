@@ -127,6 +127,13 @@ impl<'t> Generation<'t> {
         }
     }
 
+    /// The reply continues the prompt's text (`generate`, text completions), so its first token keeps
+    /// its leading space. Without this the reply stands alone, as a chat message does: one leading
+    /// space is dropped, as decoding the reply's ids on their own does.
+    pub fn continue_prompt_text(&mut self) {
+        self.decoder.keep_leading_space();
+    }
+
     /// Never stop at EOS (only at max_tokens or a full context): for benchmarks and load tests.
     pub fn set_ignore_eos(&mut self, ignore: bool) {
         self.ignore_eos = ignore;

@@ -19,6 +19,12 @@ impl<'a> StreamDecoder<'a> {
         StreamDecoder { tok, pending: Vec::new(), at_start: true }
     }
 
+    /// For text that continues other text (a prompt's continuation): the leading space is kept, so
+    /// `prompt + pushes` reads as the whole sequence does ("Ownership is" + "▁to" → "Ownership is to").
+    pub fn keep_leading_space(&mut self) {
+        self.at_start = false;
+    }
+
     /// The text that token `id` completes (possibly empty while a character is incomplete).
     pub fn push(&mut self, id: u32) -> Result<String> {
         let bytes = self.tok.token_bytes(id)?;

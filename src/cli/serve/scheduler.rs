@@ -14,7 +14,7 @@ use mixtral_q::text::{
 };
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::api::{Finish, Outcome, Request};
+use super::api::{Endpoint, Finish, Outcome, Request};
 
 /// What a request's handler hears from the scheduler.
 #[derive(Debug)]
@@ -184,6 +184,9 @@ impl<'a> Scheduler<'a> {
         let max_tokens = job.request.max_tokens.unwrap_or(usize::MAX);
         let mut generation = Generation::new(&mut slot.seq, self.tok, ids, max_tokens);
         generation.set_ignore_eos(job.request.ignore_eos);
+        if job.request.endpoint == Endpoint::Completion {
+            generation.continue_prompt_text();
+        }
         slot.known = None;
         slot.active = Some(Active {
             sampler: Sampler::new(job.request.sampling.clone()),
