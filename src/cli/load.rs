@@ -86,18 +86,20 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// The engine on the chosen device (`engine::open`), printing what it says at load: a GPU's
-    /// placement plan, or in one line why `auto` runs on the CPU.
+    /// The engine on the chosen device (`engine::open`), printing what it says at load the first time
+    /// (a server makes one engine per slot): a GPU's placement plan, or in one line why `auto` runs on
+    /// the CPU.
     pub fn engine(&self) -> Result<Box<dyn Engine + Send + '_>> {
         let opened = engine::open(&self.model, self.ctx, &self.options)?;
-        for notice in &opened.notices {
-            eprintln!("{notice}");
+        if self.backend.set(opened.backend).is_ok() {
+            for notice in &opened.notices {
+                eprintln!("{notice}");
+            }
         }
-        let _ = self.backend.set(opened.backend);
         Ok(opened.engine)
     }
 
-    /// The backend of the engine made last, for reports: "CPU (avx512)" or the GPU's name.
+    /// The backend of the engines made, for reports: "CPU (avx512)" or the GPU's name.
     pub fn backend(&self) -> String {
         self.backend.get().cloned().unwrap_or_else(|| "?".into())
     }

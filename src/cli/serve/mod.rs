@@ -90,14 +90,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         ChatTemplate::mixtral_instruct()
     });
     let model_name = metadata.get_str("general.name").unwrap_or("mixtral-q").to_owned();
-    let backend = loaded.backend();
-    if args.slots > 1 && backend.starts_with("CUDA") {
-        eprintln!(
-            "warning: each of the {} slots is its own CUDA engine, which uploads its own weights (the \
-             later ones get what VRAM the first left): on a GPU, use --slots 1",
-            args.slots
-        );
-    }
     let shared = Arc::new(Shared {
         loaded,
         template,
@@ -109,6 +101,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         load: Load::default(),
     });
     let mut engines = (0..args.slots).map(|_| shared.loaded.engine()).collect::<Result<Vec<_>>>()?;
+    let backend = shared.loaded.backend();
+    if args.slots > 1 && backend.starts_with("CUDA") {
+        eprintln!(
+            "warning: each of the {} slots is its own CUDA engine, which uploads its own weights (the \
+             later ones get what VRAM the first left): on a GPU, use --slots 1",
+            args.slots
+        );
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
