@@ -11,7 +11,6 @@
 // The same pair serves decode (n_tokens = 1, many chunks) and prompts (many tokens, few chunks).
 // Limits checked by the host: head_dim 32, 64, 128 or 256; group <= 8.
 
-#define ATT_WARPS 4
 
 // MAXG: the largest group this instantiation serves (the runtime group may be smaller); PL: head_dim / 32.
 // Both are compile-time so that the per-lane arrays stay in registers.

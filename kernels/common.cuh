@@ -272,17 +272,6 @@ struct TQ6_K {
     }
 };
 
-// Instantiates MACRO(type struct, kernel-name suffix) for every weight type the engines support; the
-// suffixes are those of src/engine/cuda/kernels.rs (`type_suffix`).
-#define FOR_EACH_WEIGHT_TYPE(MACRO) \
-    MACRO(TF32, f32)                \
-    MACRO(TF16, f16)                \
-    MACRO(TBF16, bf16)              \
-    MACRO(TQ4_0, q4_0)              \
-    MACRO(TQ4_1, q4_1)              \
-    MACRO(TQ5_0, q5_0)              \
-    MACRO(TQ5_1, q5_1)              \
-    MACRO(TQ8_0, q8_0)              \
-    MACRO(TQ4_K, q4_k)              \
-    MACRO(TQ5_K, q5_k)              \
-    MACRO(TQ6_K, q6_k)
+// FOR_EACH_WEIGHT_TYPE(MACRO), which instantiates MACRO(type struct, kernel-name suffix) for every weight
+// type with kernels, and the launch constants (MATVEC_WARPS, MATMUL_BM, ...) are generated from the Rust
+// constants of src/engine/cuda/kernels.rs (`constants_header`) and prepended to this file.

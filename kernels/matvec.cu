@@ -1,6 +1,6 @@
 // Decode matrix-vector products with fused dequantization: y[r] = sum_c W[r, c] x[c].
 //
-// One warp per weight row (ROWS_PER_WARP rows per warp, WARPS warps per block). The activation vector
+// One warp per weight row (MATVEC_ROWS_PER_WARP rows per warp, MATVEC_WARPS warps per block). The activation vector
 // is staged once per block in shared memory (dynamic; padded, see `padded`), then each lane walks the parts of
 // the row's blocks (part i of the row = block i / PARTS, piece i % PARTS), so the 32 lanes of a warp read
 // 32 consecutive pieces of the row; partial sums meet in a warp-shuffle reduction.
@@ -10,8 +10,6 @@
 //                        the expert id comes from device memory (the router's output), its weights from a
 //                        per-layer table of device pointers, so the host never waits for the router.
 
-#define WARPS 8
-#define ROWS_PER_WARP 2
 
 // The activations sit in shared memory with one padding float after every 32 (index i at i + i / 32):
 // the lanes of a warp read values whose indices differ by multiples of 16 or 32 (same position in
@@ -28,8 +26,8 @@ __device__ __forceinline__ void matvec_block(const u8* w, const float* x, float*
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long row_bytes = (long)(cols / T::BLOCK) * T::BYTES;
     const int pieces = (cols / T::BLOCK) * T::PARTS;
-    for (int k = 0; k < ROWS_PER_WARP; k++) {
-        const int r = (blockIdx.x * WARPS + warp) * ROWS_PER_WARP + k;
+    for (int k = 0; k < MATVEC_ROWS_PER_WARP; k++) {
+        const int r = (blockIdx.x * MATVEC_WARPS + warp) * MATVEC_ROWS_PER_WARP + k;
         if (r >= rows) return;
         const u8* row = w + r * row_bytes;
         float acc = 0.f;
@@ -43,11 +41,11 @@ __device__ __forceinline__ void matvec_block(const u8* w, const float* x, float*
 }
 
 #define MATVEC_KERNELS(T, name)                                                                            \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                               \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32)                                               \
         matvec_##name(const u8* w, const float* x, float* y, int rows, int cols) {                         \
         matvec_block<T>(w, x, y, rows, cols);                                                              \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) matvec_experts_##name(                        \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32) matvec_experts_##name(                        \
         const u64* expert_ptrs, const int* ids, const float* x, long x_stride, float* y, int rows, int cols) { \
         const int slot = blockIdx.y;                                                                       \
         const u8* w = (const u8*)expert_ptrs[ids[slot]];                                                   \

@@ -50,7 +50,6 @@ extern "C" __global__ void add_in_place(float* x, const float* y, long n) {
 
 // Router: per token (one thread each), softmax over the n_experts logits, the k largest probabilities
 // (ties to the lower id), renormalized to sum 1; ids and weights [n, k], highest weight first.
-#define MAX_EXPERTS 64
 extern "C" __global__ void route_top_k(const float* logits, int n, int n_experts, int k, int* ids, float* weights) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n || n_experts > MAX_EXPERTS) return;

@@ -8,8 +8,9 @@ mod emulator;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use mixtral_q::engine::cuda::CudaEngine;
+use mixtral_q::engine::cuda::{AttentionScratch, CudaEngine, ATT_MAX_SPLITS};
 use mixtral_q::engine::cuda::{Device, DeviceBuffer, Event, KernelArg, LaunchConfig, PinnedBuffer, Stream};
+use mixtral_q::engine::Engine;
 use mixtral_q::model::weights::Model;
 
 use emulator::compile::{self, Unit};
@@ -328,23 +329,33 @@ emulated!(refilling_a_staging_buffer_before_its_copy_ran_corrupts_the_copy, {
     }
 });
 
-/// The CUDA engine's out-of-memory errors say which step ran out.
+/// The CUDA engine's out-of-memory errors say which step ran out: at load, the first upload; while
+/// running, the activations (allocated from a pool as the forward pass needs them).
 #[test]
 fn out_of_memory_errors_name_the_step() {
     emulator::in_child("out_of_memory_errors_name_the_step", emulator::engine_library, || {
         let model = Model::load(std::path::Path::new("tests/fixtures/llamacpp/tiny-q4_k_m.gguf")).unwrap();
         let plan = CudaEngine::on(emulator::gpu(1 << 30), &model, 32, None).unwrap().plan().clone();
         let total = plan.dense + plan.kv_cache + plan.scratch + plan.resident_bytes;
-        // Room for nothing: the first upload fails; room for all but the activation buffers: they fail.
-        for (capacity, step) in
-            [(0, "uploading the norms of layer 0"), (total - plan.scratch / 2, "activation")]
-        {
-            let err = CudaEngine::on(emulator::gpu(capacity), &model, 32, Some(total))
-                .err()
-                .expect("out of memory");
-            let msg = format!("{err:#}");
-            eprintln!("{msg}");
-            assert!(msg.contains(step) && msg.contains("out of memory"), "{msg}");
-        }
+        // Room for nothing: the first upload fails.
+        let err = CudaEngine::on(emulator::gpu(0), &model, 32, Some(total)).err().expect("out of memory");
+        let msg = format!("{err:#}");
+        eprintln!("{msg}");
+        assert!(msg.contains("uploading RoPE's table") && msg.contains("out of memory"), "{msg}");
+        // Room for the weights and the KV cache but not the activations: loading works, running fails,
+        // and the engine stays usable (nothing was appended to the cache).
+        // (The attention scratch is allocated at load, and a few small tables.)
+        let cfg = &model.config;
+        let at_load = AttentionScratch::bytes(ATT_MAX_SPLITS, cfg.n_heads, cfg.head_dim) + (16 << 10);
+        let mut engine =
+            CudaEngine::on(emulator::gpu(total - plan.scratch + at_load), &model, 32, Some(total)).unwrap();
+        let tokens: Vec<u32> = (0..32).collect();
+        let Err(err) = engine.forward(&tokens, true) else {
+            panic!("32 tokens ran without room for their activations");
+        };
+        let msg = format!("{err:#}");
+        eprintln!("{msg}");
+        assert!(msg.contains("allocating activations") && msg.contains("out of memory"), "{msg}");
+        assert_eq!(engine.position(), 0);
     });
 }

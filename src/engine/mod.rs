@@ -4,8 +4,8 @@
 //! - `transformer`: the model written once over a backend's ops (the forward pass, batching, KV-cache
 //!   rollback, router traces), and the [`transformer::Backend`] trait those ops form.
 //! - `cpu`: the CPU backend (rayon, SIMD dot products), the reference for every other backend.
-//! - `cuda`: the CUDA backend (cudarc + NVRTC kernels, expert cache). It still has its own forward pass
-//!   (`CudaEngine`); porting it onto the backend ops is the next step.
+//! - `cuda`: the CUDA backend (cudarc + NVRTC kernels, expert cache): the same transformer over device
+//!   ops, with fused expert kernels and experts streamed into VRAM slots.
 //! - `device_choice`: what `--device` and `--vram-budget` accept.
 
 use anyhow::{bail, Result};

@@ -1,4 +1,4 @@
-//! Builds the CPU emulator of the kernels: each kernel file as NVRTC gets it (`kernels::PRELUDE` and
+//! Builds the CPU emulator of the kernels: each kernel file as NVRTC gets it (`kernels::prelude()` and
 //! `kernels::SOURCES`, the text embedded in the binary) compiled as C++ by g++ against
 //! kernels/emulator/cuda.h, with kernels/emulator/scheduler.cpp, into one shared library that
 //! registers every kernel `kernels::kernel_names` lists. AddressSanitizer and UBSan are on unless
@@ -160,7 +160,7 @@ fn run(mut cmd: Command, what: &str) {
 pub fn translation_unit(u: &Unit) -> String {
     let mut out = String::new();
     out.push_str("#line 1 \"kernels/common.cuh\"\n");
-    out.push_str(&rewrite_shared(kernels::PRELUDE, "common.cuh"));
+    out.push_str(&rewrite_shared(kernels::prelude(), "common.cuh"));
     out.push_str(&format!("\n#line 1 \"kernels/{}\"\n", u.name));
     out.push_str(&rewrite_shared(&u.source, &u.name));
     out.push('\n');

@@ -182,6 +182,16 @@ impl<T: Pod> DeviceBuffer<T> {
         Ok(DeviceBuffer { ptr, len, dev: dev.clone(), _t: PhantomData })
     }
 
+    /// The same allocation as values of `U` (any bit pattern is a valid `U`); a partial last value
+    /// is not counted.
+    pub fn cast<U: Pod>(self) -> DeviceBuffer<U> {
+        let this = std::mem::ManuallyDrop::new(self);
+        let len = this.len * std::mem::size_of::<T>() / std::mem::size_of::<U>();
+        // SAFETY: `this` is never dropped, so the device handle moves out exactly once.
+        let dev = unsafe { std::ptr::read(&this.dev) };
+        DeviceBuffer { ptr: this.ptr, len, dev, _t: PhantomData }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

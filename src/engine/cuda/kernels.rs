@@ -1,15 +1,59 @@
 //! The CUDA kernels: sources embedded in the binary, compiled at run time by NVRTC for the GPU present
 //! and cached on disk, so that neither building nor running mixtral-q needs the CUDA toolkit.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 
 use super::nvrtc::Nvrtc;
 use crate::format::GgmlType;
 
-/// Prepended to every kernel file: types, f16 conversions and the ggml block decoders.
-pub const PRELUDE: &str = include_str!("../../../kernels/common.cuh");
+/// Types, f16 conversions and the ggml block decoders, shared by every kernel file.
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// Warps per matrix-vector block (matvec.cu); each warp computes `MATVEC_ROWS_PER_WARP` rows.
+pub const MATVEC_WARPS: usize = 8;
+pub const MATVEC_ROWS_PER_WARP: usize = 2;
+/// The tile of matmul.cu: `MATMUL_BM` weight rows by `MATMUL_BN` tokens (4 warps, 2x2 over the tile).
+pub const MATMUL_BM: usize = 64;
+pub const MATMUL_BN: usize = 64;
+pub const MATMUL_WARPS: usize = 4;
+/// Warps per attention block (attention.cu).
+pub const ATT_WARPS: usize = 4;
+/// Upper bound on the experts the router kernel handles (ops.cu keeps one probability per expert in
+/// registers, and the chosen set in a 64-bit mask).
+pub const MAX_EXPERTS: usize = 64;
+
+/// The constants above and the weight-type list as C macros: the one source of truth for what the
+/// kernels are compiled with and what the launch wrappers assume.
+pub fn constants_header() -> String {
+    let mut h = String::from("// Generated from src/engine/cuda/kernels.rs: do not edit.\n");
+    for (name, value) in [
+        ("MATVEC_WARPS", MATVEC_WARPS),
+        ("MATVEC_ROWS_PER_WARP", MATVEC_ROWS_PER_WARP),
+        ("MATMUL_BM", MATMUL_BM),
+        ("MATMUL_BN", MATMUL_BN),
+        ("ATT_WARPS", ATT_WARPS),
+        ("MAX_EXPERTS", MAX_EXPERTS),
+    ] {
+        let _ = writeln!(h, "#define {name} {value}");
+    }
+    h.push_str("#define FOR_EACH_WEIGHT_TYPE(MACRO)");
+    for suffix in crate::model::weights::SUPPORTED_TYPES.iter().filter_map(|&t| type_suffix(t)) {
+        // The block decoder of common.cuh for suffix `q4_k` is `TQ4_K`.
+        let _ = write!(h, " \\\n    MACRO(T{}, {suffix})", suffix.to_uppercase());
+    }
+    h.push('\n');
+    h
+}
+
+/// Prepended to every kernel file: the generated constants, then common.cuh.
+pub fn prelude() -> &'static str {
+    static PRELUDE: OnceLock<String> = OnceLock::new();
+    PRELUDE.get_or_init(|| format!("{}{COMMON}", constants_header()))
+}
 
 /// Every kernel file: (name, source without the prelude).
 pub const SOURCES: [(&str, &str); 4] = [
@@ -27,7 +71,7 @@ const OPTIONS: [&str; 1] = ["--std=c++17"];
 
 /// The full source NVRTC compiles for file `name` (the prelude, then the file).
 pub fn full_source(source: &str) -> String {
-    format!("{PRELUDE}\n{source}")
+    format!("{}\n{source}", prelude())
 }
 
 /// Compiles one kernel file for `sm_{arch}` (no cache).
@@ -72,7 +116,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 /// architecture and the NVRTC version. Stable across Rust releases, unlike `DefaultHasher`.
 pub fn cache_key(source: &str, arch: u32, nvrtc_version: (i32, i32)) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
-    let parts = [PRELUDE, source, &OPTIONS.join(" "), &format!("sm_{arch} nvrtc {nvrtc_version:?}")];
+    let parts = [prelude(), source, &OPTIONS.join(" "), &format!("sm_{arch} nvrtc {nvrtc_version:?}")];
     for part in parts {
         for &b in part.as_bytes().iter().chain(&[0u8]) {
             h = (h ^ b as u64).wrapping_mul(0x100000001b3);
@@ -148,6 +192,18 @@ mod tests {
         assert_ne!(k, cache_key("b", 80, (12, 9)));
         assert_ne!(k, cache_key("a", 86, (12, 9)));
         assert_ne!(k, cache_key("a", 80, (12, 8)));
+    }
+
+    #[test]
+    fn the_generated_type_list_names_decoders_of_common_cuh() {
+        let header = constants_header();
+        for ty in crate::model::weights::SUPPORTED_TYPES {
+            let suffix = type_suffix(ty).unwrap();
+            let decoder = format!("T{}", suffix.to_uppercase());
+            assert!(COMMON.contains(&format!("struct {decoder} {{")), "{ty}: no {decoder} in common.cuh");
+            assert!(header.contains(&format!("MACRO({decoder}, {suffix})")), "{header}");
+        }
+        assert!(header.contains(&format!("#define MAX_EXPERTS {MAX_EXPERTS}\n")), "{header}");
     }
 
     #[test]

@@ -6,26 +6,29 @@
 //! `kernels` (embedded sources, on-disk cubin cache), `device` (the [`Device`] trait: buffers, copies,
 //! launches, streams, events, pinned staging), `driver` (the GPU as a `Device`, through the CUDA driver
 //! API), `ops` ([`Gpu`]: typed launch wrappers over any `Device`), `expert_cache` (VRAM slots for experts
-//! that the placement plan left in host memory), `engine` (the forward pass, same math as the CPU engine).
-//! The tests run `ops`, `expert_cache` and `engine` on a CPU emulator of the kernels (tests/emulator).
+//! that the placement plan left in host memory), `pool` (recycled activation buffers), `backend`
+//! ([`CudaBackend`]: the transformer's ops over all of these; the model itself is written once, in
+//! `engine::transformer`). The tests run `ops`, `expert_cache` and the whole model on a CPU emulator of
+//! the kernels (tests/emulator).
 
+mod backend;
 pub mod device;
 mod driver;
-mod engine;
 pub mod expert_cache;
 pub mod kernels;
 pub mod nvrtc;
 mod ops;
+mod pool;
 
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaContext;
 
+pub use self::backend::{activation_bytes, CudaBackend, CudaEngine};
 pub use self::device::{
     BufView, BufViewMut, Device, DeviceBuffer, DevicePtr, Event, KernelArg, LaunchConfig, PinnedBuffer,
     Stream,
 };
-pub use self::engine::CudaEngine;
 pub use self::ops::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS, MAX_EXPERTS};
 
 /// What the CLI and the placement plan need to know about a GPU.

@@ -16,22 +16,16 @@ use super::kernels::{self, type_suffix};
 use super::DeviceInfo;
 use crate::format::GgmlType;
 
-/// Rows per matvec block (`WARPS * ROWS_PER_WARP` in matvec.cu).
-const MATVEC_ROWS_PER_BLOCK: usize = 16;
-/// Threads per matvec block (`WARPS * 32`).
-const MATVEC_THREADS: u32 = 256;
-/// Tile of matmul.cu (`BM` weight rows x `BN` tokens), 4 warps.
-const MATMUL_BM: usize = 64;
-const MATMUL_BN: usize = 64;
-const MATMUL_THREADS: u32 = 128;
-/// Threads per attention block (`ATT_WARPS * 32` in attention.cu).
-const ATT_THREADS: u32 = 128;
+/// Rows per matvec block.
+const MATVEC_ROWS_PER_BLOCK: usize = kernels::MATVEC_WARPS * kernels::MATVEC_ROWS_PER_WARP;
+const MATVEC_THREADS: u32 = (kernels::MATVEC_WARPS * 32) as u32;
+const MATMUL_THREADS: u32 = (kernels::MATMUL_WARPS * 32) as u32;
+const ATT_THREADS: u32 = (kernels::ATT_WARPS * 32) as u32;
 /// Longest chunk of the sequence one attention block walks before the split-K merge.
 const ATT_MIN_CHUNK: usize = 256;
 /// At most this many (token, chunk) pairs per head: bounds the split-K scratch.
 pub const ATT_MAX_SPLITS: usize = 64;
-/// Upper bound on the experts a router kernel handles (`MAX_EXPERTS` in ops.cu).
-pub const MAX_EXPERTS: usize = 64;
+pub use super::kernels::MAX_EXPERTS;
 /// Threads per block of the per-row and elementwise kernels of ops.cu (rms_norm's `partial[8]` = 8 warps).
 const ROW_THREADS: u32 = 256;
 /// Tokens per block of the router (one thread each).
@@ -213,7 +207,7 @@ impl Gpu {
             None => ensure!(x.len() >= m * w.cols, "matmul input too small"),
         }
         let cfg = LaunchConfig {
-            grid: (w.rows.div_ceil(MATMUL_BM) as u32, m.div_ceil(MATMUL_BN) as u32, 1),
+            grid: (w.rows.div_ceil(kernels::MATMUL_BM) as u32, m.div_ceil(kernels::MATMUL_BN) as u32, 1),
             block: (MATMUL_THREADS, 1, 1),
             shared_bytes: 0,
         };

@@ -108,6 +108,18 @@ pub fn forward<B: Backend>(
     b.to_host(logits)
 }
 
+/// Errors unless a KV cache of `ctx` tokens is possible for `cfg` (checked before a backend plans
+/// its memory for it).
+pub fn check_context(cfg: &ModelConfig, ctx: usize) -> Result<()> {
+    ensure!(ctx > 0, "the context size must be at least 1 token");
+    ensure!(
+        ctx <= cfg.context_length,
+        "context size {ctx} exceeds the model's context length {}",
+        cfg.context_length
+    );
+    Ok(())
+}
+
 /// A model on one backend with its KV cache: an [`Engine`].
 pub struct Transformer<B: Backend> {
     backend: B,
@@ -131,12 +143,7 @@ impl<B: Backend> Transformer<B> {
         cfg: ModelConfig,
         ctx: usize,
     ) -> Result<Transformer<B>> {
-        ensure!(ctx > 0, "the context size must be at least 1 token");
-        ensure!(
-            ctx <= cfg.context_length,
-            "context size {ctx} exceeds the model's context length {}",
-            cfg.context_length
-        );
+        check_context(&cfg, ctx)?;
         Ok(Transformer {
             cache: backend.kv_cache(ctx)?,
             backend,
@@ -147,6 +154,11 @@ impl<B: Backend> Transformer<B> {
             max_batch: DEFAULT_MAX_BATCH,
             router_trace: None,
         })
+    }
+
+    /// The backend, for what it reports about itself (a GPU's placement plan).
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// Sets the batch size of prompt processing (at least 1).

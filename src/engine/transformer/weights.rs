@@ -1,7 +1,7 @@
 //! The model's weights as one backend holds them: the host weights of the mapped file, each matrix
 //! turned into the backend's handle at load ([`Prepare`]), arranged by the layer specs.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::backend::{Backend, Prepare};
 use crate::model::spec::{FfnSpec, Gating};
@@ -64,10 +64,12 @@ impl<B: Backend> Weights<B> {
             .iter()
             .enumerate()
             .map(|(l, w)| {
+                let name = |what: &str| format!("layer {l}: preparing {what}");
+                let attn_norm = backend.vector(&w.attn_norm).with_context(|| name("the attention norm"))?;
                 let ffn = match cfg.layer(l).ffn {
                     FfnSpec::Moe(spec) if spec.shared_ffn_size.is_none() => Ffn::Moe(Moe {
-                        router: backend.matrix(&w.router)?,
-                        experts: backend.experts(l, &w.experts)?,
+                        router: backend.matrix(&w.router).with_context(|| name("the router"))?,
+                        experts: backend.experts(l, &w.experts).with_context(|| name("the experts"))?,
                         shared: None,
                         top_k: spec.top_k,
                         gating: spec.gating,
@@ -77,21 +79,21 @@ impl<B: Backend> Weights<B> {
                     }
                 };
                 Ok(Layer {
-                    attn_norm: backend.vector(&w.attn_norm)?,
-                    attn_q: backend.matrix(&w.attn_q)?,
-                    attn_k: backend.matrix(&w.attn_k)?,
-                    attn_v: backend.matrix(&w.attn_v)?,
-                    attn_output: backend.matrix(&w.attn_output)?,
-                    ffn_norm: backend.vector(&w.ffn_norm)?,
+                    attn_norm,
+                    attn_q: backend.matrix(&w.attn_q).with_context(|| name("attn_q"))?,
+                    attn_k: backend.matrix(&w.attn_k).with_context(|| name("attn_k"))?,
+                    attn_v: backend.matrix(&w.attn_v).with_context(|| name("attn_v"))?,
+                    attn_output: backend.matrix(&w.attn_output).with_context(|| name("attn_output"))?,
+                    ffn_norm: backend.vector(&w.ffn_norm).with_context(|| name("the FFN norm"))?,
                     ffn,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Weights {
-            token_embd: backend.matrix(&host.token_embd)?,
+            token_embd: backend.matrix(&host.token_embd).context("preparing the token embeddings")?,
             layers,
-            output_norm: backend.vector(&host.output_norm)?,
-            output: backend.matrix(&host.output)?,
+            output_norm: backend.vector(&host.output_norm).context("preparing the output norm")?,
+            output: backend.matrix(&host.output).context("preparing the output head")?,
         })
     }
 }
