@@ -16,6 +16,7 @@ use crate::model::ModelConfig;
 pub mod cpu;
 pub mod cuda;
 mod device_choice;
+pub mod hybrid;
 pub mod transformer;
 
 pub use self::device_choice::{parse_bytes, DeviceChoice};
