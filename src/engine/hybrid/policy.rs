@@ -41,6 +41,8 @@ pub trait Policy {
     fn access(&mut self, key: Key) -> Access;
     /// The end of one decode step (a token through every layer): where decay happens.
     fn end_step(&mut self) {}
+    /// The keys resident now (what a device's slots must hold after the last access).
+    fn resident(&self) -> Vec<Key>;
 }
 
 /// Least recently used, with a fixed number of slots.
@@ -80,6 +82,10 @@ impl Policy for Lru {
         }
         self.last_use.insert(key, self.now);
         Access::Load
+    }
+
+    fn resident(&self) -> Vec<Key> {
+        self.last_use.keys().copied().collect()
     }
 }
 
@@ -137,6 +143,10 @@ impl Policy for Lfu {
         }
     }
 
+    fn resident(&self) -> Vec<Key> {
+        self.resident.clone()
+    }
+
     fn end_step(&mut self) {
         if self.decay < 1.0 {
             for s in self.score.values_mut() {
@@ -180,6 +190,10 @@ impl Policy for StaticPopular {
             Access::Host
         }
     }
+
+    fn resident(&self) -> Vec<Key> {
+        self.resident.clone()
+    }
 }
 
 /// Evicts a random resident expert (xorshift64, seeded: runs repeat).
@@ -221,6 +235,10 @@ impl Policy for RandomEvict {
             self.resident[victim] = key;
         }
         Access::Load
+    }
+
+    fn resident(&self) -> Vec<Key> {
+        self.resident.clone()
     }
 }
 
