@@ -68,6 +68,16 @@ impl Routes {
         self.per_token.len()
     }
 
+    /// Every (token, weight) pair in pair order (expert by expert, tokens ascending).
+    pub fn pairs(&self) -> &[(usize, f32)] {
+        &self.pairs
+    }
+
+    /// The experts used, ascending, each with its range of [`Routes::pairs`].
+    pub fn groups(&self) -> &[(usize, Range<usize>)] {
+        &self.groups
+    }
+
     fn n_pairs(&self) -> usize {
         self.pairs.len()
     }

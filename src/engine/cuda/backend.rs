@@ -13,6 +13,8 @@
 //!   with missing experts runs expert by expert, because a batch may use more experts than there
 //!   are slots.
 
+use std::ops::Range;
+
 use anyhow::{bail, ensure, Context, Result};
 
 use super::device::{BufView, BufViewMut, DeviceBuffer};
@@ -191,11 +193,9 @@ pub struct CudaRoutes {
 }
 
 struct Grouped {
-    /// The routes, as read back.
-    per_token: Vec<Route>,
-    /// (expert, first pair, pairs) for every expert used, ascending.
-    groups: Vec<(usize, usize, usize)>,
-    /// Per pair: its token and weight.
+    /// The routes as read back, grouped as the CPU backend groups them.
+    host: crate::engine::cpu::Routes,
+    /// Per pair (in the host's pair order): its token and weight.
     pair_tokens: Pooled<i32>,
     pair_weights: Pooled<f32>,
 }
@@ -336,9 +336,10 @@ impl<'w> CudaBackend<'w> {
         x: &CudaTensor,
         input: ExpertInput,
         grouped: &Grouped,
-        (e, first, m): (usize, usize, usize),
+        (e, pairs): (usize, &Range<usize>),
         out: &mut CudaTensor,
     ) -> Result<()> {
+        let (first, m) = (pairs.start, pairs.len());
         let buf = self.expert_buffer(experts, e)?;
         let w = experts.matrix(buf, e, kind(which));
         let width = out.width;
@@ -573,31 +574,22 @@ impl<'w> Backend for CudaBackend<'w> {
                 per_token.iter().flatten().all(|&(e, _)| e < n_experts),
                 "the router produced an expert id out of range"
             );
-            let (mut tokens, mut pair_weights, mut groups) = (Vec::new(), Vec::new(), Vec::new());
-            for e in 0..n_experts {
-                let first = tokens.len();
-                for (t, route) in per_token.iter().enumerate() {
-                    if let Some(&(_, w)) = route.iter().find(|(id, _)| *id == e) {
-                        tokens.push(t as i32);
-                        pair_weights.push(w);
-                    }
-                }
-                if tokens.len() > first {
-                    groups.push((e, first, tokens.len() - first));
-                }
-            }
+            // The CPU backend's grouping, so both backends share one pair order.
+            let host = crate::engine::cpu::Routes::new(per_token, n_experts);
+            let tokens: Vec<i32> = host.pairs().iter().map(|&(t, _)| t as i32).collect();
+            let pair_weights: Vec<f32> = host.pairs().iter().map(|&(_, w)| w).collect();
             let mut pair_tokens = self.pool.take::<i32>(tokens.len())?;
             self.gpu.copy_htod(&tokens, &mut pair_tokens.view_mut())?;
             let mut dev_weights = self.pool.take::<f32>(pair_weights.len())?;
             self.gpu.copy_htod(&pair_weights, &mut dev_weights.view_mut())?;
-            Some(Grouped { per_token, groups, pair_tokens, pair_weights: dev_weights })
+            Some(Grouped { host, pair_tokens, pair_weights: dev_weights })
         };
         Ok(CudaRoutes { tokens: n, k: top_k, ids, weights, grouped })
     }
 
     fn routes_to_host(&mut self, routes: &CudaRoutes) -> Result<Vec<Route>> {
         if let Some(g) = &routes.grouped {
-            return Ok(g.per_token.clone());
+            return Ok(g.host.per_token().to_vec());
         }
         let ids = self.gpu.download(&routes.ids.view())?;
         let weights = self.gpu.download(&routes.weights.view())?;
@@ -640,8 +632,8 @@ impl<'w> Backend for CudaBackend<'w> {
                     )?;
                 }
                 Some(g) => {
-                    for &group in &g.groups {
-                        self.group_product(experts, w, x, input, g, group, &mut out)?;
+                    for (e, pairs) in g.host.groups() {
+                        self.group_product(experts, w, x, input, g, (*e, pairs), &mut out)?;
                     }
                 }
             }
@@ -663,7 +655,8 @@ impl<'w> Backend for CudaBackend<'w> {
             )?,
             // One launch per expert: within one, no two rows go to the same token.
             Some(g) => {
-                for &(_, first, m) in &g.groups {
+                for (_, pairs) in g.host.groups() {
+                    let (first, m) = (pairs.start, pairs.len());
                     self.gpu.scatter_add(
                         &mut out.view_mut(),
                         &y.view().slice(first * width..(first + m) * width),
@@ -699,7 +692,8 @@ impl<'w> Backend for CudaBackend<'w> {
         // products, and its share of the weighted sum.
         let (h, f) = (self.cfg.hidden_size, experts.shape.kinds[0].1);
         let mut out = self.zeros(routes.tokens, h)?;
-        for &(e, first, m) in &g.groups {
+        for (e, pairs) in g.host.groups() {
+            let (e, first, m) = (*e, pairs.start, pairs.len());
             self.fetch(experts, &[e])?;
             let buf = self.expert_buffer(experts, e)?;
             let tokens = g.pair_tokens.view().slice(first..first + m);
