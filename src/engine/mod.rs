@@ -17,9 +17,11 @@ pub mod cpu;
 pub mod cuda;
 mod device_choice;
 pub mod hybrid;
+pub mod stats;
 pub mod transformer;
 
 pub use self::device_choice::{parse_bytes, DeviceChoice};
+pub use self::stats::ExpertStats;
 pub use self::transformer::{RouterTrace, Transformer, DEFAULT_MAX_BATCH};
 
 /// A model instance with its KV cache: tokens go in at the cache's current position, logits come out.
@@ -43,6 +45,11 @@ pub trait Engine {
 
     /// One line of backend statistics for `/stats` and `--verbose` (e.g. the expert-cache hit rate).
     fn stats_line(&self) -> Option<String> {
+        None
+    }
+
+    /// Where the experts ran, for engines that schedule them (none for the plain CPU engine).
+    fn expert_stats(&self) -> Option<ExpertStats> {
         None
     }
 

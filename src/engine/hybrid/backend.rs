@@ -8,26 +8,29 @@
 //! expert's rows go through the same kernels (batch size included) as on the CPU, so the output is
 //! bit-for-bit the CPU engine's.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 
 use super::policy::{Access, Key, Policy};
 use super::standin::{ExpertCopy, Job, StandIn};
 use crate::engine::cpu::{CpuBackend, CpuTensor, Routes};
-use crate::engine::transformer::{Backend, ExpertInput, ExpertMatrix, Prepare, Route, Transformer, Weights};
+use crate::engine::stats::ExpertStats;
+use crate::engine::transformer::{
+    Backend, ExpertInput, ExpertMatrix, Ffn, Layer, Prepare, Route, Transformer, Weights,
+};
 use crate::model::spec::Gating;
 use crate::model::weights::{ExpertWeights, Matrix, Model};
 
-/// Counters for `stats_line`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HybridStats {
-    /// (layer, expert) groups run on the device / on the host.
-    pub device: usize,
-    pub host: usize,
-    /// Experts copied into a slot, and their bytes.
-    pub copies: usize,
-    pub bytes_copied: usize,
+/// What [`HybridBackend::moe_lookahead`] predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookahead {
+    /// No prediction.
+    Off,
+    /// The next layer's router applied to this layer's output (its top-k per token).
+    Router,
+    /// A test hook: the experts the next router ranks lowest, never the ones it will choose.
+    AlwaysWrong,
 }
 
 /// The CPU backend with a stand-in device for resident experts.
@@ -36,12 +39,20 @@ pub struct HybridBackend<'a> {
     device: StandIn,
     policy: Box<dyn Policy + Send>,
     n_experts: usize,
-    stats: HybridStats,
+    stats: ExpertStats,
     /// What the stand-in's slots hold (a policy may count an expert resident before it was ever
     /// copied: static-popular starts full).
     loaded: Vec<Key>,
-    /// A copy of `stats` after every layer, for [`StatsHandle`].
-    shared: Arc<Mutex<HybridStats>>,
+    lookahead: Lookahead,
+    predicted: Option<Prediction>,
+}
+
+/// The last lookahead: the layer it predicted, the experts predicted, and the policy's answer for
+/// each (the access, and any copy, already made).
+struct Prediction {
+    layer: usize,
+    experts: Vec<usize>,
+    accesses: Vec<(usize, Access)>,
 }
 
 /// The hybrid engine.
@@ -55,42 +66,49 @@ impl<'a> HybridBackend<'a> {
             device: StandIn::new(&model.config, slots)?,
             policy,
             n_experts: model.config.n_experts,
-            stats: HybridStats::default(),
+            stats: ExpertStats::default(),
             loaded: Vec::new(),
-            shared: Arc::default(),
+            lookahead: Lookahead::Router,
+            predicted: None,
         })
     }
 
-    pub fn stats(&self) -> HybridStats {
-        self.stats
+    pub fn set_lookahead(&mut self, lookahead: Lookahead) {
+        self.lookahead = lookahead;
     }
 
-    pub fn stats_handle(&self) -> StatsHandle {
-        StatsHandle(self.shared.clone())
+    /// Makes the policy's decision for `key` and copies the expert into a slot when it says so
+    /// (or when the policy counts it resident and the slots do not hold it yet).
+    fn admit(&mut self, key: Key, expert: &ExpertWeights, access: Access) -> Result<bool> {
+        let resident = self.policy.resident();
+        if access == Access::Host || !resident.contains(&key) {
+            return Ok(false);
+        }
+        if access == Access::Load || !self.loaded.contains(&key) {
+            let copy = ExpertCopy::of(expert);
+            self.stats.copies += 1;
+            self.stats.bytes_copied += copy.bytes() as u64;
+            self.device.load(key, copy, resident.clone())?;
+            self.loaded.retain(|k| resident.contains(k));
+            self.loaded.push(key);
+        }
+        Ok(true)
     }
 }
 
-/// A view of a backend's counters that outlives handing the backend to a [`Transformer`].
-#[derive(Clone)]
-pub struct StatsHandle(Arc<Mutex<HybridStats>>);
-
-impl StatsHandle {
-    pub fn get(&self) -> HybridStats {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A hybrid engine over `model` with `slots` stand-in slots managed by `policy`.
+/// A hybrid engine over `model` with `slots` stand-in slots managed by `policy`, predicting each
+/// next layer's experts as `lookahead` says.
 pub fn hybrid_engine<'a>(
     model: &'a Model,
     ctx: usize,
     slots: usize,
     policy: Box<dyn Policy + Send>,
-) -> Result<(HybridEngine<'a>, StatsHandle)> {
+    lookahead: Lookahead,
+) -> Result<HybridEngine<'a>> {
     let mut backend = HybridBackend::new(model, slots, policy)?;
-    let stats = backend.stats_handle();
+    backend.set_lookahead(lookahead);
     let weights = Weights::prepare(&mut backend, &model.weights()?, &model.config)?;
-    Ok((Transformer::with_weights(backend, weights, model.config.clone(), ctx)?, stats))
+    Transformer::with_weights(backend, weights, model.config.clone(), ctx)
 }
 
 /// The pair order of the CPU's `Routes` (expert ascending, tokens ascending): (token, expert).
@@ -226,33 +244,41 @@ impl<'a> Backend for HybridBackend<'a> {
         let order = pair_order(per_token, self.n_experts);
         let mut used: Vec<usize> = order.iter().map(|&(_, e)| e).collect();
         used.dedup();
+        if layer == 0 {
+            self.stats.tokens += per_token.len() as u64;
+        }
+        // The lookahead's guess for this layer: its recall, and the accesses it already made.
+        let mut early = Vec::new();
+        if let Some(p) = self.predicted.take() {
+            if p.layer == layer {
+                self.stats.lookahead_used += used.len() as u64;
+                self.stats.lookahead_predicted +=
+                    used.iter().filter(|e| p.experts.contains(e)).count() as u64;
+                early = p.accesses;
+            }
+        }
         // Ask the policy about every expert first: a load may evict an expert this same layer uses
         // (fewer slots than experts in use), and only what is resident at the end runs on the device.
-        let decisions: Vec<(usize, Access)> =
-            used.iter().map(|&e| (e, self.policy.access((layer, e)))).collect();
-        let resident = self.policy.resident();
+        let decisions: Vec<(usize, Access)> = used
+            .iter()
+            .map(|&e| match early.iter().find(|(x, _)| *x == e) {
+                // Copied already by the lookahead if it was to be.
+                Some(&(_, access)) => (e, if access == Access::Load { Access::Hit } else { access }),
+                None => (e, self.policy.access((layer, e))),
+            })
+            .collect();
         let (mut on_device, mut on_host) = (Vec::new(), Vec::new());
         for (e, access) in decisions {
-            let key: Key = (layer, e);
-            if access == Access::Host || !resident.contains(&key) {
+            let expert = experts.get(e).with_context(|| format!("layer {layer} has no expert {e}"))?;
+            if self.admit((layer, e), expert, access)? {
+                on_device.push(e);
+            } else {
                 on_host.push(e);
-                continue;
             }
-            if access == Access::Load || !self.loaded.contains(&key) {
-                let expert = experts.get(e).with_context(|| format!("layer {layer} has no expert {e}"))?;
-                let copy = ExpertCopy::of(expert);
-                self.stats.copies += 1;
-                self.stats.bytes_copied += copy.bytes();
-                self.device.load(key, copy, resident.clone())?;
-                self.loaded.retain(|k| resident.contains(k));
-                self.loaded.push(key);
-            }
-            on_device.push(e);
         }
         self.policy.end_step();
-        self.stats.device += on_device.len();
-        self.stats.host += on_host.len();
-        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = self.stats;
+        self.stats.device += on_device.len() as u64;
+        self.stats.host += on_host.len() as u64;
 
         // The device's pairs first, so that they run while the host computes its own.
         let jobs =
@@ -295,17 +321,51 @@ impl<'a> Backend for HybridBackend<'a> {
     }
 
     fn stats_line(&self) -> Option<String> {
-        let s = self.stats;
-        let total = s.device + s.host;
-        let rate =
-            if total == 0 { 0.0 } else { 100.0 * (s.device - s.copies.min(s.device)) as f64 / total as f64 };
-        Some(format!(
-            "hybrid ({} slots): experts on device {}, on host {}, copied {} ({} bytes), hit rate {rate:.1}%",
-            self.device.capacity(),
-            s.device,
-            s.host,
-            s.copies,
-            s.bytes_copied
-        ))
+        Some(format!("hybrid ({} slots, {}): {}", self.device.capacity(), self.policy.name(), self.stats))
+    }
+
+    fn expert_stats(&self) -> Option<ExpertStats> {
+        Some(self.stats)
+    }
+
+    fn moe_lookahead(&mut self, layer: usize, next: &Layer<Self>, x: &CpuTensor) -> Result<()> {
+        let Ffn::Moe(moe) = &next.ffn else { return Ok(()) };
+        if self.lookahead == Lookahead::Off {
+            return Ok(());
+        }
+        // The next router on this layer's output, normalized as the next layer will (its attention
+        // has not run yet: that is the guess).
+        let xn = self.cpu.rms_norm(x, &next.ffn_norm)?;
+        let logits = self.cpu.matmul(&moe.router, &xn)?;
+        let k = match self.lookahead {
+            Lookahead::AlwaysWrong => self.n_experts,
+            _ => moe.top_k,
+        };
+        let guess = self.cpu.route(&logits, k, moe.gating)?;
+        let mut predicted = Vec::new();
+        for route in guess.per_token() {
+            let ids = route.iter().map(|&(e, _)| e);
+            let ids: Vec<usize> = match self.lookahead {
+                // The k lowest-ranked: never among the top k while there are 2k experts.
+                Lookahead::AlwaysWrong => ids.rev().take(moe.top_k).collect(),
+                _ => ids.collect(),
+            };
+            for e in ids {
+                if !predicted.contains(&e) {
+                    predicted.push(e);
+                }
+            }
+        }
+        predicted.sort_unstable();
+        // Start the copies now: the stand-in copies while the host runs the next attention.
+        let mut accesses = Vec::new();
+        for &e in &predicted {
+            let access = self.policy.access((layer, e));
+            let expert = moe.experts.get(e).with_context(|| format!("layer {layer} has no expert {e}"))?;
+            self.admit((layer, e), expert, access)?;
+            accesses.push((e, access));
+        }
+        self.predicted = Some(Prediction { layer, experts: predicted, accesses });
+        Ok(())
     }
 }

@@ -10,9 +10,11 @@
 //!   device and the host.
 
 pub mod backend;
+pub mod cost;
 pub mod policy;
 pub mod standin;
 
-pub use self::backend::{hybrid_engine, HybridBackend, HybridEngine, HybridStats, StatsHandle};
+pub use self::backend::{hybrid_engine, HybridBackend, HybridEngine, Lookahead};
+pub use self::cost::ExpertCosts;
 #[cfg(test)]
 mod tests;

@@ -224,6 +224,11 @@ pub trait Backend: Send {
         None
     }
 
+    /// Where the experts ran (a scheduler's counters).
+    fn expert_stats(&self) -> Option<crate::engine::ExpertStats> {
+        None
+    }
+
     /// Called with the residual stream `x` after each layer and the weights of the layer `layer`
     /// that comes next, before its attention runs: a scheduler may route `x` with the next router to
     /// start that layer's expert work early. The default does nothing.

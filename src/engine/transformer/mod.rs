@@ -234,6 +234,10 @@ impl<B: Backend> Engine for Transformer<B> {
         self.backend.stats_line()
     }
 
+    fn expert_stats(&self) -> Option<crate::engine::ExpertStats> {
+        self.backend.expert_stats()
+    }
+
     fn set_router_trace(&mut self, on: bool) -> Result<()> {
         self.router_trace = on.then(Vec::new);
         Ok(())
