@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use mixtral_q::engine::cuda::{AttentionScratch, CudaEngine, ATT_MAX_SPLITS};
 use mixtral_q::engine::cuda::{Device, DeviceBuffer, Event, KernelArg, LaunchConfig, PinnedBuffer, Stream};
+use mixtral_q::engine::hybrid::MissChoice;
 use mixtral_q::engine::Engine;
 use mixtral_q::model::weights::Model;
 
@@ -335,10 +336,15 @@ emulated!(refilling_a_staging_buffer_before_its_copy_ran_corrupts_the_copy, {
 fn out_of_memory_errors_name_the_step() {
     emulator::in_child("out_of_memory_errors_name_the_step", emulator::engine_library, || {
         let model = Model::load(std::path::Path::new("tests/fixtures/llamacpp/tiny-q4_k_m.gguf")).unwrap();
-        let plan = CudaEngine::on(emulator::gpu(1 << 30), &model, 32, None).unwrap().plan().clone();
+        let plan = CudaEngine::on(emulator::gpu(1 << 30), &model, 32, None, MissChoice::Copy)
+            .unwrap()
+            .plan()
+            .clone();
         let total = plan.dense + plan.kv_cache + plan.scratch + plan.resident_bytes;
         // Room for nothing: the first upload fails.
-        let err = CudaEngine::on(emulator::gpu(0), &model, 32, Some(total)).err().expect("out of memory");
+        let err = CudaEngine::on(emulator::gpu(0), &model, 32, Some(total), MissChoice::Copy)
+            .err()
+            .expect("out of memory");
         let msg = format!("{err:#}");
         eprintln!("{msg}");
         assert!(msg.contains("uploading RoPE's table") && msg.contains("out of memory"), "{msg}");
@@ -347,8 +353,14 @@ fn out_of_memory_errors_name_the_step() {
         // (The attention scratch is allocated at load, and a few small tables.)
         let cfg = &model.config;
         let at_load = AttentionScratch::bytes(ATT_MAX_SPLITS, cfg.n_heads, cfg.head_dim) + (16 << 10);
-        let mut engine =
-            CudaEngine::on(emulator::gpu(total - plan.scratch + at_load), &model, 32, Some(total)).unwrap();
+        let mut engine = CudaEngine::on(
+            emulator::gpu(total - plan.scratch + at_load),
+            &model,
+            32,
+            Some(total),
+            MissChoice::Copy,
+        )
+        .unwrap();
         let tokens: Vec<u32> = (0..32).collect();
         let Err(err) = engine.forward(&tokens, true) else {
             panic!("32 tokens ran without room for their activations");

@@ -20,6 +20,7 @@ use mixtral_q::engine::cpu::CpuEngine;
 use mixtral_q::engine::cuda::{
     self, AttentionArgs, AttentionScratch, CudaEngine, DeviceBuffer, Gpu, WeightView,
 };
+use mixtral_q::engine::hybrid::MissChoice;
 use mixtral_q::engine::Engine;
 use mixtral_q::format::{codec, GgmlType};
 use mixtral_q::model::weights::{Model, SUPPORTED_TYPES};
@@ -621,7 +622,7 @@ fn whole_model_matches_the_cpu_engine(devices: Devices) {
         let cpu_routes = cpu.take_router_trace().remove(0);
         let tol = rel_tol * (1.0 + max_abs(&want));
 
-        let resident = CudaEngine::on(devices(None), model, 32, None).unwrap();
+        let resident = CudaEngine::on(devices(None), model, 32, None, MissChoice::Copy).unwrap();
         let plan = resident.plan().clone();
         eprintln!("{plan}");
         assert!(plan.all_resident());
@@ -629,13 +630,18 @@ fn whole_model_matches_the_cpu_engine(devices: Devices) {
         let largest = plan.slot_bytes.max(plan.resident_bytes / plan.total_experts() as u64);
         let base = plan.dense + plan.kv_cache + plan.scratch;
         let mut first: Option<Vec<Vec<f32>>> = None;
-        for (budget, what) in [
-            (None, "resident"),
-            (Some(base + 2 * largest + largest / 2), "two slots"),
-            (Some(base + 5 * largest), "five experts"),
+        let (two, five) = (Some(base + 2 * largest + largest / 2), Some(base + 5 * largest));
+        for (budget, what, misses) in [
+            (None, "resident", MissChoice::Copy),
+            (two, "two slots", MissChoice::Copy),
+            (five, "five experts", MissChoice::Copy),
+            (two, "two slots, misses on the host", MissChoice::Host),
+            (five, "five experts, misses on the host", MissChoice::Host),
+            (five, "five experts, misses as measured", MissChoice::Auto),
         ] {
             let mut engine =
-                CudaEngine::on(devices(budget.map(|b| b + UNPLANNED_BYTES)), model, 32, budget).unwrap();
+                CudaEngine::on(devices(budget.map(|b| b + UNPLANNED_BYTES)), model, 32, budget, misses)
+                    .unwrap();
             engine.set_router_trace(true).unwrap();
             let p = engine.plan().clone();
             eprintln!("{target}, {what}: {p}");
@@ -667,8 +673,25 @@ fn whole_model_matches_the_cpu_engine(devices: Devices) {
             assert_eq!(again, outputs[1], "{target}, {what}: decode after truncate");
             let stats = engine.stats_line().unwrap();
             eprintln!("{stats}");
-            if budget.is_some() {
-                assert!(stats.contains("misses") && !stats.contains(" 0 misses"), "{stats}");
+            let experts = engine.expert_stats().unwrap();
+            assert_eq!(experts.tokens, (tokens.len() + 1) as u64, "{experts:?}");
+            match misses {
+                MissChoice::Copy => {
+                    assert_eq!(experts.host, 0, "{experts:?}");
+                    if budget.is_some() {
+                        assert!(stats.contains("misses") && !stats.contains(" 0 misses"), "{stats}");
+                    }
+                }
+                // The host's kernels differ from the GPU's in the last bits: checked against the CPU
+                // engine above, not against the copies.
+                MissChoice::Host => {
+                    assert!(experts.host > 0 && experts.copies == 0, "{experts:?}");
+                    continue;
+                }
+                MissChoice::Auto => {
+                    println!("{}", engine.misses().costs().unwrap());
+                    continue;
+                }
             }
             match &first {
                 None => first = Some(outputs),

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use mixtral_q::engine::ExpertStats;
 use mixtral_q::format::FileType;
 
 use super::load::{Loaded, ModelArgs};
@@ -44,6 +45,8 @@ struct Measurement {
     threads: usize,
     depth: usize,
     samples: Vec<f64>,
+    /// Where the experts ran during the timed runs (engines that schedule them).
+    experts: Option<ExpertStats>,
 }
 
 impl Measurement {
@@ -111,6 +114,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .and_then(FileType::from_id)
             .map_or("?", |f| f.description)
     );
+    // Benchmarks say which routing they ran: random weights route with no locality.
+    let routing = match &args.model.routing_trace {
+        Some(path) => format!("replayed from {}", path.display()),
+        None => "the model's router".to_owned(),
+    };
     match args.output {
         Format::Md => {
             println!("| model | size | params | backend | threads | test | t/s |");
@@ -126,6 +134,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     m.stddev()
                 );
             }
+            eprintln!("routing: {routing}");
+            for m in &results {
+                if let Some(e) = &m.experts {
+                    eprintln!("{}: {e}", m.test);
+                }
+            }
         }
         Format::Json => {
             let rows: Vec<_> = results
@@ -135,6 +149,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                         "model": name, "model_size": size, "model_n_params": params, "backend": backend,
                         "n_threads": m.threads, "test": m.test, "n_tokens": m.n_tokens, "n_depth": m.depth,
                         "avg_ts": m.mean(), "stddev_ts": m.stddev(), "samples_ts": m.samples,
+                        "routing": routing, "experts": m.experts.map(|e| e.to_json()),
                     })
                 })
                 .collect();
@@ -158,6 +173,7 @@ fn measure(args: &BenchArgs, loaded: &Loaded) -> Result<Vec<Measurement>> {
         }
         let at_depth = if depth > 0 { format!(" @ d{depth}") } else { String::new() };
         for &n in args.n_prompt.iter().filter(|&&n| n > 0) {
+            let before = engine.expert_stats();
             let samples = repeat(args.repetitions, || {
                 engine.truncate(depth);
                 let t = Instant::now();
@@ -170,9 +186,11 @@ fn measure(args: &BenchArgs, loaded: &Loaded) -> Result<Vec<Measurement>> {
                 threads,
                 depth,
                 samples,
+                experts: since(engine.expert_stats(), before),
             });
         }
         for &n in args.n_gen.iter().filter(|&&n| n > 0) {
+            let before = engine.expert_stats();
             let samples = repeat(args.repetitions, || {
                 // From an empty cache, BOS first, as llama-bench does.
                 engine.truncate(depth);
@@ -191,10 +209,16 @@ fn measure(args: &BenchArgs, loaded: &Loaded) -> Result<Vec<Measurement>> {
                 threads,
                 depth,
                 samples,
+                experts: since(engine.expert_stats(), before),
             });
         }
     }
     Ok(results)
+}
+
+/// The expert counts between two readings of an engine's stats.
+fn since(now: Option<ExpertStats>, before: Option<ExpertStats>) -> Option<ExpertStats> {
+    Some(now?.since(&before.unwrap_or_default()))
 }
 
 /// `repetitions` timed runs after one warm-up run.

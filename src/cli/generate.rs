@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
+use mixtral_q::routing;
 use mixtral_q::text::{Generation, Sampler, SamplingParams, Sequence, Step, StopReason, StopSequences};
 
 use super::load::{ModelArgs, DEMO_NOTICE};
@@ -44,6 +45,13 @@ pub struct GenerateArgs {
     /// streaming.
     #[arg(long)]
     pub json: bool,
+    /// Write the router's choices for every token processed to FILE (a routing trace, as
+    /// `routing --json` writes, for `--routing-trace` and `plan --trace`).
+    #[arg(long, value_name = "FILE")]
+    pub record_routing: Option<PathBuf>,
+    /// Print the backend's statistics (where the experts ran) after the timings.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// A token limit: a count, or none (`-1`, as llama.cpp spells it).
@@ -169,6 +177,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         out.flush()?;
     }
 
+    if args.record_routing.is_some() {
+        engine.set_router_trace(true)?;
+    }
     let mut seq = Sequence::new(engine.as_mut());
     let limit = args.n_predict.0.unwrap_or(usize::MAX);
     let mut generation = Generation::new(&mut seq, tok, prompt_ids.clone(), limit);
@@ -203,6 +214,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
     let generated = generation.generated().to_vec();
     let (prompt_secs, gen_secs) = generation.seconds();
+    drop(generation);
+    let processed = seq.cached().to_vec();
+    drop(seq);
+    if let Some(path) = &args.record_routing {
+        let trace = routing::recorded(&loaded.model, tok, &processed, engine.take_router_trace())?;
+        routing::write_atomically(path, trace.to_json()?.as_bytes())?;
+    }
+    let experts = engine.expert_stats();
 
     if args.json {
         let json = serde_json::json!({
@@ -219,7 +238,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 "generated_tokens": generated.len(),
                 "generate_seconds": gen_secs,
                 "generate_tokens_per_second": generated.len() as f64 / gen_secs.max(1e-9),
-            }
+            },
+            "experts": experts.map(|e| e.to_json()),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&json)?)?;
     } else {
@@ -237,6 +257,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             generated.len(),
             generated.len() as f64 / gen_secs.max(1e-9)
         );
+        if args.verbose {
+            if let Some(line) = engine.stats_line() {
+                eprintln!("backend: {line}");
+            }
+        }
     }
     Ok(())
 }

@@ -7,10 +7,12 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 pub use mixtral_q::cache::cache_dir;
-use mixtral_q::engine::{self, parse_bytes, DeviceChoice, Engine, OpenOptions};
+use mixtral_q::engine::hybrid::MissChoice;
+use mixtral_q::engine::{self, parse_bytes, DeviceChoice, Engine, OpenOptions, RoutingReplay};
 use mixtral_q::format::gguf::Metadata;
 use mixtral_q::model::weights::Model;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
+use mixtral_q::routing::RoutingTrace;
 use mixtral_q::text::{ChatTemplate, Tokenizer};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -35,6 +37,14 @@ pub struct ModelArgs {
     /// always there; the experts of later layers stream from host memory). 0 runs on the CPU.
     #[arg(long = "n-gpu-layers", visible_alias = "gpu-layers")]
     pub n_gpu_layers: Option<usize>,
+    /// Where experts outside VRAM run: auto (as the cost model measured at start-up says: the CPU for
+    /// a token or a few, copied to the GPU for prompts), copy, host.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub misses: MissChoice,
+    /// Replay the expert choices of a routing trace (`routing --json`, `generate --record-routing`)
+    /// instead of the router's: for benchmarks on random weights, whose routing has no locality.
+    #[arg(long, value_name = "FILE")]
+    pub routing_trace: Option<PathBuf>,
 }
 
 /// `--chat-template NAME|JINJA` and `--chat-template-file FILE`, as in llama.cpp.
@@ -81,6 +91,8 @@ pub struct Loaded {
     pub ctx: usize,
     pub is_demo: bool,
     options: OpenOptions,
+    /// `--routing-trace`: the recorded choices every engine replays.
+    pub replay: Option<RoutingReplay>,
     /// Where the engine runs, once [`Loaded::engine`] made it.
     backend: OnceLock<String>,
 }
@@ -90,7 +102,10 @@ impl Loaded {
     /// (a server makes one engine per slot): a GPU's placement plan, or in one line why `auto` runs on
     /// the CPU.
     pub fn engine(&self) -> Result<Box<dyn Engine + Send + '_>> {
-        let opened = engine::open(&self.model, self.ctx, &self.options)?;
+        let mut opened = engine::open(&self.model, self.ctx, &self.options)?;
+        if let Some(replay) = &self.replay {
+            opened.engine.set_routing_replay(Some(replay.clone()))?;
+        }
         if self.backend.set(opened.backend).is_ok() {
             for notice in &opened.notices {
                 eprintln!("{notice}");
@@ -130,9 +145,21 @@ impl ModelArgs {
             None if is_demo => DEMO_CONTEXT,
             None => model.config.context_length.min(4096),
         };
-        let options =
-            OpenOptions { device: self.device, vram_budget: self.vram_budget, gpu_layers: self.n_gpu_layers };
-        Ok(Loaded { model, tokenizer, ctx, is_demo, options, backend: OnceLock::new() })
+        let options = OpenOptions {
+            device: self.device,
+            vram_budget: self.vram_budget,
+            gpu_layers: self.n_gpu_layers,
+            misses: self.misses,
+        };
+        let replay = match &self.routing_trace {
+            None => None,
+            Some(path) => {
+                let trace = RoutingTrace::read(path)?;
+                let replay = RoutingReplay::new(trace.experts, &model.config);
+                Some(replay.with_context(|| format!("{} does not fit this model", path.display()))?)
+            }
+        };
+        Ok(Loaded { model, tokenizer, ctx, is_demo, options, replay, backend: OnceLock::new() })
     }
 }
 

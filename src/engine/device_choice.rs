@@ -1,5 +1,6 @@
 //! Where the forward pass runs (what `--device` accepts): `auto` (CUDA device 0 when CUDA works,
-//! else the CPU), `cpu`, `cuda` (device 0) or `cuda:N`; and byte counts as `--vram-budget` takes
+//! else the CPU), `cpu`, `cuda` (device 0) or `cuda:N`, and `standin:N` (the CPU with a stand-in
+//! for a GPU of N expert slots: the hybrid expert scheduler without a GPU, for tests and its stats); and byte counts as `--vram-budget` takes
 //! them, with an optional K/M/G/T suffix (binary units: `24G` = 24 GiB).
 
 use std::str::FromStr;
@@ -15,6 +16,8 @@ pub enum DeviceChoice {
     Auto,
     Cpu,
     Cuda(usize),
+    /// The hybrid scheduler over a stand-in device with this many expert slots.
+    StandIn(usize),
 }
 
 impl FromStr for DeviceChoice {
@@ -26,11 +29,14 @@ impl FromStr for DeviceChoice {
             "auto" => DeviceChoice::Auto,
             "cpu" => DeviceChoice::Cpu,
             "cuda" => DeviceChoice::Cuda(0),
-            _ => match s.strip_prefix("cuda:") {
-                Some(n) => {
+            _ => match (s.strip_prefix("cuda:"), s.strip_prefix("standin:")) {
+                (Some(n), _) => {
                     DeviceChoice::Cuda(n.parse().with_context(|| format!("bad CUDA device number in {s:?}"))?)
                 }
-                None => bail!("unknown device {s:?}: expected auto, cpu, cuda or cuda:N"),
+                (_, Some(n)) => {
+                    DeviceChoice::StandIn(n.parse().with_context(|| format!("bad number of slots in {s:?}"))?)
+                }
+                _ => bail!("unknown device {s:?}: expected auto, cpu, cuda, cuda:N or standin:N"),
             },
         })
     }
@@ -42,7 +48,7 @@ impl DeviceChoice {
     /// used is an [`Error::NoGpu`].
     pub fn resolve(self) -> Result<(Option<usize>, Option<String>)> {
         match self {
-            DeviceChoice::Cpu => Ok((None, None)),
+            DeviceChoice::Cpu | DeviceChoice::StandIn(_) => Ok((None, None)),
             DeviceChoice::Cuda(n) => match cuda::device_info(n) {
                 Ok(_) => Ok((Some(n), None)),
                 Err(e) => Err(Error::NoGpu(format!("{e:#}")).into()),

@@ -22,7 +22,7 @@ pub mod transformer;
 
 pub use self::device_choice::{parse_bytes, DeviceChoice};
 pub use self::stats::ExpertStats;
-pub use self::transformer::{RouterTrace, Transformer, DEFAULT_MAX_BATCH};
+pub use self::transformer::{RouterTrace, RoutingReplay, Transformer, DEFAULT_MAX_BATCH};
 
 /// A model instance with its KV cache: tokens go in at the cache's current position, logits come out.
 pub trait Engine {
@@ -64,6 +64,12 @@ pub trait Engine {
     fn take_router_trace(&mut self) -> Vec<RouterTrace> {
         Vec::new()
     }
+
+    /// Replays recorded expert choices instead of the router's from now on (`None`: the router's).
+    fn set_routing_replay(&mut self, replay: Option<RoutingReplay>) -> Result<()> {
+        let _ = replay;
+        bail!("this engine cannot replay recorded routing")
+    }
 }
 
 /// How [`open`] chooses and sets up the backend.
@@ -74,11 +80,18 @@ pub struct OpenOptions {
     pub vram_budget: Option<u64>,
     /// Keep the experts of only this many layers in VRAM (llama.cpp's `-ngl N`); 0 runs on the CPU.
     pub gpu_layers: Option<usize>,
+    /// Where experts outside VRAM run.
+    pub misses: hybrid::MissChoice,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { device: DeviceChoice::Auto, vram_budget: None, gpu_layers: None }
+        OpenOptions {
+            device: DeviceChoice::Auto,
+            vram_budget: None,
+            gpu_layers: None,
+            misses: hybrid::MissChoice::Auto,
+        }
     }
 }
 
@@ -100,11 +113,18 @@ pub fn open<'a>(model: &'a Model, ctx: usize, opts: &OpenOptions) -> Result<Open
     };
     if let Some(device) = device {
         if model.config.is_mixtral() {
-            let cuda_opts =
-                cuda::CudaOptions { device, vram_budget: opts.vram_budget, gpu_layers: opts.gpu_layers };
+            let cuda_opts = cuda::CudaOptions {
+                device,
+                vram_budget: opts.vram_budget,
+                gpu_layers: opts.gpu_layers,
+                misses: opts.misses,
+            };
             let engine = cuda::CudaEngine::new(model, ctx, &cuda_opts)?;
             let backend = format!("CUDA ({})", engine.device().name);
-            let notices = vec![format!("{}\n{}", engine.device(), engine.plan())];
+            let mut notices = vec![format!("{}\n{}", engine.device(), engine.plan())];
+            if let Some(costs) = engine.misses().costs() {
+                notices.push(costs.to_string());
+            }
             return Ok(Opened { engine: Box::new(engine), backend, notices });
         }
         let why = "the CUDA engine runs Mixtral layers only (softmax top-k renormalized, no shared experts)";
@@ -112,6 +132,16 @@ pub fn open<'a>(model: &'a Model, ctx: usize, opts: &OpenOptions) -> Result<Open
             bail!("{why}: use --device cpu for this model");
         }
         why_cpu = Some(format!("using the CPU: {why}"));
+    }
+    if let DeviceChoice::StandIn(slots) = opts.device {
+        // LFU without decay: the best online policy on the demo model's routing (policy.rs tests).
+        let policy = Box::new(hybrid::policy::Lfu::new(slots, 1.0));
+        let engine = hybrid::hybrid_engine(model, ctx, slots, policy, hybrid::Lookahead::Router)?;
+        return Ok(Opened {
+            engine: Box::new(engine),
+            backend: format!("CPU ({}) + stand-in device ({slots} expert slots)", cpu::dot::simd_level()),
+            notices: Vec::new(),
+        });
     }
     let engine = cpu::CpuEngine::new(model, ctx)?;
     Ok(Opened {

@@ -39,6 +39,19 @@ impl ExpertStats {
         (self.lookahead_used > 0).then(|| self.lookahead_predicted as f64 / self.lookahead_used as f64)
     }
 
+    /// The counts added since `earlier` (the same engine's stats at an earlier time).
+    pub fn since(&self, earlier: &ExpertStats) -> ExpertStats {
+        ExpertStats {
+            tokens: self.tokens - earlier.tokens,
+            device: self.device - earlier.device,
+            host: self.host - earlier.host,
+            copies: self.copies - earlier.copies,
+            bytes_copied: self.bytes_copied - earlier.bytes_copied,
+            lookahead_used: self.lookahead_used - earlier.lookahead_used,
+            lookahead_predicted: self.lookahead_predicted - earlier.lookahead_predicted,
+        }
+    }
+
     /// The counters with the per-token and rate figures, for JSON reports.
     pub fn to_json(&self) -> serde_json::Value {
         let per_token = |n: u64| if self.tokens == 0 { 0.0 } else { n as f64 / self.tokens as f64 };
@@ -102,6 +115,8 @@ mod tests {
         let j = s.to_json();
         assert_eq!(j["per_token"]["experts_on_device"], 1.5);
         assert_eq!(ExpertStats::default().lookahead_recall(), None);
+        assert_eq!(s.since(&s), ExpertStats::default());
+        assert_eq!(s.since(&ExpertStats::default()), s);
         assert_eq!(ExpertStats::default().to_json()["lookahead_recall"], serde_json::Value::Null);
     }
 }

@@ -20,7 +20,7 @@ pub use stats::{LayerStats, RoutingStats, Z_ABOVE_CHANCE};
 pub use trace::{write_atomically, RoutingTrace};
 
 use crate::engine::cpu::CpuEngine;
-use crate::engine::Engine;
+use crate::engine::{Engine, RouterTrace};
 use crate::model::weights::Model;
 use crate::text::{StreamDecoder, Tokenizer};
 
@@ -34,15 +34,38 @@ pub fn route_tokens(engine: &mut dyn Engine, tokens: &[u32]) -> Result<Vec<Vec<V
     for chunk in tokens.chunks(window) {
         engine.truncate(0);
         engine.forward(chunk, false)?;
-        for call in engine.take_router_trace() {
-            // `call` is `[layer][token]`: turn it token-major.
-            let n = call.first().map_or(0, Vec::len);
-            routes.extend((0..n).map(|t| call.iter().map(|layer| layer[t].clone()).collect::<Vec<_>>()));
-        }
+        routes.extend(token_major(engine.take_router_trace()));
     }
     engine.set_router_trace(false)?;
     ensure!(routes.len() == tokens.len(), "the engine traced {} of {} tokens", routes.len(), tokens.len());
     Ok(routes)
+}
+
+/// An engine's router traces (one per forward call, each `[layer][token]`) as `[token][layer]`.
+pub fn token_major(calls: Vec<RouterTrace>) -> Vec<Vec<Vec<usize>>> {
+    let mut routes = Vec::new();
+    for call in calls {
+        let n = call.first().map_or(0, Vec::len);
+        routes.extend((0..n).map(|t| call.iter().map(|layer| layer[t].clone()).collect::<Vec<_>>()));
+    }
+    routes
+}
+
+/// The trace of a run that recorded its router's choices (`calls`, from `take_router_trace`) for
+/// `tokens`, the tokens it processed in order.
+pub fn recorded(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    tokens: &[u32],
+    calls: Vec<RouterTrace>,
+) -> Result<RoutingTrace> {
+    let experts = token_major(calls);
+    ensure!(experts.len() <= tokens.len(), "the engine traced {} of {} tokens", experts.len(), tokens.len());
+    let tokens = tokens[..experts.len()].to_vec();
+    let cfg = &model.config;
+    let name = model.file.metadata.get_str("general.name").unwrap_or("model");
+    let text = token_texts(tokenizer, &tokens)?;
+    RoutingTrace::new(name, cfg.n_layers, cfg.n_experts, cfg.n_experts_used, tokens, text, experts)
 }
 
 /// The routing trace of `text` on `model`: tokenized as a prompt (BOS first when the model asks for

@@ -41,6 +41,11 @@ impl<'e> Sequence<'e> {
         self.engine.stats_line()
     }
 
+    /// Where the engine's experts ran (engines that schedule them).
+    pub fn expert_stats(&self) -> Option<crate::engine::ExpertStats> {
+        self.engine.expert_stats()
+    }
+
     /// Keeps the longest cached prefix of `prompt`, leaving at least one token to run (the logits
     /// of the last prompt token are needed). Returns how many tokens were kept.
     fn reuse_prefix(&mut self, prompt: &[u32]) -> usize {

@@ -46,6 +46,7 @@ pub fn router(http: Arc<Http>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
+        .route("/stats", get(stats))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .fallback(|uri: Uri| async move { ApiError::not_found(uri.path()) })
@@ -82,6 +83,13 @@ async fn health(State(http): State<Arc<Http>>) -> impl IntoResponse {
         "slots_processing": busy,
         "requests_waiting": load.waiting.load(Ordering::Relaxed),
     }))
+}
+
+/// Where each slot's experts ran (the hybrid scheduler's counters; `null` for engines without one).
+async fn stats(State(http): State<Arc<Http>>) -> impl IntoResponse {
+    let experts = http.shared.load.experts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let slots: Vec<_> = experts.iter().map(|s| s.map(|s| s.to_json())).collect();
+    json_body(&json!({ "backend": http.shared.loaded.backend(), "slots": slots }))
 }
 
 async fn models(State(http): State<Arc<Http>>) -> impl IntoResponse {

@@ -5,9 +5,10 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crossbeam::channel::Receiver;
-use mixtral_q::engine::Engine;
+use mixtral_q::engine::{Engine, ExpertStats};
 use mixtral_q::text::{
     common_prefix, ChatTemplate, Generation, KnownPrefix, Message, Sampler, Sequence, Step, StopReason,
     StopSequences, Tokenizer,
@@ -45,6 +46,8 @@ pub struct Load {
     pub busy: AtomicUsize,
     /// Set on Ctrl-C / SIGTERM: every request is stopped.
     pub shutdown: AtomicBool,
+    /// Each slot's engine's expert counters after the last round (for `/stats`).
+    pub experts: Mutex<Vec<Option<ExpertStats>>>,
 }
 
 struct Slot<'a> {
@@ -129,6 +132,8 @@ impl<'a> Scheduler<'a> {
         for i in 0..self.slots.len() {
             self.step(i);
         }
+        let stats = self.slots.iter().map(|s| s.seq.expert_stats()).collect();
+        *self.load.experts.lock().unwrap_or_else(|e| e.into_inner()) = stats;
     }
 
     /// Moves waiting requests into free slots, first come first served.
@@ -342,6 +347,8 @@ mod tests {
                 device: DeviceChoice::Cpu,
                 vram_budget: None,
                 n_gpu_layers: None,
+                misses: Default::default(),
+                routing_trace: None,
             };
             Fixture {
                 loaded: args.load().unwrap(),

@@ -215,6 +215,10 @@ impl<'a> Backend for CpuBackend<'a> {
         Ok(routes.per_token().to_vec())
     }
 
+    fn routes_from_host(&mut self, per_token: &[Route]) -> Result<Routes> {
+        Ok(Routes::new(per_token.to_vec(), self.cfg.n_experts))
+    }
+
     fn expert_matmul<const N: usize>(
         &mut self,
         experts: &Vec<ExpertWeights<'a>>,

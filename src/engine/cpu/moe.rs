@@ -73,6 +73,13 @@ impl Routes {
         &self.pairs
     }
 
+    /// The same tokens with only the pairs of the experts `keep` accepts (a token may keep none).
+    pub fn restricted(&self, keep: impl Fn(usize) -> bool) -> Routes {
+        let n_experts = self.groups.last().map_or(0, |(e, _)| e + 1);
+        let per_token = self.per_token.iter().map(|r| r.iter().copied().filter(|&(e, _)| keep(e)).collect());
+        Routes::new(per_token.collect(), n_experts)
+    }
+
     /// The experts used, ascending, each with its range of [`Routes::pairs`].
     pub fn groups(&self) -> &[(usize, Range<usize>)] {
         &self.groups

@@ -22,10 +22,13 @@ use super::expert_cache::ExpertCache;
 use super::ops::{AttentionArgs, AttentionScratch, Gpu, WeightView, ATT_MAX_SPLITS};
 use super::pool::{Pool, Pooled};
 use super::{CudaOptions, DeviceInfo};
+use crate::engine::cpu::{CpuBackend, CpuTensor, Routes};
+use crate::engine::hybrid::{ExpertCosts, MissChoice, Misses};
 use crate::engine::transformer::backend::default_moe;
 use crate::engine::transformer::{
     self, Backend, ExpertInput, ExpertMatrix, Prepare, Route, Transformer, Weights, DEFAULT_MAX_BATCH,
 };
+use crate::engine::ExpertStats;
 use crate::format::GgmlType;
 use crate::model::spec::Gating;
 use crate::model::weights::{ExpertWeights, Matrix, Model};
@@ -39,26 +42,26 @@ impl<'a> CudaEngine<'a> {
     /// Uploads `model` to GPU `opts.device` as the placement plan for `opts.vram_budget` decides
     /// (print [`CudaEngine::plan`] to show it), with an f16 KV cache of `ctx` tokens.
     pub fn new(model: &'a Model, ctx: usize, opts: &CudaOptions) -> Result<CudaEngine<'a>> {
-        Self::placed(Gpu::new(opts.device)?, model, ctx, opts.vram_budget, opts.gpu_layers)
+        Self::placed(Gpu::new(opts.device)?, model, ctx, opts)
     }
 
-    /// The engine on `gpu` (any [`super::Device`]: a GPU, or the tests' emulator); `vram_budget` as in
-    /// [`CudaOptions`].
-    pub fn on(gpu: Gpu, model: &'a Model, ctx: usize, vram_budget: Option<u64>) -> Result<CudaEngine<'a>> {
-        Self::placed(gpu, model, ctx, vram_budget, None)
-    }
-
-    fn placed(
+    /// The engine on `gpu` (any [`super::Device`]: a GPU, or the tests' emulator); `vram_budget` and
+    /// `misses` as in [`CudaOptions`].
+    pub fn on(
         gpu: Gpu,
         model: &'a Model,
         ctx: usize,
         vram_budget: Option<u64>,
-        gpu_layers: Option<usize>,
+        misses: MissChoice,
     ) -> Result<CudaEngine<'a>> {
+        Self::placed(gpu, model, ctx, &CudaOptions { vram_budget, misses, ..Default::default() })
+    }
+
+    fn placed(gpu: Gpu, model: &'a Model, ctx: usize, opts: &CudaOptions) -> Result<CudaEngine<'a>> {
         let cfg = &model.config;
         transformer::check_context(cfg, ctx)?;
         let host = model.weights()?;
-        let mut backend = CudaBackend::new(gpu, &host, cfg, ctx, vram_budget, gpu_layers)?;
+        let mut backend = CudaBackend::new(gpu, &host, cfg, ctx, opts)?;
         let weights = Weights::prepare(&mut backend, &host, cfg)?;
         let engine = Transformer::with_weights(backend, weights, cfg.clone(), ctx)?;
         engine.backend().gpu.sync()?;
@@ -67,6 +70,11 @@ impl<'a> CudaEngine<'a> {
 
     pub fn plan(&self) -> &Plan {
         &self.backend().plan
+    }
+
+    /// Where missing experts run, with the cost model's figures when it decides.
+    pub fn misses(&self) -> &Misses {
+        &self.backend().misses
     }
 
     pub fn device(&self) -> &DeviceInfo {
@@ -194,7 +202,7 @@ pub struct CudaRoutes {
 
 struct Grouped {
     /// The routes as read back, grouped as the CPU backend groups them.
-    host: crate::engine::cpu::Routes,
+    host: Routes,
     /// Per pair (in the host's pair order): its token and weight.
     pair_tokens: Pooled<i32>,
     pair_weights: Pooled<f32>,
@@ -221,32 +229,47 @@ pub struct CudaBackend<'w> {
     cache: Option<ExpertCache>,
     /// The layer whose missing experts the last fetch copied into slots, with (expert, slot) each.
     fetched: Option<(usize, Vec<(usize, usize)>)>,
+    /// Where missing experts run; the host's ops for those that run there.
+    misses: Misses,
+    cpu: CpuBackend<'w>,
+    stats: ExpertStats,
     _weights: std::marker::PhantomData<ExpertWeights<'w>>,
 }
 
 impl<'w> CudaBackend<'w> {
     /// The backend on `gpu` for a model with weights `host` and a KV cache of `ctx` tokens: plans what
-    /// lives in VRAM for `vram_budget` (default: free VRAM minus a reserve) and `gpu_layers` (`-ngl`),
-    /// and allocates the expert slots. The weights are uploaded by [`Prepare`].
+    /// lives in VRAM for `opts.vram_budget` (default: free VRAM minus a reserve) and `opts.gpu_layers`
+    /// (`-ngl`), allocates the expert slots and, when some experts stay in host memory, measures what
+    /// a miss costs on the host and over the bus (for `opts.misses`). The weights are uploaded by
+    /// [`Prepare`].
     pub fn new(
         gpu: Gpu,
         host: &crate::model::weights::ModelWeights<'w>,
         cfg: &ModelConfig,
         ctx: usize,
-        vram_budget: Option<u64>,
-        gpu_layers: Option<usize>,
+        opts: &CudaOptions,
     ) -> Result<CudaBackend<'w>> {
         let scratch = activation_bytes(cfg, DEFAULT_MAX_BATCH);
         let sizes = ModelSizes::of(host, cfg, ctx, scratch);
-        let budget = vram_budget.unwrap_or_else(|| placement::default_budget(gpu.info.free_bytes));
-        let plan = Plan::with_gpu_layers(&sizes, budget, gpu_layers)?;
+        let budget = opts.vram_budget.unwrap_or_else(|| placement::default_budget(gpu.info.free_bytes));
+        let plan = Plan::with_gpu_layers(&sizes, budget, opts.gpu_layers)?;
         let inv_freq: Vec<f64> = (0..cfg.head_dim / 2)
             .map(|i| (cfg.rope_theta as f64).powf(-2.0 * i as f64 / cfg.head_dim as f64))
             .collect();
         let device = gpu.info.name.clone();
-        let cache = match plan.n_slots {
+        let mut cache = match plan.n_slots {
             0 => None,
             n => Some(ExpertCache::new(&gpu, n, plan.slot_bytes as usize, cfg.n_experts_used)?),
+        };
+        let misses = match (opts.misses, &mut cache) {
+            (MissChoice::Copy, _) | (MissChoice::Auto, None) => Misses::Copy,
+            (MissChoice::Host, _) => Misses::Host,
+            (MissChoice::Auto, Some(cache)) => {
+                let copy = cache.measure_copy(&gpu).context("timing a copy of an expert to the GPU")?;
+                let expert = host.layers.iter().flat_map(|l| l.experts.first()).next();
+                let expert = expert.context("a model with expert slots but no experts")?;
+                Misses::Cost(ExpertCosts::measure(cfg, expert, copy)?)
+            }
         };
         let attention_splits = ATT_MAX_SPLITS;
         Ok(CudaBackend {
@@ -258,6 +281,9 @@ impl<'w> CudaBackend<'w> {
             tables: Vec::new(),
             cache,
             fetched: None,
+            misses,
+            cpu: CpuBackend::new(cfg),
+            stats: ExpertStats::default(),
             cfg: cfg.clone(),
             plan,
             ctx,
@@ -355,6 +381,77 @@ impl<'w> CudaBackend<'w> {
                 self.product(&w, &rows, m, &mut y)
             }
         }
+    }
+
+    /// Routes `ids` / `weights` (`[tokens, k]` on the device) read back and grouped by expert, as the
+    /// CPU backend groups them (so both backends share one pair order), with each pair's token and
+    /// weight on the device.
+    fn grouped(
+        &self,
+        ids: &Pooled<i32>,
+        weights: &Pooled<f32>,
+        k: usize,
+        n_experts: usize,
+    ) -> Result<Grouped> {
+        let host_ids = self.gpu.download(&ids.view())?;
+        let host_weights = self.gpu.download(&weights.view())?;
+        let per_token: Vec<Route> = host_ids
+            .chunks_exact(k)
+            .zip(host_weights.chunks_exact(k))
+            .map(|(i, w)| i.iter().map(|&e| e as usize).zip(w.iter().copied()).collect())
+            .collect();
+        ensure!(
+            per_token.iter().flatten().all(|&(e, _)| e < n_experts),
+            "the router produced an expert id out of range"
+        );
+        let host = Routes::new(per_token, n_experts);
+        let tokens: Vec<i32> = host.pairs().iter().map(|&(t, _)| t as i32).collect();
+        let pair_weights: Vec<f32> = host.pairs().iter().map(|&(_, w)| w).collect();
+        let mut pair_tokens = self.pool.take::<i32>(tokens.len())?;
+        self.gpu.copy_htod(&tokens, &mut pair_tokens.view_mut())?;
+        let mut dev_weights = self.pool.take::<f32>(pair_weights.len())?;
+        self.gpu.copy_htod(&pair_weights, &mut dev_weights.view_mut())?;
+        Ok(Grouped { host, pair_tokens, pair_weights: dev_weights })
+    }
+
+    /// The experts of `g` that `on_device` keeps, expert by expert (each fetched into a slot when not
+    /// resident: a batch may use more experts than there are slots), scatter-added into `out`.
+    fn moe_on_device(
+        &mut self,
+        experts: &CudaExperts<'w>,
+        x: &CudaTensor,
+        g: &Grouped,
+        on_device: impl Fn(usize) -> bool,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let (h, f) = (self.cfg.hidden_size, experts.shape.kinds[0].1);
+        for (e, pairs) in g.host.groups() {
+            let (e, first, m) = (*e, pairs.start, pairs.len());
+            if !on_device(e) {
+                continue;
+            }
+            self.fetch(experts, &[e])?;
+            self.stats.device += 1;
+            let buf = self.expert_buffer(experts, e)?;
+            let tokens = g.pair_tokens.view().slice(first..first + m);
+            let (mut gate, mut up, mut y) = (self.tensor(m, f)?, self.tensor(m, f)?, self.tensor(m, h)?);
+            let gpu = &self.gpu;
+            if g.host.n_tokens() == 1 {
+                // Decode: the matrix-vector kernel on the token's row.
+                let t = g.host.pairs()[first].0;
+                let row = x.view().slice(t * h..(t + 1) * h);
+                gpu.matvec(&experts.matrix(buf, e, 0), &row, &mut gate.view_mut())?;
+                gpu.matvec(&experts.matrix(buf, e, 1), &row, &mut up.view_mut())?;
+            } else {
+                gpu.matmul(&experts.matrix(buf, e, 0), &x.view(), Some(&tokens), m, &mut gate.view_mut())?;
+                gpu.matmul(&experts.matrix(buf, e, 1), &x.view(), Some(&tokens), m, &mut up.view_mut())?;
+            }
+            gpu.swiglu(&mut gate.view_mut(), &up.view(), m * f)?;
+            self.product(&experts.matrix(buf, e, 2), &gate.view(), m, &mut y.view_mut())?;
+            let weights = g.pair_weights.view().slice(first..first + m);
+            self.gpu.scatter_add(&mut out.view_mut(), &y.view(), &tokens, &weights, m, h)?;
+        }
+        Ok(())
     }
 
     /// `y = x W^T` for `n` rows: the matrix-vector kernel for one row, the tensor-core kernel otherwise.
@@ -560,30 +657,7 @@ impl<'w> Backend for CudaBackend<'w> {
             &mut ids.view_mut(),
             &mut weights.view_mut(),
         )?;
-        let grouped = if n == 1 {
-            None
-        } else {
-            let host_ids = self.gpu.download(&ids.view())?;
-            let host_weights = self.gpu.download(&weights.view())?;
-            let per_token: Vec<Route> = host_ids
-                .chunks_exact(top_k)
-                .zip(host_weights.chunks_exact(top_k))
-                .map(|(i, w)| i.iter().map(|&e| e as usize).zip(w.iter().copied()).collect())
-                .collect();
-            ensure!(
-                per_token.iter().flatten().all(|&(e, _)| e < n_experts),
-                "the router produced an expert id out of range"
-            );
-            // The CPU backend's grouping, so both backends share one pair order.
-            let host = crate::engine::cpu::Routes::new(per_token, n_experts);
-            let tokens: Vec<i32> = host.pairs().iter().map(|&(t, _)| t as i32).collect();
-            let pair_weights: Vec<f32> = host.pairs().iter().map(|&(_, w)| w).collect();
-            let mut pair_tokens = self.pool.take::<i32>(tokens.len())?;
-            self.gpu.copy_htod(&tokens, &mut pair_tokens.view_mut())?;
-            let mut dev_weights = self.pool.take::<f32>(pair_weights.len())?;
-            self.gpu.copy_htod(&pair_weights, &mut dev_weights.view_mut())?;
-            Some(Grouped { host, pair_tokens, pair_weights: dev_weights })
-        };
+        let grouped = if n == 1 { None } else { Some(self.grouped(&ids, &weights, top_k, n_experts)?) };
         Ok(CudaRoutes { tokens: n, k: top_k, ids, weights, grouped })
     }
 
@@ -594,6 +668,22 @@ impl<'w> Backend for CudaBackend<'w> {
         let ids = self.gpu.download(&routes.ids.view())?;
         let weights = self.gpu.download(&routes.weights.view())?;
         Ok(vec![ids.iter().map(|&e| e as usize).zip(weights).collect()])
+    }
+
+    fn routes_from_host(&mut self, per_token: &[Route]) -> Result<CudaRoutes> {
+        let k = per_token.first().map_or(0, Vec::len);
+        ensure!(per_token.iter().all(|r| r.len() == k), "replayed routes of different lengths");
+        let ids: Vec<i32> = per_token.iter().flatten().map(|&(e, _)| e as i32).collect();
+        let weights: Vec<f32> = per_token.iter().flatten().map(|&(_, w)| w).collect();
+        let (mut dev_ids, mut dev_weights) =
+            (self.pool.take::<i32>(ids.len())?, self.pool.take::<f32>(ids.len())?);
+        self.gpu.copy_htod(&ids, &mut dev_ids.view_mut())?;
+        self.gpu.copy_htod(&weights, &mut dev_weights.view_mut())?;
+        let grouped = match per_token.len() {
+            1 => None,
+            _ => Some(self.grouped(&dev_ids, &dev_weights, k, self.cfg.n_experts)?),
+        };
+        Ok(CudaRoutes { tokens: per_token.len(), k, ids: dev_ids, weights: dev_weights, grouped })
     }
 
     fn expert_matmul<const N: usize>(
@@ -678,33 +768,58 @@ impl<'w> Backend for CudaBackend<'w> {
         x: &CudaTensor,
         routes: &CudaRoutes,
     ) -> Result<CudaTensor> {
+        if layer == 0 {
+            self.stats.tokens += routes.tokens as u64;
+        }
         if experts.all_resident() {
+            self.stats.device += routes.grouped.as_ref().map_or(routes.k, |g| g.host.groups().len()) as u64;
             return default_moe(self, layer, experts, x, routes);
         }
-        let Some(g) = &routes.grouped else {
-            // One token: its experts into slots (the host reads the ids: one wait), then one launch each.
-            let ids: Vec<usize> =
-                self.gpu.download(&routes.ids.view())?.into_iter().map(|e| e as usize).collect();
-            self.fetch(experts, &ids)?;
-            return default_moe(self, layer, experts, x, routes);
+        // Some experts are in host memory: the host reads the ids (one small read per layer).
+        let read;
+        let g = match &routes.grouped {
+            Some(g) => g,
+            None => {
+                read = self.grouped(&routes.ids, &routes.weights, routes.k, experts.resident.len())?;
+                &read
+            }
         };
-        // A batch may use more experts than there are slots: expert by expert, each fetched, its three
-        // products, and its share of the weighted sum.
-        let (h, f) = (self.cfg.hidden_size, experts.shape.kinds[0].1);
-        let mut out = self.zeros(routes.tokens, h)?;
-        for (e, pairs) in g.host.groups() {
-            let (e, first, m) = (*e, pairs.start, pairs.len());
-            self.fetch(experts, &[e])?;
-            let buf = self.expert_buffer(experts, e)?;
-            let tokens = g.pair_tokens.view().slice(first..first + m);
-            let (mut gate, mut up, mut y) = (self.tensor(m, f)?, self.tensor(m, f)?, self.tensor(m, h)?);
-            let gpu = &self.gpu;
-            gpu.matmul(&experts.matrix(buf, e, 0), &x.view(), Some(&tokens), m, &mut gate.view_mut())?;
-            gpu.matmul(&experts.matrix(buf, e, 1), &x.view(), Some(&tokens), m, &mut up.view_mut())?;
-            gpu.swiglu(&mut gate.view_mut(), &up.view(), m * f)?;
-            self.product(&experts.matrix(buf, e, 2), &gate.view(), m, &mut y.view_mut())?;
-            let weights = g.pair_weights.view().slice(first..first + m);
-            self.gpu.scatter_add(&mut out.view_mut(), &y.view(), &tokens, &weights, m, h)?;
+        let on_host: Vec<usize> = g
+            .host
+            .groups()
+            .iter()
+            .filter(|(e, pairs)| experts.resident[*e].is_none() && self.misses.on_host(pairs.len()))
+            .map(|(e, _)| *e)
+            .collect();
+        // The host's rows first (its only wait on the device), then the device's experts are queued
+        // and run while the host computes its own.
+        let host_x = match on_host.is_empty() {
+            true => None,
+            false => Some(CpuTensor::new(self.gpu.download(&x.view())?, x.width)),
+        };
+        let copies_before = self.cache.as_ref().map_or((0, 0), ExpertCache::copies);
+        let mut out = if on_host.is_empty() && routes.grouped.is_none() {
+            // One token, every expert copied: into slots together, then the resident path's one
+            // launch per matrix (bit for bit what it computes with every expert resident).
+            let ids: Vec<usize> = g.host.groups().iter().map(|(e, _)| *e).collect();
+            self.fetch(experts, &ids)?;
+            self.stats.device += ids.len() as u64;
+            default_moe(self, layer, experts, x, routes)?
+        } else {
+            let mut out = self.zeros(routes.tokens, self.cfg.hidden_size)?;
+            self.moe_on_device(experts, x, g, |e| !on_host.contains(&e), &mut out)?;
+            out
+        };
+        let copies_after = self.cache.as_ref().map_or((0, 0), ExpertCache::copies);
+        self.stats.copies += copies_after.0 - copies_before.0;
+        self.stats.bytes_copied += copies_after.1 - copies_before.1;
+        if let Some(host_x) = host_x {
+            let host_routes = g.host.restricted(|e| on_host.contains(&e));
+            let y = self.cpu.moe(layer, &experts.host, &host_x, &host_routes)?;
+            self.stats.host += on_host.len() as u64;
+            let mut y_dev = self.tensor(routes.tokens, y.width)?;
+            self.gpu.copy_htod(&y.data, &mut y_dev.buf.view_mut())?;
+            self.add(&mut out, &y_dev)?;
         }
         Ok(out)
     }
@@ -713,9 +828,13 @@ impl<'w> Backend for CudaBackend<'w> {
         let experts =
             format!("{}/{} experts in VRAM", self.plan.resident_experts(), self.plan.total_experts());
         Some(match &self.cache {
-            Some(c) => format!("cuda: {}, {experts}, {}", self.gpu.info, c.stats()),
-            None => format!("cuda: {}, {experts}", self.gpu.info),
+            Some(c) => format!("cuda: {}, {experts}, {}; {}", self.gpu.info, c.stats(), self.stats),
+            None => format!("cuda: {}, {experts}; {}", self.gpu.info, self.stats),
         })
+    }
+
+    fn expert_stats(&self) -> Option<ExpertStats> {
+        Some(self.stats)
     }
 }
 

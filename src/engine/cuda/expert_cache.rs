@@ -183,6 +183,28 @@ impl ExpertCache {
         Ok(())
     }
 
+    /// Host-to-device speed of a slot's copy from pinned memory, in bytes per second: the second of
+    /// two timed copies (the first one pays for first-touch costs). Overwrites slot 0, so it is
+    /// measured before any expert is fetched.
+    pub fn measure_copy(&mut self, gpu: &Gpu) -> Result<f64> {
+        ensure!(self.lru.hits() + self.lru.misses() == 0, "the copy speed is measured before slots are used");
+        let Staging { buf, read } = &mut self.staging[0];
+        let mut seconds = f64::INFINITY;
+        for _ in 0..2 {
+            let t = std::time::Instant::now();
+            gpu.copy_pinned(Stream::Copy, buf, &mut self.slots[0].view_mut())?;
+            read.record(Stream::Copy)?;
+            read.synchronize()?;
+            seconds = t.elapsed().as_secs_f64();
+        }
+        Ok(buf.len() as f64 / seconds.max(1e-9))
+    }
+
+    /// Experts copied so far, and their bytes.
+    pub fn copies(&self) -> (u64, u64) {
+        (self.lru.misses(), self.bytes_copied)
+    }
+
     pub fn slot(&self, slot: usize) -> &DeviceBuffer<u8> {
         &self.slots[slot]
     }

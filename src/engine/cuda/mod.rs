@@ -78,6 +78,8 @@ pub struct CudaOptions {
     ///
     /// [`Plan::with_gpu_layers`]: crate::placement::Plan::with_gpu_layers
     pub gpu_layers: Option<usize>,
+    /// Where experts left in host memory run (`--misses`).
+    pub misses: crate::engine::hybrid::MissChoice,
 }
 
 /// Device 0, if CUDA can be used: errors say what is missing (the driver, a device, a recent enough GPU).

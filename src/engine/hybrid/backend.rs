@@ -211,6 +211,9 @@ impl<'a> Backend for HybridBackend<'a> {
     fn routes_to_host(&mut self, routes: &Routes) -> Result<Vec<Route>> {
         self.cpu.routes_to_host(routes)
     }
+    fn routes_from_host(&mut self, per_token: &[Route]) -> Result<Routes> {
+        self.cpu.routes_from_host(per_token)
+    }
     fn expert_matmul<const N: usize>(
         &mut self,
         experts: &Self::Experts,

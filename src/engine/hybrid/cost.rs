@@ -127,6 +127,44 @@ impl fmt::Display for ExpertCosts {
     }
 }
 
+/// Where experts that are not on the device run (`--misses`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissChoice {
+    /// As the cost model measured on this machine says (the host at batch 1, copies for prompts).
+    #[default]
+    Auto,
+    /// Always copied to the device (what every token then runs on).
+    Copy,
+    /// Always on the host.
+    Host,
+}
+
+/// The rule a device backend applies to each missing expert.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Misses {
+    Copy,
+    Host,
+    Cost(ExpertCosts),
+}
+
+impl Misses {
+    /// Whether a missing expert serving `m` tokens runs on the host.
+    pub fn on_host(&self, m: usize) -> bool {
+        match self {
+            Misses::Copy => false,
+            Misses::Host => true,
+            Misses::Cost(c) => c.prefer_host(m),
+        }
+    }
+
+    pub fn costs(&self) -> Option<&ExpertCosts> {
+        match self {
+            Misses::Cost(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
 /// The fastest of a few runs of one expert on `m` tokens with the CPU engine's kernels.
 fn time_host(cfg: &ModelConfig, expert: &ExpertWeights, m: usize) -> Result<f64> {
     let mut cpu = CpuBackend::new(cfg);

@@ -15,6 +15,6 @@ pub mod policy;
 pub mod standin;
 
 pub use self::backend::{hybrid_engine, HybridBackend, HybridEngine, Lookahead};
-pub use self::cost::ExpertCosts;
+pub use self::cost::{ExpertCosts, MissChoice, Misses};
 #[cfg(test)]
 mod tests;

@@ -169,6 +169,9 @@ pub trait Backend: Send {
     /// The routes on the host, per token (for router traces).
     fn routes_to_host(&mut self, routes: &Self::Routes) -> Result<Vec<Route>>;
 
+    /// Routes from the host, per token (replayed routing).
+    fn routes_from_host(&mut self, per_token: &[Route]) -> Result<Self::Routes>;
+
     /// For every (token, expert) pair of `routes`, the products of the pair's expert matrices `which`
     /// with the pair's input row: a matmul with an expert id list. Outputs have one row per pair, in
     /// the routes' pair order.

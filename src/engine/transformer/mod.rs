@@ -40,6 +40,48 @@ pub const DEFAULT_MAX_BATCH: usize = 512;
 /// first (a dense layer has no tokens).
 pub type RouterTrace = Vec<Vec<Vec<usize>>>;
 
+/// Recorded expert choices that replace the router's (`--routing-trace`): benchmarks on random
+/// weights, whose routers have no locality, replay a real model's routing. `experts[t][l]` are the
+/// experts of the token at position `t` (modulo the trace's length) in layer `l`; each gets the same
+/// weight (1/k), since a trace records choices, not weights.
+#[derive(Clone, Debug)]
+pub struct RoutingReplay {
+    experts: std::sync::Arc<Vec<Vec<Vec<usize>>>>,
+}
+
+impl RoutingReplay {
+    /// A replay for `cfg` (checked: every token has `n_experts_used` distinct ids below `n_experts`
+    /// for each MoE layer).
+    pub fn new(experts: Vec<Vec<Vec<usize>>>, cfg: &ModelConfig) -> Result<RoutingReplay> {
+        ensure!(!experts.is_empty(), "the routing trace holds no tokens");
+        for (t, layers) in experts.iter().enumerate() {
+            ensure!(
+                layers.len() == cfg.n_layers,
+                "token {t} of the routing trace has choices for {} layers; the model has {}",
+                layers.len(),
+                cfg.n_layers
+            );
+            for (l, ids) in layers.iter().enumerate() {
+                let distinct = ids.iter().enumerate().all(|(i, e)| !ids[..i].contains(e));
+                ensure!(
+                    ids.len() == cfg.n_experts_used && distinct && ids.iter().all(|&e| e < cfg.n_experts),
+                    "token {t}, layer {l} of the routing trace: experts {ids:?}, but the model routes each \
+                     token to {} distinct experts of {}",
+                    cfg.n_experts_used,
+                    cfg.n_experts
+                );
+            }
+        }
+        Ok(RoutingReplay { experts: std::sync::Arc::new(experts) })
+    }
+
+    /// The route of the token at position `pos` in layer `layer`.
+    fn route(&self, pos: usize, layer: usize) -> Route {
+        let ids = &self.experts[pos % self.experts.len()][layer];
+        ids.iter().map(|&e| (e, 1.0 / ids.len() as f32)).collect()
+    }
+}
+
 /// Which logits a batch returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -50,7 +92,9 @@ pub enum Logits {
 
 /// The forward pass of one batch: `tokens` at positions `start ..`, appending their keys and values
 /// to `cache`. Returns the logits `want` asks for (`[vocab]` or `[tokens, vocab]`) and, when `trace`
-/// is given, appends each MoE layer's choices to `trace[layer]`.
+/// is given, appends each MoE layer's choices to `trace[layer]`. With `replay`, the experts are the
+/// recorded ones instead of the router's (the router still runs, so the work is the same).
+#[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     b: &mut B,
     w: &Weights<B>,
@@ -59,6 +103,7 @@ pub fn forward<B: Backend>(
     start: usize,
     want: Logits,
     mut trace: Option<&mut RouterTrace>,
+    replay: Option<&RoutingReplay>,
 ) -> Result<Vec<f32>> {
     let mut x = b.embed(&w.token_embd, tokens)?;
     for (l, layer) in w.layers.iter().enumerate() {
@@ -78,7 +123,12 @@ pub fn forward<B: Backend>(
             Ffn::Dense(ffn) => b.ffn(ffn, &xn)?,
             Ffn::Moe(moe) => {
                 let router_logits = b.matmul(&moe.router, &xn)?;
-                let routes = b.route(&router_logits, moe.top_k, moe.gating)?;
+                let mut routes = b.route(&router_logits, moe.top_k, moe.gating)?;
+                if let Some(replay) = replay {
+                    let recorded: Vec<Route> =
+                        (0..tokens.len()).map(|i| replay.route(start + i, l)).collect();
+                    routes = b.routes_from_host(&recorded)?;
+                }
                 if let Some(trace) = trace.as_deref_mut() {
                     let choices = b.routes_to_host(&routes)?;
                     trace[l].extend(choices.into_iter().map(|r| r.into_iter().map(|(e, _)| e).collect()));
@@ -133,6 +183,7 @@ pub struct Transformer<B: Backend> {
     max_batch: usize,
     /// `Some` while tracing: one entry per forward call.
     router_trace: Option<Vec<RouterTrace>>,
+    replay: Option<RoutingReplay>,
 }
 
 impl<B: Backend> Transformer<B> {
@@ -153,6 +204,7 @@ impl<B: Backend> Transformer<B> {
             len: 0,
             max_batch: DEFAULT_MAX_BATCH,
             router_trace: None,
+            replay: None,
         })
     }
 
@@ -190,9 +242,11 @@ impl<B: Backend> Engine for Transformer<B> {
                 (false, true) => Logits::Last,
                 (false, false) => Logits::None,
             };
-            let Transformer { backend, weights, cache, len, .. } = self;
+            let Transformer { backend, weights, cache, len, replay, .. } = self;
             let pos = *len;
-            let result = backend.scoped(|b| forward(b, weights, cache, batch, pos, want, trace.as_mut()));
+            let replay = replay.as_ref();
+            let result =
+                backend.scoped(|b| forward(b, weights, cache, batch, pos, want, trace.as_mut(), replay));
             match result {
                 Ok(batch_logits) => {
                     logits.extend(batch_logits);
@@ -245,5 +299,10 @@ impl<B: Backend> Engine for Transformer<B> {
 
     fn take_router_trace(&mut self) -> Vec<RouterTrace> {
         self.router_trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn set_routing_replay(&mut self, replay: Option<RoutingReplay>) -> Result<()> {
+        self.replay = replay;
+        Ok(())
     }
 }
