@@ -136,3 +136,54 @@ fn load_test_eight_streaming_clients() {
     assert!(tokens < 2000, "{line}");
     assert!(out.contains("all load checks passed"), "{out}");
 }
+
+/// One HTTP/1.1 request with `Connection: close`; the status code and the body.
+fn http(url: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    // A chunked body: its one chunk (the JSON object).
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) => &body[a..=b],
+        _ => body,
+    };
+    (status, body.to_owned())
+}
+
+#[test]
+fn stats_say_where_each_slots_experts_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model(dir.path());
+    let server = Server::start(&model, &["--slots", "2", "--device", "standin:3"]);
+    let (status, _) = http(
+        &server.url,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt": "Hello", "max_tokens": 6, "temperature": 0}"#,
+    );
+    assert_eq!(status, 200, "{}", server.log());
+    let (status, body) = http(&server.url, "GET", "/stats", "");
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(stats["backend"].as_str().unwrap().contains("stand-in device (3 expert slots)"), "{stats}");
+    let slots = stats["slots"].as_array().unwrap();
+    assert_eq!(slots.len(), 2, "{stats}");
+    let tokens: u64 = slots.iter().map(|s| s["tokens"].as_u64().unwrap()).sum();
+    assert!(tokens >= 6, "{stats}");
+    let runs: u64 = slots
+        .iter()
+        .map(|s| s["experts_on_device"].as_u64().unwrap() + s["experts_on_host"].as_u64().unwrap())
+        .sum();
+    assert!(runs > 0, "{stats}");
+}
