@@ -165,7 +165,8 @@ impl Misses {
     }
 }
 
-/// The fastest of a few runs of one expert on `m` tokens with the CPU engine's kernels.
+/// The fastest of a few runs of one expert on `m` tokens with the CPU engine's kernels (the first run
+/// also pages the expert in from the mapped file).
 fn time_host(cfg: &ModelConfig, expert: &ExpertWeights, m: usize) -> Result<f64> {
     let mut cpu = CpuBackend::new(cfg);
     let experts = vec![*expert];
@@ -175,7 +176,7 @@ fn time_host(cfg: &ModelConfig, expert: &ExpertWeights, m: usize) -> Result<f64>
     );
     let routes = Routes::new(vec![vec![(0, 1.0)]; m], 1);
     let mut best = f64::INFINITY;
-    for _ in 0..4 {
+    for _ in 0..6 {
         let t = Instant::now();
         std::hint::black_box(cpu.moe(0, &experts, &x, &routes).context("timing an expert on the host")?);
         best = best.min(t.elapsed().as_secs_f64());

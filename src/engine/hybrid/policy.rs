@@ -108,7 +108,11 @@ impl Lfu {
 
 impl Policy for Lfu {
     fn name(&self) -> &'static str {
-        "lfu-decay"
+        if self.decay < 1.0 {
+            "lfu-decay"
+        } else {
+            "lfu"
+        }
     }
 
     fn access(&mut self, key: Key) -> Access {
