@@ -268,7 +268,11 @@ impl<'w> CudaBackend<'w> {
                 let copy = cache.measure_copy(&gpu).context("timing a copy of an expert to the GPU")?;
                 let expert = host.layers.iter().flat_map(|l| l.experts.first()).next();
                 let expert = expert.context("a model with expert slots but no experts")?;
-                Misses::Cost(ExpertCosts::measure(cfg, expert, copy)?)
+                let (ty, rows, cols) = (expert.gate.ty, expert.gate.rows, expert.gate.cols);
+                let read =
+                    cache.measure_read(&gpu, ty, rows, cols).context("timing an expert kernel on the GPU")?;
+                let costs = ExpertCosts::measure(cfg, expert, copy)?;
+                Misses::Cost(ExpertCosts { device_read_bytes_per_s: Some(read), ..costs })
             }
         };
         let attention_splits = ATT_MAX_SPLITS;

@@ -9,7 +9,8 @@
 use anyhow::{bail, ensure, Context, Result};
 
 use super::device::{DeviceBuffer, Event, PinnedBuffer, Stream};
-use super::ops::Gpu;
+use super::ops::{Gpu, WeightView};
+use crate::format::GgmlType;
 use crate::model::weights::ExpertWeights;
 use crate::placement::ExpertLayout;
 
@@ -198,6 +199,26 @@ impl ExpertCache {
             seconds = t.elapsed().as_secs_f64();
         }
         Ok(buf.len() as f64 / seconds.max(1e-9))
+    }
+
+    /// The device's read speed in the matrix-vector kernel, in bytes per second: a `rows x cols`
+    /// matrix of `ty` read from slot 0 (whatever it holds), timed after one untimed launch (which
+    /// also loads the kernel).
+    pub fn measure_read(&mut self, gpu: &Gpu, ty: GgmlType, rows: usize, cols: usize) -> Result<f64> {
+        let bytes = rows * ty.bytes_for(cols).context("a matrix of whole blocks")?;
+        ensure!(bytes <= self.slots[0].len(), "a {rows}x{cols} {ty} matrix is larger than a slot");
+        let x = gpu.alloc_zeros::<f32>(cols)?;
+        let mut y = gpu.alloc_zeros::<f32>(rows)?;
+        let w = WeightView { ty, rows, cols, data: self.slots[0].slice(..bytes) };
+        gpu.matvec(&w, &x.view(), &mut y.view_mut())?;
+        gpu.sync()?;
+        const RUNS: usize = 3;
+        let t = std::time::Instant::now();
+        for _ in 0..RUNS {
+            gpu.matvec(&w, &x.view(), &mut y.view_mut())?;
+        }
+        gpu.sync()?;
+        Ok((RUNS * bytes) as f64 / t.elapsed().as_secs_f64().max(1e-9))
     }
 
     /// Experts copied so far, and their bytes.

@@ -40,6 +40,9 @@ pub struct ExpertCosts {
     pub expert_bytes: u64,
     /// Host-to-device copy speed.
     pub copy_bytes_per_s: f64,
+    /// The device's read speed in its expert kernels, when a device measured it (what a resident
+    /// expert costs there: for `plan` and the report).
+    pub device_read_bytes_per_s: Option<f64>,
 }
 
 impl ExpertCosts {
@@ -106,7 +109,7 @@ impl ExpertCosts {
                 t
             }
         };
-        Ok(ExpertCosts { host_1, host_batch, expert_bytes, copy_bytes_per_s })
+        Ok(ExpertCosts { host_1, host_batch, expert_bytes, copy_bytes_per_s, device_read_bytes_per_s: None })
     }
 }
 
@@ -123,7 +126,11 @@ impl fmt::Display for ExpertCosts {
             self.copy_bytes_per_s / 1e9,
             self.expert_bytes as f64 / 1e6,
             self.host_up_to()
-        )
+        )?;
+        if let Some(bw) = self.device_read_bytes_per_s {
+            write!(f, "; the device reads experts at {:.1} GB/s", bw / 1e9)?;
+        }
+        Ok(())
     }
 }
 
@@ -219,7 +226,13 @@ mod tests {
     use super::*;
 
     fn costs(host_1: f64, host_batch: f64) -> ExpertCosts {
-        ExpertCosts { host_1, host_batch, expert_bytes: 99_000_000, copy_bytes_per_s: 55e9 }
+        ExpertCosts {
+            host_1,
+            host_batch,
+            expert_bytes: 99_000_000,
+            copy_bytes_per_s: 55e9,
+            device_read_bytes_per_s: None,
+        }
     }
 
     #[test]
