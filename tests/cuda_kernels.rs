@@ -21,7 +21,7 @@ use mixtral_q::engine::cuda::{
     self, AttentionArgs, AttentionScratch, CudaEngine, DeviceBuffer, Gpu, WeightView,
 };
 use mixtral_q::engine::hybrid::MissChoice;
-use mixtral_q::engine::Engine;
+use mixtral_q::engine::{Engine, RoutingReplay};
 use mixtral_q::format::{codec, GgmlType};
 use mixtral_q::model::weights::{Model, SUPPORTED_TYPES};
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
@@ -64,6 +64,7 @@ on_every_device!(
     router_top_k_and_expert_mixing,
     kv_store_and_attention_decode_and_prompt,
     whole_model_matches_the_cpu_engine,
+    replayed_routing_matches_the_cpu_engine,
 );
 
 /// Makes a device: `Some(bytes)` asks an emulated device for that capacity (a GPU ignores it).
@@ -700,5 +701,63 @@ fn whole_model_matches_the_cpu_engine(devices: Devices) {
                 }
             }
         }
+    }
+}
+
+/// Replayed routing (`--routing-trace`) on the CUDA engine, resident and streamed: the experts it runs
+/// are the recorded ones (its router trace says so) and its logits are the CPU engine's on the same
+/// replay, for a prompt (grouped on the host) and for decode (one token's routes uploaded).
+fn replayed_routing_matches_the_cpu_engine(devices: Devices) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(&dir, Target::F32, "f32.gguf");
+    let cfg = &model.config;
+    // Token t uses experts (t + l) % n and (t + l + 1) % n in layer l: nothing a router would pick.
+    let recorded: Vec<Vec<Vec<usize>>> = (0..5)
+        .map(|t| {
+            (0..cfg.n_layers).map(|l| vec![(t + l) % cfg.n_experts, (t + l + 1) % cfg.n_experts]).collect()
+        })
+        .collect();
+    let replay = RoutingReplay::new(recorded.clone(), cfg).unwrap();
+    let tokens: Vec<u32> = vec![3, 507, 67, 458, 308, 419, 95];
+    let run = |engine: &mut dyn Engine| {
+        engine.set_routing_replay(Some(replay.clone())).unwrap();
+        engine.set_router_trace(true).unwrap();
+        let mut logits = engine.forward(&tokens[..4], true).unwrap();
+        for &t in &tokens[4..] {
+            logits.extend(engine.forward(&[t], true).unwrap());
+        }
+        let mut per_token = vec![Vec::new(); tokens.len()];
+        for (call, first) in engine.take_router_trace().into_iter().zip([0, 4, 5, 6]) {
+            for layer in call {
+                for (i, ids) in layer.into_iter().enumerate() {
+                    per_token[first + i].push(ids);
+                }
+            }
+        }
+        (logits, per_token)
+    };
+    let (want, cpu_routes) = run(&mut CpuEngine::new(&model, 32).unwrap());
+    for (t, layers) in cpu_routes.iter().enumerate() {
+        assert_eq!(layers, &recorded[t % recorded.len()], "CPU engine, token {t}");
+    }
+    let tol = 1e-2 * (1.0 + max_abs(&want));
+    let resident = CudaEngine::on(devices(None), &model, 32, None, MissChoice::Copy).unwrap();
+    let plan = resident.plan().clone();
+    drop(resident);
+    let base = plan.dense + plan.kv_cache + plan.scratch;
+    for budget in [None, Some(base + 3 * plan.resident_bytes / plan.total_experts() as u64)] {
+        let mut engine = CudaEngine::on(
+            devices(budget.map(|b| b + UNPLANNED_BYTES)),
+            &model,
+            32,
+            budget,
+            MissChoice::Copy,
+        )
+        .unwrap();
+        let (got, routes) = run(&mut engine);
+        assert_eq!(routes, cpu_routes, "budget {budget:?}");
+        let diff = max_diff(&got, &want);
+        eprintln!("replayed routing, budget {budget:?}: max |Δlogit| {diff:e} (tolerance {tol:e})");
+        assert!(diff <= tol, "budget {budget:?}");
     }
 }

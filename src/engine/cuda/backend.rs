@@ -408,6 +408,11 @@ impl<'w> CudaBackend<'w> {
             per_token.iter().flatten().all(|&(e, _)| e < n_experts),
             "the router produced an expert id out of range"
         );
+        self.grouped_from_host(per_token, n_experts)
+    }
+
+    /// Host routes grouped by expert, with each pair's token and weight uploaded.
+    fn grouped_from_host(&self, per_token: Vec<Route>, n_experts: usize) -> Result<Grouped> {
         let host = Routes::new(per_token, n_experts);
         let tokens: Vec<i32> = host.pairs().iter().map(|&(t, _)| t as i32).collect();
         let pair_weights: Vec<f32> = host.pairs().iter().map(|&(_, w)| w).collect();
@@ -685,7 +690,7 @@ impl<'w> Backend for CudaBackend<'w> {
         self.gpu.copy_htod(&weights, &mut dev_weights.view_mut())?;
         let grouped = match per_token.len() {
             1 => None,
-            _ => Some(self.grouped(&dev_ids, &dev_weights, k, self.cfg.n_experts)?),
+            _ => Some(self.grouped_from_host(per_token.to_vec(), self.cfg.n_experts)?),
         };
         Ok(CudaRoutes { tokens: per_token.len(), k, ids: dev_ids, weights: dev_weights, grouped })
     }
