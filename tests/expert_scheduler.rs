@@ -87,6 +87,13 @@ fn a_recorded_trace_is_replayed_and_benchmarks_say_which_routing_they_used() {
         assert_eq!(row["routing"], "the model's router", "{row}");
     }
 
+    // The trace's most used experts fixed in the slots: the same text, and the policy says so.
+    let cpu = generate(&["--device", "cpu"]);
+    let hot = generate(&["--device", "standin:6", "--hot-experts", t, "--verbose"]);
+    assert!(hot.status.success(), "{}", stderr(&hot));
+    assert_eq!(stdout(&hot), stdout(&cpu));
+    assert!(stderr(&hot).contains("hybrid (6 slots, static-popular)"), "{}", stderr(&hot));
+
     // A trace of another model is refused in one line.
     let tiny = dir.path().join("tiny.json");
     std::fs::write(

@@ -5,12 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 pub use mixtral_q::cache::cache_dir;
 use mixtral_q::engine::hybrid::MissChoice;
 use mixtral_q::engine::{self, parse_bytes, DeviceChoice, Engine, OpenOptions, RoutingReplay};
 use mixtral_q::format::gguf::Metadata;
 use mixtral_q::model::weights::Model;
+use mixtral_q::model::ModelConfig;
+use mixtral_q::placement;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, Target};
 use mixtral_q::routing::RoutingTrace;
 use mixtral_q::text::{ChatTemplate, Tokenizer};
@@ -45,6 +47,10 @@ pub struct ModelArgs {
     /// instead of the router's: for benchmarks on random weights, whose routing has no locality.
     #[arg(long, value_name = "FILE")]
     pub routing_trace: Option<PathBuf>,
+    /// A routing trace of typical use: the experts it routes to most start in VRAM (default: every
+    /// layer keeps a similar share, by expert index).
+    #[arg(long, value_name = "FILE")]
+    pub hot_experts: Option<PathBuf>,
 }
 
 /// `--chat-template NAME|JINJA` and `--chat-template-file FILE`, as in llama.cpp.
@@ -145,11 +151,19 @@ impl ModelArgs {
             None if is_demo => DEMO_CONTEXT,
             None => model.config.context_length.min(4096),
         };
+        let hot_experts = match &self.hot_experts {
+            None => None,
+            Some(path) => {
+                let (cfg, t) = (&model.config, read_trace_for(path, &model.config)?);
+                Some(placement::by_frequency(&t.experts, cfg.n_layers, cfg.n_experts))
+            }
+        };
         let options = OpenOptions {
             device: self.device,
             vram_budget: self.vram_budget,
             gpu_layers: self.n_gpu_layers,
             misses: self.misses,
+            hot_experts,
         };
         let replay = match &self.routing_trace {
             None => None,
@@ -161,6 +175,21 @@ impl ModelArgs {
         };
         Ok(Loaded { model, tokenizer, ctx, is_demo, options, replay, backend: OnceLock::new() })
     }
+}
+
+/// A routing trace of a model shaped as `cfg` (its layers and experts), read from `path`.
+pub fn read_trace_for(path: &Path, cfg: &ModelConfig) -> Result<RoutingTrace> {
+    let t = RoutingTrace::read(path)?;
+    ensure!(
+        t.n_layers == cfg.n_layers && t.n_experts == cfg.n_experts,
+        "{}: a trace of {} layers x {} experts, the model has {} x {}",
+        path.display(),
+        t.n_layers,
+        t.n_experts,
+        cfg.n_layers,
+        cfg.n_experts
+    );
+    Ok(t)
 }
 
 /// Catches the usual mix-up before the GGUF reader does: a Hugging Face checkpoint (its directory or

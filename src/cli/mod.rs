@@ -10,6 +10,7 @@ pub mod info;
 pub mod llama_flags;
 pub mod load;
 pub mod perplexity;
+pub mod plan;
 pub mod quantize;
 pub mod routing;
 pub mod serve;
@@ -45,6 +46,8 @@ pub enum Command {
     Routing(routing::RoutingArgs),
     /// Serve the model over HTTP with OpenAI's API (chat and text completions, streaming).
     Serve(serve::ServeArgs),
+    /// What lives where for a VRAM budget, and the decode and prompt speed to expect (beside llama.cpp's --n-cpu-moe).
+    Plan(plan::PlanArgs),
 }
 
 /// The command line, with llama.cpp's spellings translated first (see [`llama_flags`]). Clap's own
@@ -66,6 +69,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat::run(&a),
         Command::Routing(a) => routing::run(&a),
         Command::Serve(a) => serve::run(&a),
+        Command::Plan(a) => plan::run(&a),
     }
 }
 

@@ -73,7 +73,7 @@ pub trait Engine {
 }
 
 /// How [`open`] chooses and sets up the backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
     pub device: DeviceChoice,
     /// Bytes of VRAM a GPU engine may use (default: free VRAM minus a reserve).
@@ -82,6 +82,9 @@ pub struct OpenOptions {
     pub gpu_layers: Option<usize>,
     /// Where experts outside VRAM run.
     pub misses: hybrid::MissChoice,
+    /// (layer, expert) pairs, most used first (from a routing trace): the experts that start in VRAM
+    /// (or in the stand-in's slots); default: spread over the layers by index.
+    pub hot_experts: Option<Vec<(usize, usize)>>,
 }
 
 impl Default for OpenOptions {
@@ -91,6 +94,7 @@ impl Default for OpenOptions {
             vram_budget: None,
             gpu_layers: None,
             misses: hybrid::MissChoice::Auto,
+            hot_experts: None,
         }
     }
 }
@@ -118,6 +122,7 @@ pub fn open<'a>(model: &'a Model, ctx: usize, opts: &OpenOptions) -> Result<Open
                 vram_budget: opts.vram_budget,
                 gpu_layers: opts.gpu_layers,
                 misses: opts.misses,
+                hot_experts: opts.hot_experts.clone(),
             };
             let engine = cuda::CudaEngine::new(model, ctx, &cuda_opts)?;
             let backend = format!("CUDA ({})", engine.device().name);
@@ -134,8 +139,12 @@ pub fn open<'a>(model: &'a Model, ctx: usize, opts: &OpenOptions) -> Result<Open
         why_cpu = Some(format!("using the CPU: {why}"));
     }
     if let DeviceChoice::StandIn(slots) = opts.device {
-        // LFU without decay: the best online policy on the demo model's routing (policy.rs tests).
-        let policy = Box::new(hybrid::policy::Lfu::new(slots, 1.0));
+        // The hot experts fixed in the slots when known, else LFU without decay: the best online
+        // policy on the demo model's routing, within a point of the fixed most-used set (policy.rs tests).
+        let policy: Box<dyn hybrid::policy::Policy + Send> = match &opts.hot_experts {
+            Some(hot) => Box::new(hybrid::policy::StaticPopular::from_order(hot, slots)),
+            None => Box::new(hybrid::policy::Lfu::new(slots, 1.0)),
+        };
         let engine = hybrid::hybrid_engine(model, ctx, slots, policy, hybrid::Lookahead::Router)?;
         return Ok(Opened {
             engine: Box::new(engine),

@@ -91,6 +91,14 @@ impl LayerTensor {
     }
 }
 
+/// The layer and tensor of a GGUF layer tensor name (`blk.3.attn_q.weight` → 3, AttnQ).
+pub fn split_layer_tensor(name: &str) -> Option<(usize, LayerTensor)> {
+    let mut parts = name.strip_prefix("blk.")?.strip_suffix(".weight")?.splitn(2, '.');
+    let layer = parts.next()?.parse().ok()?;
+    let suffix = parts.next()?;
+    LayerTensor::ALL.into_iter().find(|t| t.suffix() == suffix).map(|t| (layer, t))
+}
+
 pub const HF_TOKEN_EMBD: &str = "model.embed_tokens.weight";
 pub const HF_OUTPUT_NORM: &str = "model.norm.weight";
 pub const HF_OUTPUT: &str = "lm_head.weight";

@@ -8,10 +8,14 @@
 
 use std::fmt;
 
-use anyhow::{bail, Result};
+pub mod predict;
 
+use anyhow::{bail, Context, Result};
+
+use crate::model::names::{self, LayerTensor};
 use crate::model::weights::{ExpertWeights, ModelWeights};
 use crate::model::ModelConfig;
+use crate::quantize::{tensor_types, Target};
 
 /// VRAM left free by default for the CUDA context, the driver and fragmentation.
 pub const DEFAULT_RESERVE: u64 = 768 << 20;
@@ -52,6 +56,8 @@ impl ExpertLayout {
 pub struct ModelSizes {
     /// Everything but the experts: attention, norms, routers, token embeddings, output head.
     pub dense: u64,
+    /// The token embeddings' share of `dense` (a token reads one row of it, not all).
+    pub token_embd: u64,
     /// `[layer][expert]`: bytes of each expert's buffer (see [`ExpertLayout`]).
     pub experts: Vec<Vec<u64>>,
     pub kv_cache: u64,
@@ -73,6 +79,7 @@ impl ModelSizes {
         }
         ModelSizes {
             dense: dense as u64,
+            token_embd: weights.token_embd.data.len() as u64,
             experts: weights
                 .layers
                 .iter()
@@ -83,6 +90,73 @@ impl ModelSizes {
             n_experts_used: cfg.n_experts_used,
         }
     }
+}
+
+impl ModelSizes {
+    /// The sizes a `cfg` model quantized for `target` will have (the quantizer's own type choices),
+    /// without the file: what `plan --shape` works from.
+    pub fn predicted(cfg: &ModelConfig, target: Target, ctx: usize, scratch: u64) -> Result<ModelSizes> {
+        let mut dense = 0u64;
+        let mut token_embd = 0u64;
+        // `[layer][matrix]`: one expert's gate, up and down bytes.
+        let mut expert_parts = vec![[0usize; 3]; cfg.n_layers];
+        for (name, dims, ty) in tensor_types(cfg, target) {
+            let row = ty.bytes_for(dims[0] as usize).with_context(|| format!("{name}: rows of {ty}"))?;
+            let rows: u64 = dims[1..].iter().product();
+            let bytes = row as u64 * rows;
+            match names::split_layer_tensor(&name) {
+                Some((l, t)) if t.is_expert() => {
+                    let k = match t {
+                        LayerTensor::FfnGateExps => 0,
+                        LayerTensor::FfnUpExps => 1,
+                        _ => 2,
+                    };
+                    expert_parts[l][k] = (bytes / cfg.n_experts as u64) as usize;
+                }
+                _ => {
+                    dense += bytes;
+                    if name == names::TOKEN_EMBD {
+                        token_embd = bytes;
+                    }
+                }
+            }
+        }
+        Ok(ModelSizes {
+            dense,
+            token_embd,
+            experts: expert_parts
+                .iter()
+                .map(|parts| vec![ExpertLayout::from_sizes(*parts).bytes as u64; cfg.n_experts])
+                .collect(),
+            kv_cache: kv_cache_bytes(cfg, ctx),
+            scratch,
+            n_experts_used: cfg.n_experts_used,
+        })
+    }
+
+    /// Bytes of all experts.
+    pub fn all_experts(&self) -> u64 {
+        self.experts.iter().flatten().sum()
+    }
+}
+
+/// The (layer, expert) pairs most routed to first, from `experts[token][layer]` (a routing trace):
+/// the order [`Plan::with_priority`] places experts in. Ties (and experts never routed to) keep the
+/// spread order: expert 0 of every layer, then expert 1, ...
+pub fn by_frequency(experts: &[Vec<Vec<usize>>], n_layers: usize, n_experts: usize) -> Vec<(usize, usize)> {
+    let mut count = vec![vec![0u64; n_experts]; n_layers];
+    for token in experts {
+        for (l, ids) in token.iter().enumerate().take(n_layers) {
+            for &e in ids.iter().filter(|&&e| e < n_experts) {
+                count[l][e] += 1;
+            }
+        }
+    }
+    let mut order: Vec<(usize, usize)> =
+        (0..n_experts).flat_map(|e| (0..n_layers).map(move |l| (l, e))).collect();
+    // A stable sort keeps the spread order among equals.
+    order.sort_by_key(|&(l, e)| std::cmp::Reverse(count[l][e]));
+    order
 }
 
 /// Bytes of an f16 KV cache of `ctx` tokens.
@@ -115,6 +189,18 @@ impl Plan {
     /// cache of every layer are on the GPU regardless (the engine computes them there); the experts of
     /// the other layers stay in host memory and are streamed through the cache slots.
     pub fn with_gpu_layers(sizes: &ModelSizes, budget: u64, gpu_layers: Option<usize>) -> Result<Plan> {
+        Self::with_priority(sizes, budget, gpu_layers, None)
+    }
+
+    /// Like [`Plan::with_gpu_layers`], placing experts in the order `priority` gives ((layer, expert)
+    /// pairs, e.g. [`by_frequency`] of a routing trace: the experts routed to most stay in VRAM);
+    /// without it, spread over the layers by index.
+    pub fn with_priority(
+        sizes: &ModelSizes,
+        budget: u64,
+        gpu_layers: Option<usize>,
+        priority: Option<&[(usize, usize)]>,
+    ) -> Result<Plan> {
         let gpu_layers = gpu_layers.unwrap_or(usize::MAX);
         let base = sizes.dense + sizes.kv_cache + sizes.scratch;
         let all_experts: u64 = sizes.experts.iter().flatten().sum();
@@ -147,15 +233,17 @@ impl Plan {
         }
         let mut left = budget - base - min_slots * largest;
         let n_experts = sizes.experts.iter().map(Vec::len).max().unwrap_or(0);
-        for e in 0..n_experts {
-            for (l, layer) in sizes.experts.iter().enumerate().take(gpu_layers) {
-                if let Some(&bytes) = layer.get(e) {
-                    if bytes <= left {
-                        left -= bytes;
-                        plan.resident[l][e] = true;
-                        plan.resident_bytes += bytes;
-                    }
-                }
+        let spread: Vec<(usize, usize)> =
+            (0..n_experts).flat_map(|e| (0..sizes.experts.len()).map(move |l| (l, e))).collect();
+        for &(l, e) in priority.unwrap_or(&spread) {
+            if l >= gpu_layers || plan.resident.get(l).and_then(|r| r.get(e)) != Some(&false) {
+                continue;
+            }
+            let bytes = sizes.experts[l][e];
+            if bytes <= left {
+                left -= bytes;
+                plan.resident[l][e] = true;
+                plan.resident_bytes += bytes;
             }
         }
         plan.slot_bytes = largest;
@@ -246,6 +334,7 @@ mod tests {
         ]);
         ModelSizes {
             dense,
+            token_embd: bytes(GgmlType::Q4_K, cfg.vocab_size, h),
             experts: vec![vec![expert.bytes as u64; cfg.n_experts]; cfg.n_layers],
             kv_cache: kv_cache_bytes(cfg, 4096),
             scratch: 256 << 20,

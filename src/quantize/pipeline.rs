@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::permute;
-use super::plan::{tensor_type, Target, TensorRole};
+use super::plan::{tensor_types, Target, TensorRole};
 use crate::format::codec;
 use crate::format::gguf::{GgufFileWriter, GgufLayout, MetaValue, Metadata};
 use crate::format::output::AtomicOutput;
@@ -170,11 +170,10 @@ pub fn write_gguf(
 
 /// Every GGUF tensor in llama.cpp's order, its type and its sources.
 fn plan_jobs(cfg: &ModelConfig, target: Target) -> Vec<TensorJob> {
-    cfg.gguf_tensors()
+    tensor_types(cfg, target)
         .into_iter()
-        .map(|(name, dims)| {
+        .map(|(name, dims, ty)| {
             let role = TensorRole::of(&name);
-            let ty = tensor_type(target, role, dims[0] as usize, cfg.n_experts);
             let (sources, permute_head_dim) = match role {
                 TensorRole::TokenEmbd => (vec![names::HF_TOKEN_EMBD.to_string()], None),
                 TensorRole::Output => (vec![names::HF_OUTPUT.to_string()], None),

@@ -113,6 +113,18 @@ pub fn fit_row(wanted: GgmlType, row_len: usize) -> GgmlType {
     }
 }
 
+/// Every GGUF tensor of a `cfg` model quantized for `target`: name, ggml dims and type (what
+/// `quantize` writes; `plan` sizes a model from it without the file).
+pub fn tensor_types(cfg: &crate::model::ModelConfig, target: Target) -> Vec<(String, Vec<u64>, GgmlType)> {
+    cfg.gguf_tensors()
+        .into_iter()
+        .map(|(name, dims)| {
+            let ty = tensor_type(target, TensorRole::of(&name), dims[0] as usize, cfg.n_experts);
+            (name, dims, ty)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -349,6 +349,7 @@ mod tests {
                 n_gpu_layers: None,
                 misses: Default::default(),
                 routing_trace: None,
+                hot_experts: None,
             };
             Fixture {
                 loaded: args.load().unwrap(),

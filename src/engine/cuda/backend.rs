@@ -252,7 +252,7 @@ impl<'w> CudaBackend<'w> {
         let scratch = activation_bytes(cfg, DEFAULT_MAX_BATCH);
         let sizes = ModelSizes::of(host, cfg, ctx, scratch);
         let budget = opts.vram_budget.unwrap_or_else(|| placement::default_budget(gpu.info.free_bytes));
-        let plan = Plan::with_gpu_layers(&sizes, budget, opts.gpu_layers)?;
+        let plan = Plan::with_priority(&sizes, budget, opts.gpu_layers, opts.hot_experts.as_deref())?;
         let inv_freq: Vec<f64> = (0..cfg.head_dim / 2)
             .map(|i| (cfg.rope_theta as f64).powf(-2.0 * i as f64 / cfg.head_dim as f64))
             .collect();

@@ -80,6 +80,8 @@ pub struct CudaOptions {
     pub gpu_layers: Option<usize>,
     /// Where experts left in host memory run (`--misses`).
     pub misses: crate::engine::hybrid::MissChoice,
+    /// The order experts are placed in VRAM, most used first (`--hot-experts`); default: spread.
+    pub hot_experts: Option<Vec<(usize, usize)>>,
 }
 
 /// Device 0, if CUDA can be used: errors say what is missing (the driver, a device, a recent enough GPU).

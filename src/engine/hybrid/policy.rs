@@ -177,6 +177,11 @@ impl StaticPopular {
         StaticPopular { resident: keys.into_iter().take(capacity).map(|(k, _)| k).collect() }
     }
 
+    /// The first `capacity` keys of `order` (most used first, e.g. `placement::by_frequency`).
+    pub fn from_order(order: &[Key], capacity: usize) -> StaticPopular {
+        StaticPopular { resident: order.iter().copied().take(capacity).collect() }
+    }
+
     pub fn resident(&self) -> &[Key] {
         &self.resident
     }
