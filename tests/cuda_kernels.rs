@@ -681,6 +681,9 @@ fn whole_model_matches_the_cpu_engine(devices: Devices) {
                     assert_eq!(experts.host, 0, "{experts:?}");
                     if budget.is_some() {
                         assert!(stats.contains("misses") && !stats.contains(" 0 misses"), "{stats}");
+                        // Decode steps predicted the next layer's experts and started their copies.
+                        let recall = experts.lookahead_recall().expect("the lookahead ran");
+                        eprintln!("{target}, {what}: lookahead recall {:.1}%", 100.0 * recall);
                     }
                 }
                 // The host's kernels differ from the GPU's in the last bits: checked against the CPU

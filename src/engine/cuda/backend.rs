@@ -9,9 +9,11 @@
 //!   expert resident never waits on the host inside a layer.
 //! - Routes of a batch are read back once per layer and grouped by expert: per expert, the products
 //!   read only its tokens' rows (a gather list), and each expert's weights are read once per batch.
-//! - `moe` copies the experts the plan left in host memory into VRAM slots ([`ExpertCache`]); a batch
-//!   with missing experts runs expert by expert, because a batch may use more experts than there
-//!   are slots.
+//! - `moe` runs each expert the plan left in host memory where the cost model ([`Misses`]) says:
+//!   on the host (the CPU backend's kernels on the mapped weights; the token rows go down, the sum
+//!   comes back) while the GPU's resident experts run, or copied into a VRAM slot ([`ExpertCache`]);
+//!   a batch with missing experts runs expert by expert, because a batch may use more experts than
+//!   there are slots. `moe_lookahead` starts a decode step's copies one layer early.
 
 use std::ops::Range;
 
@@ -26,7 +28,8 @@ use crate::engine::cpu::{CpuBackend, CpuTensor, Routes};
 use crate::engine::hybrid::{ExpertCosts, MissChoice, Misses};
 use crate::engine::transformer::backend::default_moe;
 use crate::engine::transformer::{
-    self, Backend, ExpertInput, ExpertMatrix, Prepare, Route, Transformer, Weights, DEFAULT_MAX_BATCH,
+    self, Backend, ExpertInput, ExpertMatrix, Ffn, Layer, Prepare, Route, Transformer, Weights,
+    DEFAULT_MAX_BATCH,
 };
 use crate::engine::ExpertStats;
 use crate::format::GgmlType;
@@ -233,6 +236,8 @@ pub struct CudaBackend<'w> {
     misses: Misses,
     cpu: CpuBackend<'w>,
     stats: ExpertStats,
+    /// The layer the last lookahead predicted, with the experts it predicted.
+    predicted: Option<(usize, Vec<usize>)>,
     _weights: std::marker::PhantomData<ExpertWeights<'w>>,
 }
 
@@ -288,6 +293,7 @@ impl<'w> CudaBackend<'w> {
             misses,
             cpu: CpuBackend::new(cfg),
             stats: ExpertStats::default(),
+            predicted: None,
             cfg: cfg.clone(),
             plan,
             ctx,
@@ -319,15 +325,24 @@ impl<'w> CudaBackend<'w> {
     }
 
     /// Copies those of experts `ids` that are not resident into cache slots and points the layer's
-    /// table at them; they stay usable until the next fetch.
+    /// table at them; they stay usable until the next fetch. A `prefetch` (the lookahead's) leaves
+    /// the compute stream free until the next fetch.
     fn fetch(&mut self, experts: &CudaExperts<'w>, ids: &[usize]) -> Result<()> {
+        self.fetch_with(experts, ids, false)
+    }
+
+    fn fetch_with(&mut self, experts: &CudaExperts<'w>, ids: &[usize], prefetch: bool) -> Result<()> {
         let l = experts.layer;
         let missing: Vec<usize> = ids.iter().copied().filter(|&e| experts.resident[e].is_none()).collect();
         if missing.is_empty() {
             return Ok(());
         }
         let cache = self.cache.as_mut().context("experts outside VRAM but no expert cache")?;
-        let slots = cache.fetch(&self.gpu, l, &missing, &experts.host)?;
+        let before = cache.copies();
+        let slots = cache.fetch(&self.gpu, l, &missing, &experts.host, prefetch)?;
+        let after = cache.copies();
+        self.stats.copies += after.0 - before.0;
+        self.stats.bytes_copied += after.1 - before.1;
         let table = &mut self.tables[l];
         let n = experts.resident.len();
         for (&e, &slot) in missing.iter().zip(&slots) {
@@ -806,7 +821,14 @@ impl<'w> Backend for CudaBackend<'w> {
             true => None,
             false => Some(CpuTensor::new(self.gpu.download(&x.view())?, x.width)),
         };
-        let copies_before = self.cache.as_ref().map_or((0, 0), ExpertCache::copies);
+        if let Some((l, predicted)) = self.predicted.take() {
+            if l == layer {
+                let used: Vec<usize> = g.host.groups().iter().map(|(e, _)| *e).collect();
+                self.stats.lookahead_used += used.len() as u64;
+                self.stats.lookahead_predicted +=
+                    used.iter().filter(|e| predicted.contains(e)).count() as u64;
+            }
+        }
         let mut out = if on_host.is_empty() && routes.grouped.is_none() {
             // One token, every expert copied: into slots together, then the resident path's one
             // launch per matrix (bit for bit what it computes with every expert resident).
@@ -819,9 +841,6 @@ impl<'w> Backend for CudaBackend<'w> {
             self.moe_on_device(experts, x, g, |e| !on_host.contains(&e), &mut out)?;
             out
         };
-        let copies_after = self.cache.as_ref().map_or((0, 0), ExpertCache::copies);
-        self.stats.copies += copies_after.0 - copies_before.0;
-        self.stats.bytes_copied += copies_after.1 - copies_before.1;
         if let Some(host_x) = host_x {
             let host_routes = g.host.restricted(|e| on_host.contains(&e));
             let y = self.cpu.moe(layer, &experts.host, &host_x, &host_routes)?;
@@ -844,6 +863,28 @@ impl<'w> Backend for CudaBackend<'w> {
 
     fn expert_stats(&self) -> Option<ExpertStats> {
         Some(self.stats)
+    }
+
+    /// For a decode step whose next layer will copy its missing experts: the next router on this
+    /// layer's output names them now, and their copies start on the copy stream while the next
+    /// attention runs (one small read of the ids; a wrong guess costs a copy, never a result:
+    /// `moe` fetches the true routes' experts).
+    fn moe_lookahead(&mut self, layer: usize, next: &Layer<Self>, x: &CudaTensor) -> Result<()> {
+        let Ffn::Moe(moe) = &next.ffn else { return Ok(()) };
+        if x.rows != 1 || moe.experts.all_resident() || self.misses.on_host(1) {
+            return Ok(());
+        }
+        let xn = self.rms_norm(x, &next.ffn_norm)?;
+        let logits = self.matmul(&moe.router, &xn)?;
+        let guess = self.route(&logits, moe.top_k, moe.gating)?;
+        let ids: Vec<usize> = self.gpu.download(&guess.ids.view())?.into_iter().map(|e| e as usize).collect();
+        ensure!(
+            ids.iter().all(|&e| e < moe.experts.resident.len()),
+            "the router produced an expert id out of range"
+        );
+        self.fetch_with(&moe.experts, &ids, true)?;
+        self.predicted = Some((layer, ids));
+        Ok(())
     }
 }
 

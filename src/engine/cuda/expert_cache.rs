@@ -100,6 +100,8 @@ pub struct ExpertCache {
     copies_done: Event,
     lru: SlotLru,
     bytes_copied: u64,
+    /// Copies a prefetch started that the compute stream has not been told to wait for yet.
+    copies_pending: bool,
 }
 
 impl ExpertCache {
@@ -123,17 +125,21 @@ impl ExpertCache {
             copies_done: gpu.event()?,
             lru: SlotLru::new(n_slots),
             bytes_copied: 0,
+            copies_pending: false,
         })
     }
 
     /// Makes experts `ids` of `layer` available in slots and returns each one's slot. Missing experts
-    /// are copied on the copy stream; the compute stream waits for the copies before what it runs next.
+    /// are copied on the copy stream; the compute stream waits for the copies before what it runs next
+    /// or, for a `prefetch`, before what it runs after the next fetch (so the work queued in between,
+    /// the next layer's attention, overlaps the copies).
     pub fn fetch(
         &mut self,
         gpu: &Gpu,
         layer: usize,
         ids: &[usize],
         experts: &[ExpertWeights],
+        prefetch: bool,
     ) -> Result<Vec<usize>> {
         let keep: Vec<ExpertKey> = ids.iter().map(|&e| (layer, e)).collect();
         // Slots about to be overwritten may still be read by queued kernels.
@@ -158,7 +164,12 @@ impl ExpertCache {
         }
         if copied {
             self.copies_done.record(Stream::Copy)?;
+        }
+        if prefetch {
+            self.copies_pending |= copied;
+        } else if copied || self.copies_pending {
             self.copies_done.wait(Stream::Compute)?;
+            self.copies_pending = false;
         }
         Ok(out)
     }
