@@ -24,11 +24,11 @@
 //! - **Kernel choice inside the op.** One token or many is the backend's business: `matmul` picks the
 //!   matrix-vector or the matrix-matrix kernel, never the model code.
 //! - **The expert seam.** [`Backend::moe`] runs one layer's selected (token, expert) pairs and is the
-//!   one place where experts execute. A scheduler that wraps two backends (the hybrid CPU+GPU engine)
-//!   implements the trait by delegating every op to the GPU backend except `moe`, where it splits the
-//!   pairs: those whose expert is resident run on the GPU (this default composition), the others on
-//!   the CPU backend's `moe` concurrently (their few activation rows copied to the host and the sums
-//!   back), or are copied into a VRAM slot when that is cheaper (prompts). [`Backend::moe_lookahead`]
+//!   one place where experts execute. A device backend with experts outside its memory splits the
+//!   pairs there (the CUDA backend; `engine::hybrid` over a stand-in device): those whose expert is
+//!   resident run on the device (this default composition), the others on the CPU backend's `moe`
+//!   concurrently (their few activation rows copied to the host and the sums back), or are copied
+//!   into a slot when that is cheaper (prompts). [`Backend::moe_lookahead`]
 //!   is called with each layer's output and the next layer's weights, so such a scheduler can apply
 //!   the next router early (the prediction is ~90-96% right on Mixtral) and start the next layer's CPU
 //!   experts or copies while the GPU runs attention; a wrong guess costs time, never correctness,

@@ -13,10 +13,11 @@
 //!   its fused kernels become overrides of the composite ops (both experts in one launch in
 //!   `expert_matmul`, gate+up+SiLU in `expert_swiglu`, q/k/v in `matmul_many`); routes stay on the
 //!   device, so decode with every expert resident never waits on the host inside a layer.
-//! - The hybrid CPU+GPU scheduler is a backend that wraps the two: every op goes to the GPU except
-//!   [`Backend::moe`], where it splits the layer's (token, expert) pairs by residency and runs the
-//!   missing experts on the CPU backend concurrently, and [`Backend::moe_lookahead`], where it
-//!   predicts the next layer's experts from this layer's output.
+//! - Hybrid CPU+GPU experts live in [`Backend::moe`]: the CUDA backend splits a layer's (token,
+//!   expert) pairs by residency and runs the missing experts with the CPU backend's kernels
+//!   concurrently (or copies them, as its cost model says); [`Backend::moe_lookahead`] predicts the
+//!   next layer's experts from this layer's output. `engine::hybrid` does the same over a stand-in
+//!   device, so CI exercises the scheduler without a GPU.
 
 pub mod backend;
 #[cfg(test)]
