@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::permute;
-use super::plan::{tensor_type, Target, TensorRole};
+use super::plan::{tensor_type, ModelShape, Target, TensorRole};
 use crate::format::codec;
 use crate::format::gguf::{GgufFileWriter, GgufLayout, MetaValue, Metadata};
 use crate::format::output::AtomicOutput;
@@ -174,14 +174,14 @@ fn plan_jobs(cfg: &ModelConfig, target: Target) -> Vec<TensorJob> {
         .into_iter()
         .map(|(name, dims)| {
             let role = TensorRole::of(&name);
-            let ty = tensor_type(target, role, dims[0] as usize, cfg.n_experts);
+            let ty = tensor_type(target, role, dims[0] as usize, ModelShape::of(cfg));
             let (sources, permute_head_dim) = match role {
                 TensorRole::TokenEmbd => (vec![names::HF_TOKEN_EMBD.to_string()], None),
                 TensorRole::Output => (vec![names::HF_OUTPUT.to_string()], None),
                 TensorRole::Norm if name == names::OUTPUT_NORM => {
                     (vec![names::HF_OUTPUT_NORM.to_string()], None)
                 }
-                TensorRole::Norm | TensorRole::Layer(_) => {
+                TensorRole::Norm | TensorRole::Layer(..) => {
                     let layer: usize = name.split('.').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
                     let t = LayerTensor::ALL
                         .into_iter()
