@@ -9,8 +9,8 @@
 // Kernels spread the parts of consecutive blocks over consecutive threads, so a warp's loads are
 // coalesced, and reuse the same decoders for dot products (matvec) and for dequantization (matmul tiles,
 // embedding rows). Types whose block size is a multiple of 16 bytes (Q4_K, Q5_K, F16, BF16, F32) read
-// their quantized bytes with 16-byte loads; the others (Q6_K 210, Q8_0 34, Q4_0 18, Q5_0 22, Q4_1 20,
-// Q5_1 24 bytes) are only 2- or 4-byte aligned inside a row and use 2-byte loads.
+// their quantized bytes with 16-byte loads; the others (Q6_K 210, Q3_K 110, Q2_K 84, Q8_0 34, Q4_0 18,
+// Q5_0 22, Q4_1 20, Q5_1 24 bytes) are only 2- or 4-byte aligned inside a row and use 2-byte loads.
 
 typedef unsigned char u8;
 typedef signed char i8;
@@ -272,6 +272,54 @@ struct TQ6_K {
     }
 };
 
+// Q2_K: 16 bytes scales (sub-block s: scale low nibble, min high nibble), 64 bytes qs, f16 d, f16 dmin.
+// Value 128h + 32k + l (h < 2, k < 4, l < 32) is bits 2k of qs[32h + l], in sub-block 8h + 2k + l / 16;
+// x = d sc q - dmin m. Part p (< 8): h = p / 4, l = 8 (p % 4) .. + 8, all four k: 32 values.
+struct TQ2_K {
+    static const int BLOCK = 256, BYTES = 84, PARTS = 8;
+    template <class F> __device__ static void part(const u8* b, int p, F&& f) {
+        const int h = p >> 2, l0 = (p & 3) * 8;
+        const float d = load_f16(b + 80), dmin = load_f16(b + 82);
+        const u32 q[2] = {load_u32_a2(b + 16 + 32 * h + l0), load_u32_a2(b + 16 + 32 * h + l0 + 4)};
+        // l0 .. l0 + 8 lie in one half of 16, so one sub-block per k.
+        const int s0 = 8 * h + (l0 >> 4);
+        for (int k = 0; k < 4; k++) {
+            const u32 sm = b[s0 + 2 * k];
+            const float dl = d * (float)(sm & 0xF), ml = dmin * (float)(sm >> 4);
+            for (int j = 0; j < 8; j++) {
+                const u32 v = (q[j >> 2] >> (8 * (j & 3) + 2 * k)) & 3;
+                f(128 * h + 32 * k + l0 + j, dl * (float)v - ml);
+            }
+        }
+    }
+};
+// Q3_K: 32 bytes hmask, 64 bytes qs, 12 bytes scales, f16 d. Value 128h + 32k + l has its low 2 bits in
+// bits 2k of qs[32h + l] and its high bit in bit 4h + k of hmask[l] (clear: subtract 4); sub-block
+// s = 8h + 2k + l / 16 has the 6-bit scale (lo4 | hi2 << 4) - 32, lo4 the low nibble of scales[s] (s < 8)
+// or the high nibble of scales[s - 8], hi2 bits 2(s / 4) of scales[8 + s % 4]; x = d sc q.
+// Parts as Q2_K.
+struct TQ3_K {
+    static const int BLOCK = 256, BYTES = 110, PARTS = 8;
+    template <class F> __device__ static void part(const u8* b, int p, F&& f) {
+        const int h = p >> 2, l0 = (p & 3) * 8;
+        const float d = load_f16(b + 108);
+        const u8* sc = b + 96;
+        const u32 q[2] = {load_u32_a2(b + 32 + 32 * h + l0), load_u32_a2(b + 32 + 32 * h + l0 + 4)};
+        const u32 hm[2] = {load_u32_a2(b + l0), load_u32_a2(b + l0 + 4)};
+        const int s0 = 8 * h + (l0 >> 4);
+        for (int k = 0; k < 4; k++) {
+            const int s = s0 + 2 * k;
+            const u32 lo = s < 8 ? (sc[s] & 0xF) : (sc[s - 8] >> 4);
+            const u32 hi = (sc[8 + (s & 3)] >> (2 * (s >> 2))) & 3;
+            const float dl = d * (float)((int)(lo | (hi << 4)) - 32);
+            for (int j = 0; j < 8; j++) {
+                const int low = (int)((q[j >> 2] >> (8 * (j & 3) + 2 * k)) & 3);
+                const int high = (int)((hm[j >> 2] >> (8 * (j & 3) + 4 * h + k)) & 1);
+                f(128 * h + 32 * k + l0 + j, dl * (float)(low - 4 + 4 * high));
+            }
+        }
+    }
+};
 // FOR_EACH_WEIGHT_TYPE(MACRO), which instantiates MACRO(type struct, kernel-name suffix) for every weight
 // type with kernels, and the launch constants (MATVEC_WARPS, MATMUL_BM, ...) are generated from the Rust
 // constants of src/engine/cuda/kernels.rs (`constants_header`) and prepended to this file.

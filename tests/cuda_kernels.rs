@@ -151,6 +151,8 @@ fn random_weights(ty: GgmlType, n: usize) -> Vec<u8> {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q6_K => &[208],
+        GgmlType::Q3_K => &[108],
+        GgmlType::Q2_K => &[80, 82],
         other => panic!("no random blocks for {other}"),
     };
     for block in bytes.chunks_exact_mut(ty.block_bytes()) {

@@ -12,7 +12,9 @@ use mixtral_q::format::safetensors::Checkpoint;
 use mixtral_q::format::GgmlType;
 use mixtral_q::model::names::LayerTensor;
 use mixtral_q::model::ModelConfig;
-use mixtral_q::quantize::{quantize_checkpoint, tensor_type, QuantizeOptions, Target, TensorRole};
+use mixtral_q::quantize::{
+    quantize_checkpoint, tensor_type, ModelShape, QuantizeOptions, Target, TensorRole,
+};
 
 fn convert(target: Target, out: &Path) {
     let mut opts = QuantizeOptions::new(target);
@@ -28,7 +30,7 @@ fn convert(target: Target, out: &Path) {
 fn every_type_converts_with_the_expected_names_shapes_and_types() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ModelConfig::from_hf_config_file(&tiny_model_dir().join("config.json")).unwrap();
-    for target in [Target::Q4K, Target::Q4_0, Target::Q8_0, Target::F16, Target::F32] {
+    for &target in <Target as clap::ValueEnum>::value_variants() {
         let out = dir.path().join(format!("tiny-{}.gguf", target.name()));
         convert(target, &out);
         let file = GgufFile::open(&out).unwrap();
@@ -39,7 +41,7 @@ fn every_type_converts_with_the_expected_names_shapes_and_types() {
         for (t, (name, dims)) in file.tensors.iter().zip(&expected) {
             assert_eq!(&t.name, name);
             assert_eq!(&t.dims, dims, "{name}");
-            let ty = tensor_type(target, TensorRole::of(name), dims[0] as usize, cfg.n_experts);
+            let ty = tensor_type(target, TensorRole::of(name), dims[0] as usize, ModelShape::of(&cfg));
             assert_eq!(t.ty, ty, "{name}");
         }
         // The tiny model's rows (128, 224) are not multiples of 256: K-quants must have fallen back.
@@ -129,7 +131,7 @@ for t in r.tensors:
     out["tensors"].append([t.name, int(t.tensor_type), [int(d) for d in t.shape], float(v.sum()), float((v * v).sum())])
 print(json.dumps(out))
 "#;
-    for target in [Target::Q4K, Target::Q4_0, Target::Q8_0, Target::F16] {
+    for &target in <Target as clap::ValueEnum>::value_variants() {
         let out = dir.path().join(format!("tiny-{}.gguf", target.name()));
         convert(target, &out);
         let o = std::process::Command::new(python()).arg("-c").arg(script).arg(&out).output().unwrap();
@@ -421,4 +423,50 @@ fn outputs_that_are_not_regular_files_are_refused() {
     assert!(std::fs::metadata("/dev/full").unwrap().file_type().is_char_device());
     let files = std::fs::read_dir(d.path()).unwrap().count();
     assert_eq!(files, 2, "temporary files were left behind");
+}
+
+/// `--type` takes llama.cpp's mix names in any case; `info` names the mix and lists the K-quant
+/// types the rules chose (rows of 256 so that no K-quant falls back).
+#[test]
+fn mix_names_are_case_insensitive_and_info_names_the_mix() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("q3km.gguf");
+    let out = out.to_str().unwrap();
+    let shape = [
+        "--layers",
+        "2",
+        "--hidden",
+        "256",
+        "--ffn",
+        "512",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "1",
+        "--vocab",
+        "512",
+    ];
+    let o = run(&[&["synth", "-o", out, "--type", "q3_k_m"][..], &shape].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["info", out, "--tensors"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("12 (MOSTLY_Q3_K_M, mix Q3_K_M)"), "{text}");
+    let file = GgufFile::open(Path::new(out)).unwrap();
+    let ty = |name: &str| file.tensor(name).unwrap().ty;
+    assert_eq!(ty("blk.0.attn_q.weight"), GgmlType::Q3_K);
+    assert_eq!(ty("blk.0.attn_v.weight"), GgmlType::Q8_0);
+    assert_eq!(ty("blk.1.ffn_gate_exps.weight"), GgmlType::Q3_K);
+    assert_eq!(ty("blk.0.attn_output.weight"), GgmlType::Q5_K);
+    assert_eq!(ty("output.weight"), GgmlType::Q6_K);
+    // 2 layers: 2 / 16 = 0 layers of Q5_K, so every ffn_down is Q4_K.
+    assert_eq!(ty("blk.0.ffn_down_exps.weight"), GgmlType::Q4_K);
+    let o = run(&[&["synth", "-o", out, "--type", "Q2_k"][..], &shape].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = GgufFile::open(Path::new(out)).unwrap();
+    assert_eq!(file.tensor("blk.1.ffn_up_exps.weight").unwrap().ty, GgmlType::Q2_K);
+    assert_eq!(file.tensor("blk.1.ffn_down_exps.weight").unwrap().ty, GgmlType::Q3_K);
+    let o = run(&[&["synth", "-o", out, "--type", "q3_k_xl"][..], &shape].concat());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("q3_k_xl"), "{}", stderr(&o));
 }

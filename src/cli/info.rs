@@ -85,6 +85,8 @@ struct Report {
     tokenizer: Tokenizer,
     file_type: Option<u64>,
     file_type_name: Option<&'static str>,
+    /// The mix's `llama-quantize` name ("Q3_K_M").
+    mix: Option<&'static str>,
     metadata: Vec<MetaRow>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tensors: Option<Vec<TensorRow>>,
@@ -207,6 +209,7 @@ impl Report {
             },
             file_type,
             file_type_name: file_type.and_then(FileType::from_id).map(|f| f.name),
+            mix: file_type.and_then(FileType::from_id).map(|f| f.mix()),
             metadata: meta.iter().map(|(k, v)| MetaRow { key: k.to_string(), value: summarise(v) }).collect(),
             tensors: list_tensors.then(|| {
                 file.tensors
@@ -300,7 +303,9 @@ impl Report {
             yes_no(t.has_chat_template)
         )?;
         match (self.file_type, self.file_type_name) {
-            (Some(ft), Some(name)) => writeln!(w, "file type:       {ft} ({name})")?,
+            (Some(ft), Some(name)) => {
+                writeln!(w, "file type:       {ft} ({name}, mix {})", self.mix.unwrap_or("?"))?
+            }
             (Some(ft), None) => writeln!(w, "file type:       {ft}")?,
             (None, _) => writeln!(w, "file type:       (not set)")?,
         }
@@ -506,6 +511,7 @@ mod tests {
             assert_eq!(r.tokenizer.vocab_size, Some(64));
             assert!(r.tokenizer.has_chat_template && !r.tokenizer.has_huggingface_json);
             assert_eq!(r.file_type_name, Some("ALL_F32"));
+            assert_eq!(r.mix, Some("F32"));
             assert_eq!(r.tensors.as_ref().unwrap().len(), f.tensors.len());
 
             let mut text = Vec::new();

@@ -27,7 +27,7 @@ pub struct PlanArgs {
     #[arg(long, value_enum)]
     pub shape: Option<Shape>,
     /// The quantization of `--shape`.
-    #[arg(long = "type", value_enum, default_value = "q4_k", requires = "shape")]
+    #[arg(long = "type", value_enum, ignore_case = true, default_value = "q4_k", requires = "shape")]
     pub target: Target,
     /// VRAM to plan for, e.g. 22G (default: the preset's card minus a reserve).
     #[arg(long, value_parser = parse_bytes)]

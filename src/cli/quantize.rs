@@ -17,8 +17,9 @@ pub struct QuantizeArgs {
     /// Output GGUF file (written to a temporary file beside it and renamed at the end).
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Weight type: q4_k is the 4-bit grouped format (llama.cpp Q4_K_M-like).
-    #[arg(long = "type", value_enum, default_value = "q4_k")]
+    /// Type mix, llama.cpp's names (case-insensitive): Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0,
+    /// Q4_0, F16, BF16, F32; q4_k is ours: Q4_K_M's attention and head, every expert matrix Q4_K.
+    #[arg(long = "type", value_enum, ignore_case = true, default_value = "q4_k")]
     pub target: Target,
     /// Worker threads (default: all cores).
     #[arg(long)]

@@ -19,7 +19,7 @@ pub struct SynthArgs {
     #[arg(long, conflicts_with = "target")]
     pub hf: bool,
     /// Weight type of the GGUF.
-    #[arg(long = "type", value_enum, default_value = "q4_k")]
+    #[arg(long = "type", value_enum, ignore_case = true, default_value = "q4_k")]
     pub target: Target,
     /// Element type of the --hf safetensors.
     #[arg(long, value_enum, default_value = "bf16")]

@@ -37,6 +37,11 @@ pub const FILE_TYPES: [FileType; 17] = [
 ];
 
 impl FileType {
+    /// The mix's name as `llama-quantize` (and `mixtral-q quantize --type`) takes it: "Q4_K_M".
+    pub fn mix(&self) -> &'static str {
+        self.name.strip_prefix("MOSTLY_").or_else(|| self.name.strip_prefix("ALL_")).unwrap_or(self.name)
+    }
+
     /// The file type with id `id`, if llama.cpp defines it and we know it.
     pub fn from_id(id: u64) -> Option<&'static FileType> {
         FILE_TYPES.iter().find(|f| f.id == id)
@@ -54,5 +59,7 @@ mod tests {
         }
         assert_eq!(FileType::from_id(15).unwrap().name, "MOSTLY_Q4_K_M");
         assert_eq!(FileType::from_id(4), None);
+        assert_eq!(FileType::from_id(12).unwrap().mix(), "Q3_K_M");
+        assert_eq!(FileType::from_id(0).unwrap().mix(), "F32");
     }
 }

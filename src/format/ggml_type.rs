@@ -83,8 +83,8 @@ ggml_types! {
     Q5_1 = 7,  "q5_1", QK,   BlockQ5_1, Some(A::Q8_0), Some("q5_1"), QK;
     Q8_0 = 8,  "q8_0", QK,   BlockQ8_0, Some(A::Q8_0), Some("q8_0"), QK;
     Q8_1 = 9,  "q8_1", QK,   BlockQ8_1, None,          None,         QK;
-    Q2_K = 10, "q2_K", QK_K, BlockQ2K,  None,          None,         QK_K;
-    Q3_K = 11, "q3_K", QK_K, BlockQ3K,  None,          None,         QK_K;
+    Q2_K = 10, "q2_K", QK_K, BlockQ2K,  Some(A::Q8K),  Some("q2_k"), QK_K;
+    Q3_K = 11, "q3_K", QK_K, BlockQ3K,  Some(A::Q8K),  Some("q3_k"), QK_K;
     Q4_K = 12, "q4_K", QK_K, BlockQ4K,  Some(A::Q8K),  Some("q4_k"), QK_K;
     Q5_K = 13, "q5_K", QK_K, BlockQ5K,  Some(A::Q8K),  Some("q5_k"), QK_K;
     Q6_K = 14, "q6_K", QK_K, BlockQ6K,  Some(A::Q8K),  Some("q6_k"), QK_K;
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn computable_types_have_cuda_kernels_that_divide_their_blocks() {
-        assert_eq!(GgmlType::COMPUTABLE.len(), 11);
+        assert_eq!(GgmlType::COMPUTABLE.len(), 13);
         for t in GgmlType::ALL {
             let info = t.info();
             assert_eq!(info.activations.is_some(), info.cuda_suffix.is_some(), "{t}");

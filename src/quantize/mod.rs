@@ -10,4 +10,4 @@ mod plan;
 pub use pipeline::{
     quantize_checkpoint, write_gguf, QuantizeOptions, QuantizeReport, RowSource, TensorReport,
 };
-pub use plan::{fit_row, tensor_type, tensor_types, Target, TensorRole};
+pub use plan::{fit_row, tensor_type, tensor_types, ModelShape, Target, TensorRole};

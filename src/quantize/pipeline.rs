@@ -180,7 +180,7 @@ fn plan_jobs(cfg: &ModelConfig, target: Target) -> Vec<TensorJob> {
                 TensorRole::Norm if name == names::OUTPUT_NORM => {
                     (vec![names::HF_OUTPUT_NORM.to_string()], None)
                 }
-                TensorRole::Norm | TensorRole::Layer(_) => {
+                TensorRole::Norm | TensorRole::Layer(..) => {
                     let layer: usize = name.split('.').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
                     let t = LayerTensor::ALL
                         .into_iter()

@@ -1,8 +1,20 @@
 //! Which ggml type each tensor gets, for each `--type`.
 //!
-//! `q4_k` follows llama.cpp's Q4_K_M where it costs nothing (attention is under 2% of Mixtral's
-//! weights): Q8_0 for attn_k/attn_v of an 8-expert model, Q5_K for attn_output, Q6_K for the output
-//! head; every expert matrix is Q4_K, which sets the file size (~4.5 bits per weight).
+//! The mixes are llama.cpp's file types, by the names `llama-quantize` takes (case-insensitive), with
+//! the per-tensor rules of its `llama_tensor_get_type` (src/llama-quant.cpp) for a Mixtral-style model:
+//! the rules that apply to K-quant mixes and Q4_0/Q8_0, without an importance matrix. For an 8-expert
+//! model attn_k and attn_v are Q8_0 in every quantized mix (attention is under 2% of Mixtral's weights,
+//! so spending bits there is nearly free), the output head Q6_K (Q8_0 in Q8_0), and ffn_down gets more
+//! bits in part of the layers in the _M/_L mixes and Q2_K.
+//!
+//! `q4_k` is ours, not an alias of Q4_K_M: Q4_K_M's attention and head (Q8_0 attn_k/attn_v, Q5_K
+//! attn_output, Q6_K output) but every expert matrix Q4_K, ffn_down included, which keeps the file
+//! ~5% smaller than Q4_K_M (the trade measured in the README).
+//!
+//! A row length that a K-quant's 256-value blocks do not divide falls back to a 32-value type
+//! (`fit_row`).
+
+use clap::ValueEnum;
 
 use crate::format::GgmlType;
 use crate::model::names::{self, LayerTensor};
@@ -12,39 +24,81 @@ use crate::model::names::{self, LayerTensor};
 pub enum Target {
     #[value(name = "q4_k")]
     Q4K,
-    #[value(name = "q4_0")]
-    Q4_0,
-    #[value(name = "q8_0")]
+    #[value(name = "Q2_K")]
+    Q2K,
+    #[value(name = "Q3_K_S")]
+    Q3KS,
+    #[value(name = "Q3_K_M")]
+    Q3KM,
+    #[value(name = "Q3_K_L")]
+    Q3KL,
+    #[value(name = "Q4_K_S")]
+    Q4KS,
+    #[value(name = "Q4_K_M")]
+    Q4KM,
+    #[value(name = "Q5_K_S")]
+    Q5KS,
+    #[value(name = "Q5_K_M")]
+    Q5KM,
+    #[value(name = "Q6_K")]
+    Q6K,
+    #[value(name = "Q8_0")]
     Q8_0,
-    #[value(name = "f16")]
+    #[value(name = "Q4_0")]
+    Q4_0,
+    #[value(name = "F16")]
     F16,
-    #[value(name = "f32")]
+    #[value(name = "BF16")]
+    BF16,
+    #[value(name = "F32")]
     F32,
 }
 
 impl Target {
-    /// `general.file_type` (llama.cpp's `llama_ftype`).
+    /// `general.file_type`: llama.cpp's `llama_ftype` (`q4_k` reports Q4_K_M, the mix it derives from).
     pub fn file_type(self) -> u32 {
+        use Target::*;
         match self {
-            Target::F32 => 0,
-            Target::F16 => 1,
-            Target::Q4_0 => 2,
-            Target::Q8_0 => 7,
-            Target::Q4K => 15, // MOSTLY_Q4_K_M
+            F32 => 0,
+            F16 => 1,
+            Q4_0 => 2,
+            Q8_0 => 7,
+            Q2K => 10,
+            Q3KS => 11,
+            Q3KM => 12,
+            Q3KL => 13,
+            Q4KS => 14,
+            Q4KM | Q4K => 15,
+            Q5KS => 16,
+            Q5KM => 17,
+            Q6K => 18,
+            BF16 => 32,
         }
     }
 
-    pub fn name(self) -> &'static str {
+    /// The name `--type` takes (as clap lists it).
+    pub fn name(self) -> String {
+        self.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+    }
+
+    /// llama.cpp's default type of the mix (`default_type` in `llama_model_quantize_impl`).
+    pub fn base_type(self) -> GgmlType {
+        use GgmlType as G;
+        use Target::*;
         match self {
-            Target::Q4K => "q4_k",
-            Target::Q4_0 => "q4_0",
-            Target::Q8_0 => "q8_0",
-            Target::F16 => "f16",
-            Target::F32 => "f32",
+            F32 => G::F32,
+            F16 => G::F16,
+            BF16 => G::BF16,
+            Q4_0 => G::Q4_0,
+            Q8_0 => G::Q8_0,
+            Q2K => G::Q2_K,
+            Q3KS | Q3KM | Q3KL => G::Q3_K,
+            Q4KS | Q4KM | Q4K => G::Q4_K,
+            Q5KS | Q5KM => G::Q5_K,
+            Q6K => G::Q6_K,
         }
     }
 }
-
 /// What a GGUF tensor is, for choosing its type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TensorRole {
@@ -52,7 +106,8 @@ pub enum TensorRole {
     Output,
     /// Norms: always F32.
     Norm,
-    Layer(LayerTensor),
+    /// A layer's tensor, with the layer's index.
+    Layer(LayerTensor, usize),
 }
 
 impl TensorRole {
@@ -63,41 +118,106 @@ impl TensorRole {
             names::OUTPUT => TensorRole::Output,
             names::OUTPUT_NORM => TensorRole::Norm,
             _ => {
-                let suffix = name.split('.').nth(2).unwrap_or("");
-                match LayerTensor::ALL.iter().find(|t| t.suffix() == suffix) {
-                    Some(LayerTensor::AttnNorm | LayerTensor::FfnNorm) | None => TensorRole::Norm,
-                    Some(t) => TensorRole::Layer(*t),
+                let mut parts = name.split('.');
+                let layer = parts.nth(1).and_then(|l| l.parse().ok());
+                let suffix = parts.next().unwrap_or("");
+                match (LayerTensor::ALL.iter().find(|t| t.suffix() == suffix), layer) {
+                    (Some(LayerTensor::AttnNorm | LayerTensor::FfnNorm) | None, _) | (_, None) => {
+                        TensorRole::Norm
+                    }
+                    (Some(t), Some(layer)) => TensorRole::Layer(*t, layer),
                 }
             }
         }
     }
 }
 
-/// The type for a tensor of `role` whose rows hold `row_len` values, in a model with `n_experts`.
-pub fn tensor_type(target: Target, role: TensorRole, row_len: usize, n_experts: usize) -> GgmlType {
-    use GgmlType as G;
-    let wanted = match (target, role) {
-        (_, TensorRole::Norm) | (_, TensorRole::Layer(LayerTensor::FfnGateInp)) => return G::F32,
-        (Target::F32, _) => G::F32,
-        (Target::F16, _) => G::F16,
-        (Target::Q8_0, _) => G::Q8_0,
-        (Target::Q4_0, TensorRole::Output) => G::Q6_K,
-        (Target::Q4_0, _) => G::Q4_0,
-        (Target::Q4K, TensorRole::Output) => G::Q6_K,
-        (Target::Q4K, TensorRole::Layer(LayerTensor::AttnK | LayerTensor::AttnV)) if n_experts == 8 => {
-            G::Q8_0
+/// What the rules ask of the model.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelShape {
+    pub n_layers: usize,
+    pub n_experts: usize,
+    /// Query heads per KV head.
+    pub n_gqa: usize,
+}
+
+impl ModelShape {
+    pub fn of(cfg: &crate::model::ModelConfig) -> ModelShape {
+        ModelShape {
+            n_layers: cfg.n_layers,
+            n_experts: cfg.n_experts,
+            n_gqa: cfg.n_heads / cfg.n_kv_heads.max(1),
         }
-        (Target::Q4K, TensorRole::Layer(LayerTensor::AttnOutput)) => G::Q5_K,
-        (Target::Q4K, _) => G::Q4_K,
-    };
-    fit_row(wanted, row_len)
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third in between.
+fn use_more_bits(layer: usize, n_layers: usize) -> bool {
+    layer < n_layers / 8 || layer >= 7 * n_layers / 8 || (layer - n_layers / 8) % 3 == 2
+}
+
+/// The type for a tensor of `role` whose rows hold `row_len` values.
+pub fn tensor_type(target: Target, role: TensorRole, row_len: usize, shape: ModelShape) -> GgmlType {
+    fit_row(wanted_type(target, role, shape), row_len)
+}
+
+/// `llama_tensor_get_type` for our mixes, before the row-length fallback.
+fn wanted_type(target: Target, role: TensorRole, shape: ModelShape) -> GgmlType {
+    use GgmlType as G;
+    use LayerTensor as L;
+    use Target::*;
+    let base = target.base_type();
+    let eight_experts = shape.n_experts == 8;
+    let n = shape.n_layers;
+    match role {
+        // 1-D tensors and the router are never quantized.
+        TensorRole::Norm | TensorRole::Layer(L::FfnGateInp, _) => G::F32,
+        // llama.cpp applies its rules only to quantized mixes.
+        _ if base.block_len() == 1 => base,
+        TensorRole::Output if base == G::Q8_0 => G::Q8_0,
+        TensorRole::Output => G::Q6_K,
+        TensorRole::TokenEmbd => base,
+        // "For the 8-expert model, bumping this to Q8_0 trades just ~128MB."
+        TensorRole::Layer(L::AttnV | L::AttnK, _) if eight_experts => G::Q8_0,
+        TensorRole::Layer(L::AttnV, layer) => match target {
+            Q2K if shape.n_gqa >= 4 => G::Q4_K,
+            Q2K => G::Q3_K,
+            Q3KM if layer < 2 => G::Q5_K,
+            Q3KM => G::Q4_K,
+            Q3KL => G::Q5_K,
+            Q4KM | Q5KM if use_more_bits(layer, n) => G::Q6_K,
+            Q4KS if layer < 4 => G::Q5_K,
+            _ => base,
+        },
+        TensorRole::Layer(L::AttnOutput, _) if eight_experts => match target {
+            Q2K | Q3KS | Q3KM | Q4KS | Q4KM | Q4K => G::Q5_K,
+            _ => base,
+        },
+        TensorRole::Layer(L::AttnOutput, _) => match target {
+            Q2K => G::Q3_K,
+            Q3KM => G::Q4_K,
+            Q3KL => G::Q5_K,
+            Q4K => G::Q5_K,
+            _ => base,
+        },
+        TensorRole::Layer(L::FfnDownExps, layer) => match target {
+            Q2K => G::Q3_K,
+            Q3KM if layer < n / 16 => G::Q5_K,
+            Q3KM => G::Q4_K,
+            Q3KL => G::Q5_K,
+            Q4KM | Q5KM if use_more_bits(layer, n) => G::Q6_K,
+            Q4KS if layer < n / 8 => G::Q5_K,
+            _ => base,
+        },
+        TensorRole::Layer(_, _) => base,
+    }
 }
 
 /// A type whose blocks divide `row_len`: K-quants fall back to a 32-block type of similar precision
 /// (as llama.cpp does), 32-block types to F16.
 pub fn fit_row(wanted: GgmlType, row_len: usize) -> GgmlType {
     use GgmlType as G;
-    if row_len % wanted.block_len() == 0 {
+    if row_len.is_multiple_of(wanted.block_len()) {
         return wanted;
     }
     let fallback = match wanted {
@@ -106,7 +226,7 @@ pub fn fit_row(wanted: GgmlType, row_len: usize) -> GgmlType {
         G::Q6_K => G::Q8_0,
         _ => G::F16,
     };
-    if row_len % fallback.block_len() == 0 {
+    if row_len.is_multiple_of(fallback.block_len()) {
         fallback
     } else {
         G::F16
@@ -119,7 +239,7 @@ pub fn tensor_types(cfg: &crate::model::ModelConfig, target: Target) -> Vec<(Str
     cfg.gguf_tensors()
         .into_iter()
         .map(|(name, dims)| {
-            let ty = tensor_type(target, TensorRole::of(&name), dims[0] as usize, cfg.n_experts);
+            let ty = tensor_type(target, TensorRole::of(&name), dims[0] as usize, ModelShape::of(cfg));
             (name, dims, ty)
         })
         .collect()
@@ -129,18 +249,124 @@ pub fn tensor_types(cfg: &crate::model::ModelConfig, target: Target) -> Vec<(Str
 mod tests {
     use super::*;
 
+    /// Mixtral-8x7B: 32 layers, 8 experts, 4 query heads per KV head.
+    const MIXTRAL: ModelShape = ModelShape { n_layers: 32, n_experts: 8, n_gqa: 4 };
+
+    fn t(target: Target, name: &str) -> GgmlType {
+        tensor_type(target, TensorRole::of(name), 4096, MIXTRAL)
+    }
+
+    /// The ffn_down type of each of the 32 layers.
+    fn ffn_down(target: Target) -> Vec<GgmlType> {
+        (0..32).map(|l| t(target, &format!("blk.{l}.ffn_down_exps.weight"))).collect()
+    }
+
+    /// The layers `use_more_bits` picks for 32 layers, written out: the first and last 4, and
+    /// 6, 9, ..., 27.
+    const MORE_BITS: [usize; 16] = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31];
+
     #[test]
     fn q4_k_plan_for_mixtral() {
-        let t = |name: &str| tensor_type(Target::Q4K, TensorRole::of(name), 4096, 8);
-        assert_eq!(t("blk.0.ffn_gate_exps.weight"), GgmlType::Q4_K);
-        assert_eq!(t("blk.31.ffn_down_exps.weight"), GgmlType::Q4_K);
-        assert_eq!(t("blk.3.attn_q.weight"), GgmlType::Q4_K);
-        assert_eq!(t("blk.3.attn_k.weight"), GgmlType::Q8_0);
-        assert_eq!(t("blk.3.attn_output.weight"), GgmlType::Q5_K);
-        assert_eq!(t("blk.3.ffn_gate_inp.weight"), GgmlType::F32);
-        assert_eq!(t("blk.3.attn_norm.weight"), GgmlType::F32);
-        assert_eq!(t("output.weight"), GgmlType::Q6_K);
-        assert_eq!(t("token_embd.weight"), GgmlType::Q4_K);
+        use GgmlType as G;
+        let t = |name: &str| t(Target::Q4K, name);
+        assert_eq!(t("blk.0.ffn_gate_exps.weight"), G::Q4_K);
+        assert_eq!(t("blk.31.ffn_down_exps.weight"), G::Q4_K);
+        assert_eq!(t("blk.3.attn_q.weight"), G::Q4_K);
+        assert_eq!(t("blk.3.attn_k.weight"), G::Q8_0);
+        assert_eq!(t("blk.3.attn_output.weight"), G::Q5_K);
+        assert_eq!(t("blk.3.ffn_gate_inp.weight"), G::F32);
+        assert_eq!(t("blk.3.attn_norm.weight"), G::F32);
+        assert_eq!(t("output.weight"), G::Q6_K);
+        assert_eq!(t("token_embd.weight"), G::Q4_K);
+    }
+
+    #[test]
+    fn llama_cpp_mixes_for_mixtral_8x7b() {
+        use GgmlType as G;
+        use Target::*;
+        // (mix, attn_q/gate/up/token_embd, attn_output, output)
+        let rows = [
+            (Q2K, G::Q2_K, G::Q5_K, G::Q6_K),
+            (Q3KS, G::Q3_K, G::Q5_K, G::Q6_K),
+            (Q3KM, G::Q3_K, G::Q5_K, G::Q6_K),
+            (Q3KL, G::Q3_K, G::Q3_K, G::Q6_K),
+            (Q4KS, G::Q4_K, G::Q5_K, G::Q6_K),
+            (Q4KM, G::Q4_K, G::Q5_K, G::Q6_K),
+            (Q5KS, G::Q5_K, G::Q5_K, G::Q6_K),
+            (Q5KM, G::Q5_K, G::Q5_K, G::Q6_K),
+            (Q6K, G::Q6_K, G::Q6_K, G::Q6_K),
+            (Q8_0, G::Q8_0, G::Q8_0, G::Q8_0),
+            (Q4_0, G::Q4_0, G::Q4_0, G::Q6_K),
+        ];
+        for (mix, base, attn_output, output) in rows {
+            for name in ["blk.7.attn_q.weight", "blk.7.ffn_gate_exps.weight", "blk.7.ffn_up_exps.weight"] {
+                assert_eq!(t(mix, name), base, "{mix:?} {name}");
+            }
+            assert_eq!(t(mix, "token_embd.weight"), base, "{mix:?}");
+            assert_eq!(t(mix, "blk.7.attn_output.weight"), attn_output, "{mix:?}");
+            assert_eq!(t(mix, "output.weight"), output, "{mix:?}");
+            for l in [0, 13, 31] {
+                assert_eq!(t(mix, &format!("blk.{l}.attn_k.weight")), G::Q8_0, "{mix:?}");
+                assert_eq!(t(mix, &format!("blk.{l}.attn_v.weight")), G::Q8_0, "{mix:?}");
+                assert_eq!(t(mix, &format!("blk.{l}.ffn_gate_inp.weight")), G::F32, "{mix:?}");
+                assert_eq!(t(mix, &format!("blk.{l}.ffn_norm.weight")), G::F32, "{mix:?}");
+            }
+        }
+        let more_bits = |hi: G, lo: G| -> Vec<G> {
+            (0..32).map(|l| if MORE_BITS.contains(&l) { hi } else { lo }).collect()
+        };
+        let first =
+            |k: usize, hi: G, lo: G| -> Vec<G> { (0..32).map(|l| if l < k { hi } else { lo }).collect() };
+        assert_eq!(ffn_down(Q2K), vec![G::Q3_K; 32]);
+        assert_eq!(ffn_down(Q3KS), vec![G::Q3_K; 32]);
+        assert_eq!(ffn_down(Q3KM), first(2, G::Q5_K, G::Q4_K));
+        assert_eq!(ffn_down(Q3KL), vec![G::Q5_K; 32]);
+        assert_eq!(ffn_down(Q4KS), first(4, G::Q5_K, G::Q4_K));
+        assert_eq!(ffn_down(Q4KM), more_bits(G::Q6_K, G::Q4_K));
+        assert_eq!(ffn_down(Q5KS), vec![G::Q5_K; 32]);
+        assert_eq!(ffn_down(Q5KM), more_bits(G::Q6_K, G::Q5_K));
+        assert_eq!(ffn_down(Q6K), vec![G::Q6_K; 32]);
+        assert_eq!(ffn_down(Q4_0), vec![G::Q4_0; 32]);
+        for (mix, ty) in [(F16, G::F16), (BF16, G::BF16), (F32, G::F32)] {
+            for name in
+                ["token_embd.weight", "output.weight", "blk.3.attn_k.weight", "blk.30.ffn_down_exps.weight"]
+            {
+                assert_eq!(t(mix, name), ty, "{mix:?} {name}");
+            }
+            assert_eq!(t(mix, "blk.3.ffn_gate_inp.weight"), G::F32);
+        }
+    }
+
+    #[test]
+    fn attention_rules_without_eight_experts() {
+        use GgmlType as G;
+        let shape = ModelShape { n_layers: 32, n_experts: 4, n_gqa: 4 };
+        let t = |mix, name: &str| tensor_type(mix, TensorRole::of(name), 4096, shape);
+        assert_eq!(t(Target::Q3KM, "blk.1.attn_v.weight"), G::Q5_K);
+        assert_eq!(t(Target::Q3KM, "blk.2.attn_v.weight"), G::Q4_K);
+        assert_eq!(t(Target::Q3KM, "blk.2.attn_k.weight"), G::Q3_K);
+        assert_eq!(t(Target::Q3KM, "blk.2.attn_output.weight"), G::Q4_K);
+        assert_eq!(t(Target::Q2K, "blk.2.attn_v.weight"), G::Q4_K);
+        assert_eq!(t(Target::Q4KM, "blk.6.attn_v.weight"), G::Q6_K);
+        assert_eq!(t(Target::Q4KM, "blk.7.attn_v.weight"), G::Q4_K);
+    }
+
+    #[test]
+    fn names_are_llama_cpp_s_case_insensitive_with_their_file_types() {
+        use crate::format::FileType;
+        for &mix in Target::value_variants() {
+            let name = mix.name();
+            assert_eq!(Target::from_str(&name.to_lowercase(), true), Ok(mix), "{name}");
+            assert_eq!(Target::from_str(&name.to_uppercase(), true), Ok(mix), "{name}");
+            let ft =
+                FileType::from_id(mix.file_type() as u64).unwrap_or_else(|| panic!("{name}: no file type"));
+            if mix != Target::Q4K {
+                let expected = if mix == Target::F32 { "ALL_F32".into() } else { format!("MOSTLY_{name}") };
+                assert_eq!(ft.name, expected);
+            }
+        }
+        assert_eq!(Target::Q4K.file_type(), Target::Q4KM.file_type());
+        assert!(Target::from_str("q3_k_xl", true).is_err());
     }
 
     #[test]

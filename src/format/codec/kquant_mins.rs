@@ -1,8 +1,9 @@
-//! The super-block scheme shared by Q4_K and Q5_K: 256 values in 8 sub-blocks of 32; sub-block `j`
-//! has a 6-bit scale `sc[j]` and a 6-bit min `m[j]`, and its value `i` decodes as
-//! `d·sc[j]·q − dmin·m[j]` (`d`, `dmin` f16; `q` in 0..=15 for Q4_K, 0..=31 for Q5_K).
+//! The super-block scheme with mins shared by Q2_K, Q4_K and Q5_K: 256 values in sub-blocks (Q4_K,
+//! Q5_K: 8 of 32; Q2_K: 16 of 16); sub-block `j` has an integer scale `sc[j]` and min `m[j]` (6-bit
+//! for Q4_K/Q5_K, 4-bit for Q2_K), and its value `i` decodes as `d·sc[j]·q − dmin·m[j]` (`d`, `dmin`
+//! f16; `q` in 0..=15 for Q4_K, 0..=31 for Q5_K, 0..=3 for Q2_K).
 //!
-//! The 8 pairs are packed into 12 bytes `scales` (ggml's `get_scale_min_k4`):
+//! For Q4_K/Q5_K the 8 pairs are packed into 12 bytes `scales` (ggml's `get_scale_min_k4`):
 //! - `j < 4`: `sc = scales[j] & 63`, `m = scales[j + 4] & 63`;
 //! - `j ≥ 4`: `sc = (scales[j + 4] & 15) | (scales[j − 4] >> 6) << 4`,
 //!   `m = (scales[j + 4] >> 4) | (scales[j] >> 6) << 4`.
@@ -11,17 +12,17 @@
 //! low 6 bits of m[0..4] (top 2 bits: high bits of m[4..8]), and bytes 8..12 the low nibbles of
 //! sc[4..8] (low half) and m[4..8] (high half).
 //!
-//! Quantization starts from llama.cpp's `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref`: a
-//! weighted (scale, min) search per sub-block (`fit_affine`, weights `rms + |x|`), 6-bit rounding of
-//! the scales and mins against `d = max scale / 63`, `dmin = max min / 63`, then the levels
-//! re-rounded against those. The same start is also computed with unit weights, and the better of
-//! the two is refined by alternating, while the squared error drops, the least-squares (d, dmin)
+//! Quantization starts from llama.cpp's `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` /
+//! `quantize_row_q2_K_ref`: a weighted (scale, min) search per sub-block (`fit_affine`; weights
+//! `rms + |x|`, or `|x|` with absolute error for Q2_K), rounding of the scales and mins against
+//! `d = max scale / smax`, `dmin = max min / smax`, then the levels re-rounded against those. The
+//! same start is also computed with unit weights (squared error), and the better of the two is refined by alternating, while the squared error drops, the least-squares (d, dmin)
 //! for the fixed integer scales and levels and, per sub-block, the best of the neighbouring 6-bit
 //! (sc, m) pairs (levels re-rounded for each).
 
 use half::f16;
 
-use super::search::{fit_affine, lane_sum, nearest_int, round_small, through_f16, Grid};
+use super::search::{fit_affine, lane_sum, nearest_int, round_small, through_f16, Grid, Metric};
 use super::QK_K;
 
 /// Sub-block `j`'s (scale, min) from the 12 packed bytes of a Q4_K or Q5_K block.
@@ -54,60 +55,114 @@ pub(super) fn unpack_scales_mins(scales: &[u8; 12]) -> [(u8, u8); 8] {
     std::array::from_fn(|j| get_scale_min_k4(j, scales))
 }
 
-/// A Q4_K/Q5_K super-block before its levels are bit-packed.
-pub(super) struct MinsQuant {
+/// The geometry of a super-block with mins: `S` sub-blocks of `L` values, levels in 0..=`nmax`,
+/// integer sub-block scales and mins in 0..=`smax` (Q4_K: 8×32, nmax 15, smax 63; Q5_K: nmax 31;
+/// Q2_K: 16×16, nmax 3, smax 15).
+#[derive(Clone, Copy)]
+pub(super) struct Geometry {
+    pub nmax: i32,
+    pub smax: i32,
+}
+
+/// How a start fits each sub-block before the scales are rounded: the search weights (from the
+/// sub-block's values) and the error the search minimizes.
+#[derive(Clone, Copy)]
+pub(super) struct Start {
+    pub grid: Grid,
+    pub weights: fn(&[f32], &mut [f32]),
+    pub metric: Metric,
+}
+
+/// Weights `rms + |x|` (llama.cpp's Q4_K/Q5_K reference).
+pub(super) fn rms_plus_abs(x: &[f32], w: &mut [f32]) {
+    // Summed in 8 lanes, as `lane_sum` does.
+    let mut acc = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let av_x = (acc.iter().sum::<f32>() / x.len() as f32).sqrt();
+    for (w, v) in w.iter_mut().zip(x) {
+        *w = av_x + v.abs();
+    }
+}
+
+/// Weights `|x|` (llama.cpp's Q2_K reference).
+pub(super) fn abs_weights(x: &[f32], w: &mut [f32]) {
+    for (w, v) in w.iter_mut().zip(x) {
+        *w = v.abs();
+    }
+}
+
+/// Unit weights: the squared error we measure.
+pub(super) fn unit_weights(_: &[f32], w: &mut [f32]) {
+    w.fill(1.0);
+}
+
+/// A super-block before its levels and scales are bit-packed.
+pub(super) struct MinsQuant<const S: usize> {
     pub d: f16,
     pub dmin: f16,
-    pub scales: [u8; 12],
+    pub sc: [u8; S],
+    pub m: [u8; S],
     /// Level of each value, in 0..=nmax.
     pub q: [u8; QK_K],
 }
 
 /// One candidate encoding; `d` and `dmin` are exactly representable in f16.
 #[derive(Clone)]
-struct Encoding {
+struct Encoding<const S: usize> {
     d: f32,
     dmin: f32,
-    sc: [u8; 8],
-    m: [u8; 8],
+    sc: [u8; S],
+    m: [u8; S],
     q: [u8; QK_K],
-    err: [f32; 8],
+    err: [f32; S],
 }
 
 /// Rounds sub-block `x` to levels for scale `d·sc` and min `dmin·m` (as the decoder forms them);
 /// returns the squared error of the reconstruction.
-fn requantize(x: &[f32; 32], d: f32, dmin: f32, sc: u8, m: u8, nmax: i32, q: &mut [u8; 32]) -> f32 {
+fn requantize<const L: usize>(
+    x: &[f32; L],
+    d: f32,
+    dmin: f32,
+    sc: u8,
+    m: u8,
+    nmax: i32,
+    q: &mut [u8; L],
+) -> f32 {
     let ds = d * sc as f32;
     let dm = dmin * m as f32;
     if ds == 0.0 {
         q.fill(0);
-        return lane_sum::<32>(|i| (x[i] + dm) * (x[i] + dm));
+        return lane_sum::<L>(|i| (x[i] + dm) * (x[i] + dm));
     }
-    let mut l = [0f32; 32];
+    let mut l = [0f32; L];
     for (l, &v) in l.iter_mut().zip(x) {
         *l = round_small(((v + dm) / ds).clamp(0.0, nmax as f32));
     }
     for (qi, &l) in q.iter_mut().zip(&l) {
         *qi = l as u8;
     }
-    lane_sum::<32>(|i| {
+    lane_sum::<L>(|i| {
         let diff = ds * l[i] - dm - x[i];
         diff * diff
     })
 }
 
-fn sub_blocks(x: &[f32; QK_K]) -> &[[f32; 32]] {
-    x.as_chunks::<32>().0
+fn sub_blocks<const L: usize>(x: &[f32; QK_K]) -> &[[f32; L]] {
+    x.as_chunks::<L>().0
 }
 
-fn sub_levels(q: &mut [u8; QK_K]) -> &mut [[u8; 32]] {
-    q.as_chunks_mut::<32>().0
+fn sub_levels<const L: usize>(q: &mut [u8; QK_K]) -> &mut [[u8; L]] {
+    q.as_chunks_mut::<L>().0
 }
 
-impl Encoding {
-    fn new(x: &[f32; QK_K], d: f32, dmin: f32, sc: [u8; 8], m: [u8; 8], nmax: i32) -> Encoding {
-        let mut e = Encoding { d, dmin, sc, m, q: [0; QK_K], err: [0.0; 8] };
-        for (j, (xs, q)) in sub_blocks(x).iter().zip(sub_levels(&mut e.q)).enumerate() {
+impl<const S: usize> Encoding<S> {
+    fn new<const L: usize>(x: &[f32; QK_K], d: f32, dmin: f32, sc: [u8; S], m: [u8; S], nmax: i32) -> Self {
+        let mut e = Encoding { d, dmin, sc, m, q: [0; QK_K], err: [0.0; S] };
+        for (j, (xs, q)) in sub_blocks::<L>(x).iter().zip(sub_levels::<L>(&mut e.q)).enumerate() {
             e.err[j] = requantize(xs, d, dmin, sc[j], m[j], nmax, q);
         }
         e
@@ -118,19 +173,19 @@ impl Encoding {
     }
 
     /// Least-squares (d, dmin) for the current integer scales, mins and levels, rounded through f16.
-    fn refit_super_scales(&self, x: &[f32; QK_K]) -> (f32, f32) {
+    fn refit_super_scales<const L: usize>(&self, x: &[f32; QK_K]) -> (f32, f32) {
         // Minimize Σ (d·a − dmin·b − x)² with a = sc·q, b = m.
         let (mut saa, mut sab, mut sbb, mut sax, mut sbx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
-        for (j, xs) in sub_blocks(x).iter().enumerate() {
-            let q = &self.q[32 * j..32 * j + 32];
+        for (j, xs) in sub_blocks::<L>(x).iter().enumerate() {
+            let q = &self.q[L * j..L * j + L];
             let (sc, b) = (self.sc[j] as f64, self.m[j] as f64);
-            let sq = lane_sum::<32>(|i| q[i] as f32) as f64;
-            let sq2 = lane_sum::<32>(|i| q[i] as f32 * q[i] as f32) as f64;
-            let sx = lane_sum::<32>(|i| xs[i]) as f64;
-            let sxq = lane_sum::<32>(|i| xs[i] * q[i] as f32) as f64;
+            let sq = lane_sum::<L>(|i| q[i] as f32) as f64;
+            let sq2 = lane_sum::<L>(|i| q[i] as f32 * q[i] as f32) as f64;
+            let sx = lane_sum::<L>(|i| xs[i]) as f64;
+            let sxq = lane_sum::<L>(|i| xs[i] * q[i] as f32) as f64;
             saa += sc * sc * sq2;
             sab += sc * sq * b;
-            sbb += 32.0 * b * b;
+            sbb += L as f64 * b * b;
             sax += sc * sxq;
             sbx += sx * b;
         }
@@ -147,16 +202,16 @@ impl Encoding {
     }
 
     /// For each sub-block, the best of the (sc, m) pairs within ±1 of the current ones.
-    fn repick_sub_scales(&mut self, x: &[f32; QK_K], nmax: i32) {
-        let mut trial = [0u8; 32];
-        for (j, (xs, q)) in sub_blocks(x).iter().zip(sub_levels(&mut self.q)).enumerate() {
+    fn repick_sub_scales<const L: usize>(&mut self, x: &[f32; QK_K], g: Geometry) {
+        let mut trial = [0u8; L];
+        for (j, (xs, q)) in sub_blocks::<L>(x).iter().zip(sub_levels::<L>(&mut self.q)).enumerate() {
             let (sc0, m0) = (self.sc[j] as i32, self.m[j] as i32);
-            for sc in (sc0 - 1).max(0)..=(sc0 + 1).min(63) {
-                for m in (m0 - 1).max(0)..=(m0 + 1).min(63) {
+            for sc in (sc0 - 1).max(0)..=(sc0 + 1).min(g.smax) {
+                for m in (m0 - 1).max(0)..=(m0 + 1).min(g.smax) {
                     if (sc, m) == (sc0, m0) {
                         continue;
                     }
-                    let err = requantize(xs, self.d, self.dmin, sc as u8, m as u8, nmax, &mut trial);
+                    let err = requantize(xs, self.d, self.dmin, sc as u8, m as u8, g.nmax, &mut trial);
                     if err < self.err[j] {
                         self.err[j] = err;
                         self.sc[j] = sc as u8;
@@ -169,63 +224,69 @@ impl Encoding {
     }
 }
 
-/// Quantizes one super-block with levels in 0..=nmax, searching sub-block scales on `grid`.
-pub(super) fn quantize_with_mins(x: &[f32; QK_K], nmax: i32, grid: Grid) -> MinsQuant {
-    // The reference's search weights (rms + |x|) and unit weights (which fit the squared error we
-    // measure) each win on part of the blocks; refining the better start costs half as much as
-    // refining both and loses under 0.1% of error to it.
-    let weighted = start_encoding(x, nmax, grid, true);
-    let unweighted = start_encoding(x, nmax, grid, false);
-    let better = if unweighted.total_err() < weighted.total_err() { unweighted } else { weighted };
-    let best = refine(x, better, nmax);
-    MinsQuant {
-        d: f16::from_f32(best.d),
-        dmin: f16::from_f32(best.dmin),
-        scales: pack_scales_mins(&best.sc, &best.m),
-        q: best.q,
+/// Quantizes one super-block of `S` sub-blocks of `L` values: each of `starts` (the first being
+/// llama.cpp's reference) gives an encoding, the one with the smallest squared error is refined.
+pub(super) fn quantize_with_mins<const S: usize, const L: usize>(
+    x: &[f32; QK_K],
+    g: Geometry,
+    starts: &[Start],
+) -> MinsQuant<S> {
+    const { assert!(S * L == QK_K) };
+    // Refining only the better start costs a fraction of refining each and loses under 0.1% of
+    // error to it (measured on Q4_K).
+    let mut better: Option<Encoding<S>> = None;
+    for start in starts {
+        let e = start_encoding::<S, L>(x, g, start);
+        if better.as_ref().is_none_or(|b| e.total_err() < b.total_err()) {
+            better = Some(e);
+        }
     }
+    let start = better.unwrap_or_else(|| Encoding::new::<L>(x, 0.0, 0.0, [0; S], [0; S], g.nmax));
+    let best = refine::<S, L>(x, start, g);
+    MinsQuant { d: f16::from_f32(best.d), dmin: f16::from_f32(best.dmin), sc: best.sc, m: best.m, q: best.q }
 }
 
-/// llama.cpp's reference choice (`quantize_row_q4_K_ref`), or the same with unit weights in the
-/// sub-block search when `reference_weights` is false.
-fn start_encoding(x: &[f32; QK_K], nmax: i32, grid: Grid, reference_weights: bool) -> Encoding {
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
-    let mut weights = [1f32; 32];
-    let mut levels = [0u8; 32];
-    for (j, xs) in sub_blocks(x).iter().enumerate() {
-        if reference_weights {
-            let av_x = (lane_sum::<32>(|i| xs[i] * xs[i]) / 32.0).sqrt();
-            for (w, v) in weights.iter_mut().zip(xs) {
-                *w = av_x + v.abs();
-            }
-        }
-        (scales[j], mins[j]) = fit_affine(xs, &weights, nmax, grid, &mut levels);
+/// llama.cpp's reference choice (`quantize_row_q4_K_ref`, `quantize_row_q2_K_ref`) when `start`
+/// holds the reference's search: per sub-block (scale, min) from `fit_affine`, integer scales and
+/// mins rounded against `d = max scale / smax`, `dmin = max min / smax`, levels re-rounded.
+fn start_encoding<const S: usize, const L: usize>(
+    x: &[f32; QK_K],
+    g: Geometry,
+    start: &Start,
+) -> Encoding<S> {
+    let mut scales = [0f32; S];
+    let mut mins = [0f32; S];
+    let mut weights = [1f32; L];
+    let mut levels = [0u8; L];
+    for (j, xs) in sub_blocks::<L>(x).iter().enumerate() {
+        (start.weights)(xs, &mut weights);
+        (scales[j], mins[j]) = fit_affine(xs, &weights, g.nmax, start.grid, start.metric, &mut levels);
     }
+    let smax = g.smax as f32;
     let max_scale = scales.iter().fold(0f32, |a, &s| a.max(s));
     let max_min = mins.iter().fold(0f32, |a, &m| a.max(m));
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
-    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-    let sc = scales.map(|s| nearest_int(inv_scale * s).clamp(0, 63) as u8);
-    let m = mins.map(|v| nearest_int(inv_min * v).clamp(0, 63) as u8);
-    let d = through_f16(max_scale / 63.0);
-    let dmin = through_f16(max_min / 63.0);
-    Encoding::new(x, d, dmin, sc, m, nmax)
+    let inv_scale = if max_scale > 0.0 { smax / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { smax / max_min } else { 0.0 };
+    let sc = scales.map(|s| nearest_int(inv_scale * s).clamp(0, g.smax) as u8);
+    let m = mins.map(|v| nearest_int(inv_min * v).clamp(0, g.smax) as u8);
+    let d = through_f16(max_scale / smax);
+    let dmin = through_f16(max_min / smax);
+    Encoding::new::<L>(x, d, dmin, sc, m, g.nmax)
 }
 
 /// Alternates the least-squares (d, dmin) and the per-sub-block (sc, m) re-pick while the squared
 /// error drops (three rounds at most: later rounds gain under 0.1%).
-fn refine(x: &[f32; QK_K], start: Encoding, nmax: i32) -> Encoding {
+fn refine<const S: usize, const L: usize>(x: &[f32; QK_K], start: Encoding<S>, g: Geometry) -> Encoding<S> {
     let mut best = start;
     let mut best_err = best.total_err();
     let mut cur = best.clone();
     for _ in 0..3 {
-        let (d, dmin) = cur.refit_super_scales(x);
+        let (d, dmin) = cur.refit_super_scales::<L>(x);
         if !(d.is_finite() && dmin.is_finite()) {
             break;
         }
-        cur = Encoding::new(x, d, dmin, cur.sc, cur.m, nmax);
-        cur.repick_sub_scales(x, nmax);
+        cur = Encoding::new::<L>(x, d, dmin, cur.sc, cur.m, g.nmax);
+        cur.repick_sub_scales::<L>(x, g);
         let err = cur.total_err();
         if err < best_err {
             best_err = err;

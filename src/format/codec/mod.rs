@@ -12,6 +12,7 @@
 
 mod float;
 mod kquant_mins;
+mod kquant_symmetric;
 mod q2_k;
 mod q3_k;
 mod q4_0;
@@ -93,18 +94,21 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         Q5_0 => encode_blocks::<BlockQ5_0, 32>(src, dst),
         Q5_1 => encode_blocks::<BlockQ5_1, 32>(src, dst),
         Q8_0 => encode_blocks::<BlockQ8_0, 32>(src, dst),
+        Q2_K => encode_blocks::<BlockQ2K, QK_K>(src, dst),
+        Q3_K => encode_blocks::<BlockQ3K, QK_K>(src, dst),
         Q4_K => encode_blocks::<BlockQ4K, QK_K>(src, dst),
         Q5_K => encode_blocks::<BlockQ5K, QK_K>(src, dst),
         Q6_K => encode_blocks::<BlockQ6K, QK_K>(src, dst),
         Q8_K => encode_blocks::<BlockQ8K, QK_K>(src, dst),
-        Q8_1 | Q2_K | Q3_K => bail!("quantizing to {ty} is not supported"),
+        Q8_1 => bail!("quantizing to {ty} is not supported"),
     }
     Ok(())
 }
 
 /// Whether `quantize` supports `ty`.
 pub fn can_quantize(ty: GgmlType) -> bool {
-    !matches!(ty, GgmlType::Q8_1 | GgmlType::Q2_K | GgmlType::Q3_K)
+    // Q8_1 is only ever an activation format in ggml; nothing stores weights in it.
+    !matches!(ty, GgmlType::Q8_1)
 }
 
 pub fn quantize_to_vec(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>> {

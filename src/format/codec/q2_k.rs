@@ -1,9 +1,14 @@
-//! Q2_K (decode only): 256 values in 84 bytes, 16 sub-blocks of 16 with 4-bit scales and mins.
+//! Q2_K: 256 values in 84 bytes, 16 sub-blocks of 16 with 4-bit scales and mins (see `kquant_mins`).
 
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
-use super::{Block, QK_K};
+use super::kquant_mins::{abs_weights, quantize_with_mins, unit_weights, Geometry, Start};
+use super::search::{Grid, Metric};
+use super::{Block, Quantize, QK_K};
+
+/// llama.cpp's sub-block search grid for Q2_K.
+const GRID: Grid = Grid { rmin: -0.5, rdelta: 0.1, nstep: 15 };
 
 /// Layout (ggml `block_q2_K`): bytes 0..16 `scales`: byte `s` is sub-block `s`'s scale (low nibble)
 /// and min (high nibble); bytes 16..80 `qs`, 2-bit levels; bytes 80..82 `d`, 82..84 `dmin` (f16).
@@ -29,5 +34,24 @@ impl Block<QK_K> for BlockQ2K {
             let q = (self.qs[32 * h + 16 * t + l] >> (2 * k)) & 3;
             *y = d * (sc & 0xF) as f32 * q as f32 - dmin * (sc >> 4) as f32;
         }
+    }
+}
+
+impl Quantize<QK_K> for BlockQ2K {
+    fn quantize(x: &[f32; QK_K]) -> Self {
+        // The reference searches with weights |x| and absolute error; the unit-weight squared-error
+        // start fits the error we measure.
+        let starts = [
+            Start { grid: GRID, weights: abs_weights, metric: Metric::Absolute },
+            Start { grid: GRID, weights: unit_weights, metric: Metric::Squared },
+        ];
+        let r = quantize_with_mins::<16, 16>(x, Geometry { nmax: 3, smax: 15 }, &starts);
+        let scales = std::array::from_fn(|s| r.sc[s] | r.m[s] << 4);
+        // Value 128h + 32k + l (l < 32) goes to bits 2k..2k+2 of qs[32h + l].
+        let qs = std::array::from_fn(|b| {
+            let (h, l) = (b / 32, b % 32);
+            (0..4).fold(0u8, |acc, k| acc | r.q[128 * h + 32 * k + l] << (2 * k))
+        });
+        Self { scales, qs, d: r.d, dmin: r.dmin }
     }
 }

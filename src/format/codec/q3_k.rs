@@ -1,9 +1,19 @@
-//! Q3_K (decode only): 256 values in 110 bytes, 16 sub-blocks of 16 with signed 6-bit scales.
+//! Q3_K: 256 values in 110 bytes, 16 sub-blocks of 16 with signed 6-bit scales, `x = d·sc·q`.
+//!
+//! Quantization (see `kquant_symmetric`) starts from llama.cpp's `quantize_row_q3_K_ref`: a scale
+//! per sub-block from `fit_q3` (its `make_q3_quants`), 6-bit rounding of the scales against
+//! `d = max scale / −32`, then the levels re-rounded and refined. A second start's sub-block search
+//! is `fit_symmetric` with unit weights; the better of the two is kept.
 
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
-use super::{Block, QK_K};
+use super::kquant_symmetric::{best_of, Encoding, Geometry};
+use super::search::{fit_q3, fit_symmetric};
+use super::{Block, Quantize, QK_K};
+
+/// Levels −4..4, 6-bit scales.
+const GEOMETRY: Geometry = Geometry { nmax: 4, smax: 32 };
 
 /// Layout (ggml `block_q3_K`): bytes 0..32 `hmask`, bytes 32..96 `qs`, bytes 96..108 `scales`,
 /// bytes 108..110 `d` (f16). Value `i = 128h + 32k + 16t + l` (h < 2, k < 4, t < 2, l < 16) has low
@@ -43,4 +53,38 @@ impl Block<QK_K> for BlockQ3K {
             *y = scales[8 * h + 2 * k + t] * q as f32;
         }
     }
+}
+
+impl Quantize<QK_K> for BlockQ3K {
+    fn quantize(x: &[f32; QK_K]) -> Self {
+        let sub = |s: usize| &x[16 * s..16 * s + 16];
+        let reference: [f32; 16] = std::array::from_fn(|s| fit_q3(sub(s), 4));
+        let mut levels = [0u8; 16];
+        let unweighted: [f32; 16] =
+            std::array::from_fn(|s| fit_symmetric(sub(s), &[1.0; 16], 4, &mut levels));
+        let starts = [Encoding::start(x, &reference, GEOMETRY), Encoding::start(x, &unweighted, GEOMETRY)];
+        match best_of(x, starts) {
+            Some(e) => pack(&e),
+            None => Self::zeroed(),
+        }
+    }
+}
+
+fn pack(e: &Encoding) -> BlockQ3K {
+    let mut b = BlockQ3K::zeroed();
+    for s in 0..16 {
+        // Stored as sc + 32: low nibble in scales[s % 8] (high half for s ≥ 8), top 2 bits in
+        // scales[8 + s % 4] at bits 2(s / 4).
+        let l = (e.sc[s] as i32 + 32) as u8;
+        b.scales[s % 8] |= (l & 0xF) << (4 * (s / 8));
+        b.scales[8 + s % 4] |= (l >> 4) << (2 * (s / 4));
+    }
+    for (i, &q) in e.q.iter().enumerate() {
+        // q = l + 4 in 0..8: bit 2 is the hmask bit (set: no −4), bits 0..2 go to qs.
+        let (h, k, l) = (i / 128, i / 32 % 4, i % 32);
+        b.qs[32 * h + l] |= (q & 3) << (2 * k);
+        b.hmask[i % 32] |= (q >> 2) << (i / 32);
+    }
+    b.d = e.d16();
+    b
 }

@@ -3,8 +3,10 @@
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
-use super::kquant_mins::{quantize_with_mins, unpack_scales_mins};
-use super::search::Grid;
+use super::kquant_mins::{
+    pack_scales_mins, quantize_with_mins, rms_plus_abs, unit_weights, unpack_scales_mins, Geometry, Start,
+};
+use super::search::{Grid, Metric};
 use super::{Block, Quantize, QK_K};
 
 /// Layout (ggml `block_q4_K`): bytes 0..2 `d`, bytes 2..4 `dmin` (f16); bytes 4..16 `scales`, the 8
@@ -43,11 +45,16 @@ impl Block<QK_K> for BlockQ4K {
 
 impl Quantize<QK_K> for BlockQ4K {
     fn quantize(x: &[f32; QK_K]) -> Self {
-        let r = quantize_with_mins(x, 15, GRID);
+        let starts = [
+            Start { grid: GRID, weights: rms_plus_abs, metric: Metric::Squared },
+            Start { grid: GRID, weights: unit_weights, metric: Metric::Squared },
+        ];
+        let r = quantize_with_mins::<8, 32>(x, Geometry { nmax: 15, smax: 63 }, &starts);
+        let scales = pack_scales_mins(&r.sc, &r.m);
         let qs = std::array::from_fn(|k| {
             let (c, l) = (k / 32, k % 32);
             r.q[64 * c + l] | (r.q[64 * c + 32 + l] << 4)
         });
-        Self { d: r.d, dmin: r.dmin, scales: r.scales, qs }
+        Self { d: r.d, dmin: r.dmin, scales, qs }
     }
 }

@@ -3,8 +3,10 @@
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
-use super::kquant_mins::{quantize_with_mins, unpack_scales_mins};
-use super::search::Grid;
+use super::kquant_mins::{
+    pack_scales_mins, quantize_with_mins, rms_plus_abs, unit_weights, unpack_scales_mins, Geometry, Start,
+};
+use super::search::{Grid, Metric};
 use super::{Block, Quantize, QK_K};
 
 /// Layout (ggml `block_q5_K`): bytes 0..2 `d`, bytes 2..4 `dmin` (f16); bytes 4..16 `scales` as in
@@ -45,7 +47,12 @@ impl Block<QK_K> for BlockQ5K {
 
 impl Quantize<QK_K> for BlockQ5K {
     fn quantize(x: &[f32; QK_K]) -> Self {
-        let r = quantize_with_mins(x, 31, GRID);
+        let starts = [
+            Start { grid: GRID, weights: rms_plus_abs, metric: Metric::Squared },
+            Start { grid: GRID, weights: unit_weights, metric: Metric::Squared },
+        ];
+        let r = quantize_with_mins::<8, 32>(x, Geometry { nmax: 31, smax: 63 }, &starts);
+        let scales = pack_scales_mins(&r.sc, &r.m);
         let mut qh = [0u8; QK_K / 8];
         let mut qs = [0u8; QK_K / 2];
         for c in 0..4 {
@@ -55,6 +62,6 @@ impl Quantize<QK_K> for BlockQ5K {
                 qh[l] |= (lo >> 4) << (2 * c) | (hi >> 4) << (2 * c + 1);
             }
         }
-        Self { d: r.d, dmin: r.dmin, scales: r.scales, qh, qs }
+        Self { d: r.d, dmin: r.dmin, scales, qh, qs }
     }
 }

@@ -36,6 +36,14 @@ pub(super) fn round_small(v: f32) -> f32 {
     (v + 12_582_912.0) - 12_582_912.0
 }
 
+/// What a `fit_affine` search minimizes: the weighted squared error, or the weighted absolute
+/// error (llama.cpp's `use_mad`, which its Q2_K reference uses).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Metric {
+    Squared,
+    Absolute,
+}
+
 /// Sum of `f(i)` over `0..N`, accumulated in 8 interleaved lanes so the loop vectorizes (the
 /// order differs from a sequential sum only in rounding).
 #[inline(always)]
@@ -50,7 +58,7 @@ pub(super) fn lane_sum<const N: usize>(mut f: impl FnMut(usize) -> f32) -> f32 {
 }
 
 /// Fits `x ≈ scale·q − min` with integer `q` in 0..=nmax and `min ≥ 0`, minimizing the
-/// `w`-weighted squared error over a grid of inverse scales, each refined by weighted least squares
+/// `w`-weighted error (`metric`) over a grid of inverse scales, each refined by weighted least squares
 /// (llama.cpp's `make_qkx2_quants`: the same steps, with sums accumulated in lanes). Writes the
 /// levels to `q` and returns `(scale, min)`.
 pub(super) fn fit_affine<const N: usize>(
@@ -58,6 +66,7 @@ pub(super) fn fit_affine<const N: usize>(
     w: &[f32; N],
     nmax: i32,
     grid: Grid,
+    metric: Metric,
     q: &mut [u8; N],
 ) -> (f32, f32) {
     let mut min = x.iter().fold(x[0], |a, &v| a.min(v));
@@ -80,7 +89,7 @@ pub(super) fn fit_affine<const N: usize>(
     let error = |scale: f32, min: f32, l: &[f32; N]| {
         lane_sum::<N>(|i| {
             let diff = scale * l[i] + min - x[i];
-            w[i] * diff * diff
+            w[i] * if metric == Metric::Squared { diff * diff } else { diff.abs() }
         })
     };
     let mut levels = [0f32; N];
@@ -163,6 +172,59 @@ pub(super) fn fit_symmetric(x: &[f32], w: &[f32], nmax: i32, q: &mut [u8]) -> f3
         *qi = (level(best_iscale, v) + nmax) as u8;
     }
     scale
+}
+
+/// The scale of `x ≈ scale·l`, `l` in −nmax..nmax, by llama.cpp's `make_q3_quants` (with
+/// `do_rmse`): levels from `−nmax / max`, then up to 5 passes moving single levels to where the
+/// x²-weighted least-squares fit wants them, keeping each move that improves the fit.
+pub(super) fn fit_q3(x: &[f32], nmax: i32) -> f32 {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        return 0.0;
+    }
+    let iscale = -(nmax as f32) / max;
+    let mut levels = [0i32; 16];
+    let levels = &mut levels[..x.len()];
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for (l, &v) in levels.iter_mut().zip(x) {
+        *l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+        let w = v * v;
+        sumlx += w * v * *l as f32;
+        suml2 += w * (*l * *l) as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for (l, &v) in levels.iter_mut().zip(x) {
+            let w = v * v;
+            let mut slx = sumlx - w * v * *l as f32;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * (*l * *l) as f32;
+                let new_l = nearest_int(v * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != *l {
+                    slx += w * v * new_l as f32;
+                    sl2 += w * (new_l * new_l) as f32;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        (*l, sumlx, suml2) = (new_l, slx, sl2);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
 }
 
 /// Levels `q` (stored as `l + nmax`, `l` in −nmax..nmax) for `x ≈ d·l`; returns the squared error.
@@ -273,7 +335,7 @@ pub(super) fn quantize_affine(x: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> (f1
         Grid { rmin: -0.5, rdelta: 0.1, nstep: 15 }
     };
     let mut levels = [0u8; 32];
-    let (scale, neg_min) = fit_affine(x, &[1.0; 32], nmax, grid, &mut levels);
+    let (scale, neg_min) = fit_affine(x, &[1.0; 32], nmax, grid, Metric::Squared, &mut levels);
     consider(scale, -neg_min, q, &mut best);
     if let Some((d, m)) = lsq_affine(x, q) {
         consider(d, m, q, &mut best);

@@ -29,6 +29,8 @@ mod block_bytes {
     pub const Q5_0: usize = GgmlType::Q5_0.block_bytes();
     pub const Q5_1: usize = GgmlType::Q5_1.block_bytes();
     pub const Q8_0: usize = GgmlType::Q8_0.block_bytes();
+    pub const Q2_K: usize = GgmlType::Q2_K.block_bytes();
+    pub const Q3_K: usize = GgmlType::Q3_K.block_bytes();
     pub const Q4_K: usize = GgmlType::Q4_K.block_bytes();
     pub const Q5_K: usize = GgmlType::Q5_K.block_bytes();
     pub const Q6_K: usize = GgmlType::Q6_K.block_bytes();

@@ -3,7 +3,7 @@
 
 use super::activations::{BlockQ8K, BlockQ8_0};
 use super::{block_bytes as bytes, RowKernel};
-use crate::format::codec::get_scale_min_k4;
+use crate::format::codec::{get_scale_min_k4, BlockQ3K};
 use crate::format::GgmlType;
 
 pub(super) fn kernel(ty: GgmlType) -> Option<RowKernel> {
@@ -24,7 +24,9 @@ pub(super) fn kernel(ty: GgmlType) -> Option<RowKernel> {
         Q4_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, bytes::Q4_K, dot_q4k)),
         Q5_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, bytes::Q5_K, dot_q5k)),
         Q6_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, bytes::Q6_K, dot_q6k)),
-        Q8_1 | Q2_K | Q3_K | Q8_K => return None,
+        Q2_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, bytes::Q2_K, dot_q2k)),
+        Q3_K => RowKernel::Q8K(|w, xs, out| rows_q8k(w, xs, out, bytes::Q3_K, dot_q3k)),
+        Q8_1 | Q8_K => return None,
     })
 }
 
@@ -144,4 +146,38 @@ fn dot_q6k(b: &[u8], x: &BlockQ8K) -> f32 {
         sum += sc[i / 16] as i8 as i32 * q * x.qs[i] as i32;
     }
     f16(&b[208..]) * x.d * sum as f32
+}
+
+/// The 2-bit field of element `i` (0..256) in Q2_K/Q3_K packing: bits `2k..2k+2` of
+/// `qs[32h + i % 32]`, h = i / 128, k = i / 32 % 4.
+fn k_crumb(qs: &[u8], i: usize) -> i32 {
+    ((qs[32 * (i / 128) + i % 32] >> (2 * (i / 32 % 4))) & 3) as i32
+}
+
+/// Q2_K: `w = d * sc[s] * q - dmin * m[s]` for sub-block `s = i / 16` (the 16 bsums' groups).
+fn dot_q2k(b: &[u8], x: &BlockQ8K) -> f32 {
+    let (scales, qs) = (&b[..16], &b[16..80]);
+    let (mut sum_q, mut sum_m) = (0i32, 0i32);
+    for (s, (&sm, &bsum)) in scales.iter().zip(&x.bsums).enumerate() {
+        let dot: i32 = (16 * s..16 * s + 16).map(|i| k_crumb(qs, i) * x.qs[i] as i32).sum();
+        sum_q += (sm & 0xF) as i32 * dot;
+        sum_m += (sm >> 4) as i32 * bsum as i32;
+    }
+    f16(&b[80..]) * x.d * sum_q as f32 - f16(&b[82..]) * x.d * sum_m as f32
+}
+
+/// Q3_K: `w = d * sc[i / 16] * q`, q = 2 low bits from `qs` minus 4 where the `hmask` bit is clear.
+fn dot_q3k(b: &[u8], x: &BlockQ8K) -> f32 {
+    let block: BlockQ3K = bytemuck::pod_read_unaligned(b);
+    let mut sum = 0i32;
+    for s in 0..16 {
+        let dot: i32 = (16 * s..16 * s + 16)
+            .map(|i| {
+                let high = (block.hmask[i % 32] >> (i / 32)) & 1;
+                (k_crumb(&block.qs, i) - 4 * (1 - high as i32)) * x.qs[i] as i32
+            })
+            .sum();
+        sum += block.scale(s) as i32 * dot;
+    }
+    block.d.to_f32() * x.d * sum as f32
 }

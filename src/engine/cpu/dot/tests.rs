@@ -7,7 +7,7 @@ use super::*;
 use crate::format::codec;
 
 /// Every type the engines compute with.
-const TYPES: [GgmlType; 11] = crate::model::weights::SUPPORTED_TYPES;
+const TYPES: [GgmlType; GgmlType::COMPUTABLE.len()] = crate::model::weights::SUPPORTED_TYPES;
 
 fn f16_bytes(v: f32) -> [u8; 2] {
     half::f16::from_f32(v).to_le_bytes()
@@ -25,13 +25,21 @@ fn random_weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> V
             F32 => b.copy_from_slice(&rng.random_range(-1f32..1.0).to_le_bytes()),
             F16 => b.copy_from_slice(&f16_bytes(rng.random_range(-1f32..1.0))),
             BF16 => b.copy_from_slice(&((rng.random_range(-1f32..1.0).to_bits() >> 16) as u16).to_le_bytes()),
-            Q4_0 | Q5_0 | Q8_0 | Q6_K => {
-                let at = if ty == Q6_K { 208 } else { 0 };
+            Q4_0 | Q5_0 | Q8_0 | Q6_K | Q3_K => {
+                let at = match ty {
+                    Q6_K => 208,
+                    Q3_K => 108,
+                    _ => 0,
+                };
                 b[at..at + 2].copy_from_slice(&f16_bytes(rng.random_range(0.001f32..0.01)));
             }
             Q4_1 | Q5_1 | Q4_K | Q5_K => {
                 b[..2].copy_from_slice(&f16_bytes(rng.random_range(0.001f32..0.01)));
                 b[2..4].copy_from_slice(&f16_bytes(rng.random_range(-0.01f32..0.01)));
+            }
+            Q2_K => {
+                b[80..82].copy_from_slice(&f16_bytes(rng.random_range(0.001f32..0.01)));
+                b[82..84].copy_from_slice(&f16_bytes(rng.random_range(-0.01f32..0.01)));
             }
             _ => unreachable!("no test weights for {ty}"),
         }
@@ -269,8 +277,9 @@ fn wrong_sizes_and_types_are_errors() {
     assert!(matvec(ty, &w, 2, 512, &x8, &mut out).is_err(), "Q8_0 activations for Q4_K weights");
     assert!(matmul(ty, &w, 2, 512, &[x.clone(), x8], &mut [0f32; 4]).is_err(), "one bad token");
     assert!(QuantizedActivations::new(ty, &[0.0; 100]).is_err(), "partial activation block");
-    assert!(QuantizedActivations::new(GgmlType::Q2_K, &[0.0; 256]).is_err(), "unsupported type");
-    assert!(matvec(GgmlType::Q2_K, &w[..168], 2, 256, &x, &mut out).is_err(), "unsupported type");
+    // Q8_1 is an activation format only: no kernel takes it as weights.
+    assert!(QuantizedActivations::new(GgmlType::Q8_1, &[0.0; 256]).is_err(), "unsupported type");
+    assert!(matvec(GgmlType::Q8_1, &w, 2, 256, &x, &mut out).is_err(), "unsupported type");
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -85,6 +85,8 @@ macro_rules! simd_kernels {
                 Q4_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n::<_, 0>, bytes::Q4_K, w, xs, out, [1 2 3 4], 4)),
                 Q5_K => RowKernel::Q8K(|w, xs, out| by_tile!(k45_n::<_, 1>, bytes::Q5_K, w, xs, out, [1 2 3 4], 4)),
                 Q6_K => RowKernel::Q8K(|w, xs, out| by_tile!(q6k_n::<_, 0>, bytes::Q6_K, w, xs, out, [1 2 3 4], 4)),
+                Q2_K => RowKernel::Q8K(|w, xs, out| by_tile!(k23_n::<_, 2>, bytes::Q2_K, w, xs, out, [1 2 3 4], 4)),
+                Q3_K => RowKernel::Q8K(|w, xs, out| by_tile!(k23_n::<_, 3>, bytes::Q3_K, w, xs, out, [1 2 3 4], 4)),
                 _ => return None,
             })
         }
@@ -262,6 +264,73 @@ macro_rules! simd_kernels {
                     acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
                     acc[t] =
                         _mm256_fnmadd_ps(_mm256_set1_ps(dmin * x.d), _mm256_cvtepi32_ps(sum_mins), acc[t]);
+                }
+            }
+            for t in 0..N {
+                out[t] = hsum(acc[t]);
+            }
+        }
+
+        /// Q2_K (BITS = 2): `w = d * sc[s] * q - dmin * m[s]`, and Q3_K (BITS = 3):
+        /// `w = d * sc[s] * (q - 4)`, for sub-block `s = i / 16`. Both keep 2 bits of each value in
+        /// bits 2k of `qs[32h + l]` (value 128h + 32k + l); Q3_K's third bit is bit 4h + k of
+        /// `hmask[l]`. Levels stay unsigned (0..3 or 0..7) for `maddubs`; Q3_K's offset of 4 comes off
+        /// through the bsums: 4 * Σ sc[s] * bsums[s].
+        #[target_feature(enable = $features)]
+        unsafe fn k23_n<const N: usize, const BITS: u8>(w: &[u8], xs: &[&[BlockQ8K]], out: &mut [f32]) {
+            let (block_bytes, qs_at) = if BITS == 2 { (bytes::Q2_K, 16) } else { (bytes::Q3_K, 32) };
+            let m2 = _mm256_set1_epi8(3);
+            let four = _mm256_set1_epi8(4);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for (i, b) in w.chunks_exact(block_bytes).enumerate() {
+                let p = b.as_ptr();
+                // The 16 sub-block scales (and Q2_K's mins) as i16.
+                let (sc, mins, d, dmin) = if BITS == 2 {
+                    let packed = _mm_loadu_si128(p.cast());
+                    let sc = _mm_and_si128(packed, _mm_set1_epi8(0xF));
+                    let mins = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0xF));
+                    (_mm256_cvtepu8_epi16(sc), _mm256_cvtepu8_epi16(mins), f16_at(p.add(80)), f16_at(p.add(82)))
+                } else {
+                    let block: crate::format::codec::BlockQ3K = bytemuck::pod_read_unaligned(b);
+                    let sc: [i8; 16] = std::array::from_fn(|s| block.scale(s));
+                    let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.as_ptr().cast()));
+                    (sc, _mm256_setzero_si256(), f16_at(p.add(108)), 0.0)
+                };
+                let hmask = if BITS == 3 { load(p.cast()) } else { _mm256_setzero_si256() };
+                let sc_arr: [i16; 16] = std::mem::transmute::<__m256i, [i16; 16]>(sc);
+                let mut sumi = [_mm256_setzero_si256(); N];
+                for h in 0..2 {
+                    let q = load(p.add(qs_at + 32 * h).cast());
+                    for k in 0..4 {
+                        let shift = _mm_cvtsi32_si128(2 * k as i32);
+                        let mut levels = _mm256_and_si256(_mm256_srl_epi16(q, shift), m2);
+                        if BITS == 3 {
+                            let bit = _mm256_set1_epi8((1u8 << (4 * h + k)) as i8);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(hmask, bit), bit);
+                            levels = _mm256_or_si256(levels, _mm256_and_si256(set, four));
+                        }
+                        // Sub-block 8h + 2k in the low 128-bit lane, 8h + 2k + 1 in the high one.
+                        let s = 8 * h + 2 * k;
+                        let scale = _mm256_set_m128i(_mm_set1_epi16(sc_arr[s + 1]), _mm_set1_epi16(sc_arr[s]));
+                        for t in 0..N {
+                            let x = xs[t].get_unchecked(i).qs.as_ptr().add(128 * h + 32 * k);
+                            sumi[t] = madd_acc(sumi[t], _mm256_maddubs_epi16(levels, load(x)), scale);
+                        }
+                    }
+                }
+                for t in 0..N {
+                    let x = xs[t].get_unchecked(i);
+                    let bsums = load(x.bsums.as_ptr().cast());
+                    if BITS == 2 {
+                        let sum_mins = _mm256_madd_epi16(bsums, mins);
+                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+                        acc[t] =
+                            _mm256_fnmadd_ps(_mm256_set1_ps(dmin * x.d), _mm256_cvtepi32_ps(sum_mins), acc[t]);
+                    } else {
+                        let offset = _mm256_madd_epi16(bsums, sc);
+                        let s = _mm256_sub_epi32(sumi[t], _mm256_slli_epi32(offset, 2));
+                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d), _mm256_cvtepi32_ps(s), acc[t]);
+                    }
                 }
             }
             for t in 0..N {
