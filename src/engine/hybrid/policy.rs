@@ -412,8 +412,10 @@ mod tests {
                     Box::new(Lfu::new(slots, 1.0)),
                     Box::new(StaticPopular::from_steps(&steps, slots)),
                     Box::new(RandomEvict::new(slots, 42)),
+                    Box::new(crate::engine::cuda::expert_cache::SlotLru::new(slots)),
                 ];
-                let labels = ["lru", "lfu decay 0.95", "lfu no decay", "static-popular", "random"];
+                let labels =
+                    ["lru", "lfu decay 0.95", "lfu no decay", "static-popular", "random", "gpu slots"];
                 let rates: Vec<(&str, SimStats)> = labels
                     .into_iter()
                     .zip(&mut policies)
@@ -433,6 +435,8 @@ mod tests {
                 // thrashes; a frequency count keeps the popular experts (wide margins up to 16 slots).
                 if slots <= 16 {
                     assert!(rates[2].1.hit_rate() > rates[0].1.hit_rate() + 0.05, "{line:?}");
+                    // The GPU's slot cache (frequency first) as well.
+                    assert!(rates[5].1.hit_rate() > rates[0].1.hit_rate() + 0.05, "{line:?}");
                 }
             }
         }
