@@ -15,29 +15,13 @@ use mixtral_q::format::GgmlType;
 use mixtral_q::model::weights::{ExpertWeights, Matrix};
 use mixtral_q::model::ModelConfig;
 
-/// Deterministic bytes with every Q4_K block's two f16 scales small and finite.
-fn q4_k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-    let ty = GgmlType::Q4_K;
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut w: Vec<u8> = (0..rows * ty.bytes_for(cols).expect("whole blocks"))
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    let scale = half::f16::from_f32(0.005).to_le_bytes();
-    for b in w.chunks_exact_mut(ty.block_bytes()) {
-        b[0..2].copy_from_slice(&scale);
-        b[2..4].copy_from_slice(&scale);
-    }
-    w
-}
+mod common;
+use common::weights;
 
 fn expert(c: &mut Criterion) {
     let cfg = ModelConfig::mixtral_8x7b(32);
     let (h, f) = (cfg.hidden_size, cfg.ffn_size);
+    let q4_k = |rows, cols, seed| weights(GgmlType::Q4_K, rows, cols, seed);
     let (gate, up, down) = (q4_k(f, h, 1), q4_k(f, h, 2), q4_k(h, f, 3));
     let m = |data: &'static [u8], rows, cols| Matrix::new(GgmlType::Q4_K, rows, cols, data).unwrap();
     let leak = |v: Vec<u8>| -> &'static [u8] { Box::leak(v.into_boxed_slice()) };
