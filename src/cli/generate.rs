@@ -219,7 +219,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     drop(seq);
     if let Some(path) = &args.record_routing {
         let trace = routing::recorded(&loaded.model, tok, &processed, engine.take_router_trace())?;
-        routing::write_atomically(path, trace.to_json()?.as_bytes())?;
+        mixtral_q::format::output::write_atomic(path, trace.to_json()?.as_bytes())?;
     }
     let experts = engine.expert_stats();
 

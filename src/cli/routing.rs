@@ -5,7 +5,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use mixtral_q::routing::{self, write_atomically, Report};
+use mixtral_q::format::output::write_atomic;
+use mixtral_q::routing::{self, Report};
 
 use super::load::{ModelArgs, DEMO_NOTICE};
 
@@ -51,11 +52,11 @@ pub fn run(args: &RoutingArgs) -> Result<()> {
     }
 
     if let Some(path) = &args.svg {
-        write_atomically(path, report.svg().as_bytes())?;
+        write_atomic(path, report.svg().as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &args.html {
-        write_atomically(path, report.html(&layers).as_bytes())?;
+        write_atomic(path, report.html(&layers).as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     if args.json {

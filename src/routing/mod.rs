@@ -17,7 +17,7 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 
 pub use stats::{LayerStats, RoutingStats, Z_ABOVE_CHANCE};
-pub use trace::{write_atomically, RoutingTrace};
+pub use trace::RoutingTrace;
 
 use crate::engine::cpu::CpuEngine;
 use crate::engine::{Engine, RouterTrace};
