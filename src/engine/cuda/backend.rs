@@ -403,15 +403,14 @@ impl<'w> CudaBackend<'w> {
     }
 
     /// Routes `ids` / `weights` (`[tokens, k]` on the device) read back and grouped by expert, as the
-    /// CPU backend groups them (so both backends share one pair order), with each pair's token and
-    /// weight on the device.
-    fn grouped(
+    /// CPU backend groups them (so both backends share one pair order).
+    fn routes_on_host(
         &self,
         ids: &Pooled<i32>,
         weights: &Pooled<f32>,
         k: usize,
         n_experts: usize,
-    ) -> Result<Grouped> {
+    ) -> Result<Routes> {
         let host_ids = self.gpu.download(&ids.view())?;
         let host_weights = self.gpu.download(&weights.view())?;
         let per_token: Vec<Route> = host_ids
@@ -423,12 +422,11 @@ impl<'w> CudaBackend<'w> {
             per_token.iter().flatten().all(|&(e, _)| e < n_experts),
             "the router produced an expert id out of range"
         );
-        self.grouped_from_host(per_token, n_experts)
+        Ok(Routes::new(per_token, n_experts))
     }
 
-    /// Host routes grouped by expert, with each pair's token and weight uploaded.
-    fn grouped_from_host(&self, per_token: Vec<Route>, n_experts: usize) -> Result<Grouped> {
-        let host = Routes::new(per_token, n_experts);
+    /// Host routes with each pair's token and weight uploaded (what the grouped kernels read).
+    fn grouped(&self, host: Routes) -> Result<Grouped> {
         let tokens: Vec<i32> = host.pairs().iter().map(|&(t, _)| t as i32).collect();
         let pair_weights: Vec<f32> = host.pairs().iter().map(|&(_, w)| w).collect();
         let mut pair_tokens = self.pool.take::<i32>(tokens.len())?;
@@ -681,7 +679,10 @@ impl<'w> Backend for CudaBackend<'w> {
             &mut ids.view_mut(),
             &mut weights.view_mut(),
         )?;
-        let grouped = if n == 1 { None } else { Some(self.grouped(&ids, &weights, top_k, n_experts)?) };
+        let grouped = match n {
+            1 => None,
+            _ => Some(self.grouped(self.routes_on_host(&ids, &weights, top_k, n_experts)?)?),
+        };
         Ok(CudaRoutes { tokens: n, k: top_k, ids, weights, grouped })
     }
 
@@ -705,7 +706,7 @@ impl<'w> Backend for CudaBackend<'w> {
         self.gpu.copy_htod(&weights, &mut dev_weights.view_mut())?;
         let grouped = match per_token.len() {
             1 => None,
-            _ => Some(self.grouped_from_host(per_token.to_vec(), self.cfg.n_experts)?),
+            _ => Some(self.grouped(Routes::new(per_token.to_vec(), self.cfg.n_experts))?),
         };
         Ok(CudaRoutes { tokens: per_token.len(), k, ids: dev_ids, weights: dev_weights, grouped })
     }
@@ -799,48 +800,52 @@ impl<'w> Backend for CudaBackend<'w> {
             self.stats.device += routes.grouped.as_ref().map_or(routes.k, |g| g.host.groups().len()) as u64;
             return default_moe(self, layer, experts, x, routes);
         }
-        // Some experts are in host memory: the host reads the ids (one small read per layer).
-        let read;
-        let g = match &routes.grouped {
-            Some(g) => g,
+        // Some experts are in host memory: the host reads the routes (one small read per layer).
+        let mut read = match &routes.grouped {
+            Some(_) => None,
             None => {
-                read = self.grouped(&routes.ids, &routes.weights, routes.k, experts.resident.len())?;
-                &read
+                Some(self.routes_on_host(&routes.ids, &routes.weights, routes.k, experts.resident.len())?)
             }
         };
-        let on_host: Vec<usize> = g
-            .host
+        let host = routes.grouped.as_ref().map(|g| &g.host).or(read.as_ref()).context("routes read back")?;
+        let used: Vec<usize> = host.groups().iter().map(|(e, _)| *e).collect();
+        let on_host: Vec<usize> = host
             .groups()
             .iter()
             .filter(|(e, pairs)| experts.resident[*e].is_none() && self.misses.on_host(pairs.len()))
             .map(|(e, _)| *e)
             .collect();
+        if let Some((l, predicted)) = self.predicted.take() {
+            if l == layer {
+                self.stats.lookahead_used += used.len() as u64;
+                self.stats.lookahead_predicted +=
+                    used.iter().filter(|e| predicted.contains(e)).count() as u64;
+            }
+        }
+        if on_host.is_empty() && routes.grouped.is_none() {
+            // One token, every expert on the device: missing ones into slots together, then the
+            // resident path's one launch per matrix (bit for bit what it computes with every expert
+            // resident).
+            self.fetch(experts, &used)?;
+            self.stats.device += used.len() as u64;
+            return default_moe(self, layer, experts, x, routes);
+        }
         // The host's rows first (its only wait on the device), then the device's experts are queued
         // and run while the host computes its own.
         let host_x = match on_host.is_empty() {
             true => None,
             false => Some(CpuTensor::new(self.gpu.download(&x.view())?, x.width)),
         };
-        if let Some((l, predicted)) = self.predicted.take() {
-            if l == layer {
-                let used: Vec<usize> = g.host.groups().iter().map(|(e, _)| *e).collect();
-                self.stats.lookahead_used += used.len() as u64;
-                self.stats.lookahead_predicted +=
-                    used.iter().filter(|e| predicted.contains(e)).count() as u64;
+        let uploaded;
+        let g = match (&routes.grouped, read.take()) {
+            (Some(g), _) => g,
+            (None, read) => {
+                uploaded = self.grouped(read.context("routes read back")?)?;
+                &uploaded
             }
-        }
-        let mut out = if on_host.is_empty() && routes.grouped.is_none() {
-            // One token, every expert copied: into slots together, then the resident path's one
-            // launch per matrix (bit for bit what it computes with every expert resident).
-            let ids: Vec<usize> = g.host.groups().iter().map(|(e, _)| *e).collect();
-            self.fetch(experts, &ids)?;
-            self.stats.device += ids.len() as u64;
-            default_moe(self, layer, experts, x, routes)?
-        } else {
-            let mut out = self.zeros(routes.tokens, self.cfg.hidden_size)?;
-            self.moe_on_device(experts, x, g, |e| !on_host.contains(&e), &mut out)?;
-            out
         };
+        let mut out = self.zeros(routes.tokens, self.cfg.hidden_size)?;
+        self.moe_on_device(experts, x, g, |e| !on_host.contains(&e), &mut out)?;
         if let Some(host_x) = host_x {
             let host_routes = g.host.restricted(|e| on_host.contains(&e));
             let y = self.cpu.moe(layer, &experts.host, &host_x, &host_routes)?;
