@@ -11,7 +11,7 @@ use mixtral_q::engine::hybrid::ExpertCosts;
 use mixtral_q::engine::{parse_bytes, DEFAULT_MAX_BATCH};
 use mixtral_q::model::weights::Model;
 use mixtral_q::model::ModelConfig;
-use mixtral_q::placement::predict::{self, Machine, Prediction, Preset, Routing, PRESETS};
+use mixtral_q::placement::predict::{self, Machine, Preset, Routing, PRESETS};
 use mixtral_q::placement::{self, ModelSizes, Plan};
 use mixtral_q::quantize::Target;
 
@@ -141,7 +141,6 @@ pub fn run(args: &PlanArgs) -> Result<()> {
 
     let mut out = std::io::stdout().lock();
     if args.json {
-        let per_layer: Vec<usize> = plan.resident.iter().map(|l| l.iter().filter(|&&r| r).count()).collect();
         let json = serde_json::json!({
             "model": name,
             "machine": machine,
@@ -150,7 +149,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             "plan": {
                 "vram_bytes": plan.vram_bytes(), "resident_experts": plan.resident_experts(),
                 "total_experts": plan.total_experts(), "slots": plan.n_slots,
-                "resident_per_layer": per_layer, "host_bytes": host_bytes,
+                "resident_per_layer": plan.resident_per_layer(), "host_bytes": host_bytes,
                 "dense_bytes": plan.dense, "kv_cache_bytes": plan.kv_cache, "buffer_bytes": plan.scratch,
                 "largest_expert_bytes": sizes.experts.iter().flatten().max(),
             },
@@ -173,8 +172,7 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         gbs(machine.cpu_bw)
     )?;
     writeln!(out, "{plan}")?;
-    let per_layer: Vec<String> =
-        plan.resident.iter().map(|l| l.iter().filter(|&&r| r).count().to_string()).collect();
+    let per_layer: Vec<String> = plan.resident_per_layer().iter().map(usize::to_string).collect();
     writeln!(out, "  resident experts per layer: {}", per_layer.join(" "))?;
     writeln!(
         out,
@@ -182,8 +180,8 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         if trace.is_some() { "the trace's (hot experts placed first)" } else { "uniform" }
     )?;
     writeln!(out, "predicted:")?;
-    row(&mut out, "  mixtral-q (hybrid)", &ours)?;
-    row(&mut out, &format!("  llama.cpp --n-cpu-moe {n_cpu_moe}"), &theirs)?;
+    writeln!(out, "  mixtral-q (hybrid): {ours}")?;
+    writeln!(out, "  llama.cpp --n-cpu-moe {n_cpu_moe}: {theirs}")?;
     writeln!(
         out,
         "  mixtral-q / llama.cpp: decode {:.2}x, prompt {:.2}x",
@@ -193,11 +191,6 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     if let Some(w) = ram_warning {
         writeln!(out, "warning: {w}")?;
     }
-    Ok(())
-}
-
-fn row(out: &mut impl Write, what: &str, p: &Prediction) -> Result<()> {
-    writeln!(out, "{what}: {p}")?;
     Ok(())
 }
 

@@ -39,6 +39,15 @@ impl ExpertStats {
         (self.lookahead_used > 0).then(|| self.lookahead_predicted as f64 / self.lookahead_used as f64)
     }
 
+    /// `n` per token through the model (0 before any token).
+    fn per_token(&self, n: u64) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            n as f64 / self.tokens as f64
+        }
+    }
+
     /// The counts added since `earlier` (the same engine's stats at an earlier time).
     pub fn since(&self, earlier: &ExpertStats) -> ExpertStats {
         ExpertStats {
@@ -54,7 +63,7 @@ impl ExpertStats {
 
     /// The counters with the per-token and rate figures, for JSON reports.
     pub fn to_json(&self) -> serde_json::Value {
-        let per_token = |n: u64| if self.tokens == 0 { 0.0 } else { n as f64 / self.tokens as f64 };
+        let per_token = |n| self.per_token(n);
         serde_json::json!({
             "tokens": self.tokens,
             "experts_on_device": self.device,
@@ -75,7 +84,7 @@ impl ExpertStats {
 
 impl fmt::Display for ExpertStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let per_token = |n: u64| if self.tokens == 0 { 0.0 } else { n as f64 / self.tokens as f64 };
+        let per_token = |n| self.per_token(n);
         write!(
             f,
             "experts per token: {:.2} on the device, {:.2} on the host, {:.2} copied ({:.2} MB); hit rate {:.1}%",

@@ -255,6 +255,11 @@ impl Plan {
         self.resident.iter().flatten().filter(|&&r| r).count()
     }
 
+    /// Experts in VRAM, per layer.
+    pub fn resident_per_layer(&self) -> Vec<usize> {
+        self.resident.iter().map(|l| l.iter().filter(|&&r| r).count()).collect()
+    }
+
     pub fn total_experts(&self) -> usize {
         self.resident.iter().map(Vec::len).sum()
     }
@@ -365,7 +370,7 @@ mod tests {
         // Nothing more fits: one more expert would break the budget.
         assert!(plan.vram_bytes() + s.experts[0][0] > 24 * GIB);
         // Spread over the layers: every layer keeps within one expert of the others.
-        let per_layer: Vec<usize> = plan.resident.iter().map(|l| l.iter().filter(|&&r| r).count()).collect();
+        let per_layer = plan.resident_per_layer();
         let (lo, hi) = (per_layer.iter().min().unwrap(), per_layer.iter().max().unwrap());
         assert!(hi - lo <= 1, "{per_layer:?}");
         let summary = plan.to_string();
@@ -401,7 +406,7 @@ mod tests {
         let s = mixtral_sizes();
         // 80 GB holds everything, but -ngl 10 keeps the experts of layers 0-9 only.
         let plan = Plan::with_gpu_layers(&s, 80 * GIB, Some(10)).unwrap();
-        let per_layer: Vec<usize> = plan.resident.iter().map(|l| l.iter().filter(|&&r| r).count()).collect();
+        let per_layer = plan.resident_per_layer();
         assert_eq!(per_layer, [vec![8; 10], vec![0; 22]].concat());
         assert!(!plan.all_resident() && plan.n_slots >= 2);
         assert!(plan.to_string().contains("experts in VRAM: 80 of 256"), "{plan}");
@@ -465,7 +470,7 @@ mod tests {
         let resident = plan.resident_experts();
         assert!((100..140).contains(&resident), "{resident}");
         assert!(plan.vram_bytes() <= 24 * GIB && plan.vram_bytes() + s.experts[0][0] > 24 * GIB);
-        let per_layer: Vec<usize> = plan.resident.iter().map(|l| l.iter().filter(|&&r| r).count()).collect();
+        let per_layer = plan.resident_per_layer();
         assert!(per_layer.iter().max().unwrap() - per_layer.iter().min().unwrap() <= 1, "{per_layer:?}");
     }
 

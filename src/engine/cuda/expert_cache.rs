@@ -18,7 +18,7 @@ use crate::placement::ExpertLayout;
 /// (layer, expert).
 pub type ExpertKey = (usize, usize);
 
-/// Outcome of [`SlotLru::get`].
+/// Outcome of [`SlotLfu::get`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lookup {
     /// The expert is already in this slot.
@@ -33,7 +33,7 @@ pub enum Lookup {
 /// 19.6 / 44.2 / 73.9% with 4 / 8 / 16 slots where LRU hits 0.0 / 33.4 / 63.2% (`hybrid::policy`'s
 /// trace test, where it runs beside the other policies).
 #[derive(Debug)]
-pub struct SlotLru {
+pub struct SlotLfu {
     slots: Vec<Option<ExpertKey>>,
     last_use: Vec<u64>,
     /// Uses of every expert seen, resident or not.
@@ -43,9 +43,9 @@ pub struct SlotLru {
     misses: u64,
 }
 
-impl SlotLru {
-    pub fn new(n_slots: usize) -> SlotLru {
-        SlotLru {
+impl SlotLfu {
+    pub fn new(n_slots: usize) -> SlotLfu {
+        SlotLfu {
             slots: vec![None; n_slots],
             last_use: vec![0; n_slots],
             uses: Default::default(),
@@ -102,7 +102,7 @@ impl SlotLru {
 }
 
 /// The slot bookkeeping as a residency policy, for the trace simulator.
-impl crate::engine::hybrid::policy::Policy for SlotLru {
+impl crate::engine::hybrid::policy::Policy for SlotLfu {
     fn name(&self) -> &'static str {
         "gpu slots"
     }
@@ -136,7 +136,7 @@ pub struct ExpertCache {
     compute_done: Event,
     /// Recorded on the copy stream after a step's copies.
     copies_done: Event,
-    lru: SlotLru,
+    book: SlotLfu,
     bytes_copied: u64,
     /// Copies a prefetch started that the compute stream has not been told to wait for yet.
     copies_pending: bool,
@@ -161,7 +161,7 @@ impl ExpertCache {
             staging,
             compute_done: gpu.event()?,
             copies_done: gpu.event()?,
-            lru: SlotLru::new(n_slots),
+            book: SlotLfu::new(n_slots),
             bytes_copied: 0,
             copies_pending: false,
         })
@@ -186,12 +186,12 @@ impl ExpertCache {
         let mut out = Vec::with_capacity(ids.len());
         let mut copied = false;
         for (i, &e) in ids.iter().enumerate() {
-            let slot = match self.lru.get((layer, e), &keep)? {
+            let slot = match self.book.get((layer, e), &keep)? {
                 Lookup::Hit(slot) => slot,
                 Lookup::Miss { slot, .. } => {
                     let staging = i % self.staging.len();
                     if let Err(err) = self.copy(gpu, staging, slot, &experts[e]) {
-                        self.lru.forget(slot);
+                        self.book.forget(slot);
                         return Err(err.context(format!("copying expert {e} of layer {layer} to the GPU")));
                     }
                     copied = true;
@@ -237,7 +237,10 @@ impl ExpertCache {
     /// two timed copies (the first one pays for first-touch costs). Overwrites slot 0, so it is
     /// measured before any expert is fetched.
     pub fn measure_copy(&mut self, gpu: &Gpu) -> Result<f64> {
-        ensure!(self.lru.hits() + self.lru.misses() == 0, "the copy speed is measured before slots are used");
+        ensure!(
+            self.book.hits() + self.book.misses() == 0,
+            "the copy speed is measured before slots are used"
+        );
         let Staging { buf, read } = &mut self.staging[0];
         let mut seconds = f64::INFINITY;
         for _ in 0..2 {
@@ -272,7 +275,7 @@ impl ExpertCache {
 
     /// Experts copied so far, and their bytes.
     pub fn copies(&self) -> (u64, u64) {
-        (self.lru.misses(), self.bytes_copied)
+        (self.book.misses(), self.bytes_copied)
     }
 
     pub fn slot(&self, slot: usize) -> &DeviceBuffer<u8> {
@@ -280,11 +283,11 @@ impl ExpertCache {
     }
 
     pub fn stats(&self) -> String {
-        let (h, m) = (self.lru.hits(), self.lru.misses());
+        let (h, m) = (self.book.hits(), self.book.misses());
         let rate = if h + m == 0 { 0.0 } else { 100.0 * h as f64 / (h + m) as f64 };
         format!(
             "expert cache: {} slots, {h} hits, {m} misses ({rate:.1}% hits), {:.2} GiB copied",
-            self.lru.len(),
+            self.book.len(),
             self.bytes_copied as f64 / (1u64 << 30) as f64
         )
     }
@@ -296,50 +299,50 @@ mod tests {
 
     #[test]
     fn the_least_frequently_used_expert_is_evicted_the_least_recent_among_equals() {
-        let mut lru = SlotLru::new(2);
-        lru.get((0, 1), &[]).unwrap();
-        lru.get((0, 1), &[]).unwrap();
-        lru.get((0, 2), &[]).unwrap();
+        let mut book = SlotLfu::new(2);
+        book.get((0, 1), &[]).unwrap();
+        book.get((0, 1), &[]).unwrap();
+        book.get((0, 2), &[]).unwrap();
         // (0, 1) was used twice: (0, 2) goes, although (0, 1) is the least recently used.
-        assert_eq!(lru.get((0, 3), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((0, 2)) });
-        assert_eq!(lru.get((0, 1), &[]).unwrap(), Lookup::Hit(0));
+        assert_eq!(book.get((0, 3), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((0, 2)) });
+        assert_eq!(book.get((0, 1), &[]).unwrap(), Lookup::Hit(0));
     }
 
     #[test]
     fn hits_misses_and_eviction_order() {
-        let mut lru = SlotLru::new(3);
-        assert_eq!(lru.get((0, 1), &[]).unwrap(), Lookup::Miss { slot: 0, evicted: None });
-        assert_eq!(lru.get((0, 2), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: None });
-        assert_eq!(lru.get((1, 5), &[]).unwrap(), Lookup::Miss { slot: 2, evicted: None });
-        assert_eq!(lru.get((0, 1), &[]).unwrap(), Lookup::Hit(0));
+        let mut book = SlotLfu::new(3);
+        assert_eq!(book.get((0, 1), &[]).unwrap(), Lookup::Miss { slot: 0, evicted: None });
+        assert_eq!(book.get((0, 2), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: None });
+        assert_eq!(book.get((1, 5), &[]).unwrap(), Lookup::Miss { slot: 2, evicted: None });
+        assert_eq!(book.get((0, 1), &[]).unwrap(), Lookup::Hit(0));
         // (0, 2) is now the least recently used.
-        assert_eq!(lru.get((2, 0), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((0, 2)) });
-        assert_eq!(lru.get((1, 5), &[]).unwrap(), Lookup::Hit(2));
+        assert_eq!(book.get((2, 0), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((0, 2)) });
+        assert_eq!(book.get((1, 5), &[]).unwrap(), Lookup::Hit(2));
         // (0, 1) and (1, 5) were used twice, (2, 0) once: it goes.
-        assert_eq!(lru.get((0, 2), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((2, 0)) });
-        assert_eq!((lru.hits(), lru.misses()), (2, 5));
+        assert_eq!(book.get((0, 2), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((2, 0)) });
+        assert_eq!((book.hits(), book.misses()), (2, 5));
     }
 
     #[test]
     fn experts_of_the_current_step_are_never_evicted() {
-        let mut lru = SlotLru::new(2);
-        lru.get((3, 0), &[]).unwrap();
-        lru.get((3, 1), &[]).unwrap();
+        let mut book = SlotLfu::new(2);
+        book.get((3, 0), &[]).unwrap();
+        book.get((3, 1), &[]).unwrap();
         // (3, 0) is least recently used but kept: (3, 1)'s slot goes instead.
-        let got = lru.get((4, 7), &[(3, 0), (4, 7)]).unwrap();
+        let got = book.get((4, 7), &[(3, 0), (4, 7)]).unwrap();
         assert_eq!(got, Lookup::Miss { slot: 1, evicted: Some((3, 1)) });
-        let err = lru.get((5, 5), &[(3, 0), (4, 7)]).unwrap_err().to_string();
+        let err = book.get((5, 5), &[(3, 0), (4, 7)]).unwrap_err().to_string();
         assert!(err.contains("slots"), "{err}");
     }
 
     #[test]
     fn a_forgotten_slot_is_reused_first() {
-        let mut lru = SlotLru::new(2);
-        lru.get((0, 0), &[]).unwrap();
-        lru.get((0, 1), &[]).unwrap();
-        lru.get((0, 0), &[]).unwrap();
-        lru.forget(0);
-        assert_eq!(lru.get((1, 1), &[]).unwrap(), Lookup::Miss { slot: 0, evicted: None });
-        assert_eq!(lru.get((0, 0), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((0, 1)) });
+        let mut book = SlotLfu::new(2);
+        book.get((0, 0), &[]).unwrap();
+        book.get((0, 1), &[]).unwrap();
+        book.get((0, 0), &[]).unwrap();
+        book.forget(0);
+        assert_eq!(book.get((1, 1), &[]).unwrap(), Lookup::Miss { slot: 0, evicted: None });
+        assert_eq!(book.get((0, 0), &[]).unwrap(), Lookup::Miss { slot: 1, evicted: Some((0, 1)) });
     }
 }

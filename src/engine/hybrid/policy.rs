@@ -412,7 +412,7 @@ mod tests {
                     Box::new(Lfu::new(slots, 1.0)),
                     Box::new(StaticPopular::from_steps(&steps, slots)),
                     Box::new(RandomEvict::new(slots, 42)),
-                    Box::new(crate::engine::cuda::expert_cache::SlotLru::new(slots)),
+                    Box::new(crate::engine::cuda::expert_cache::SlotLfu::new(slots)),
                 ];
                 let labels =
                     ["lru", "lfu decay 0.95", "lfu no decay", "static-popular", "random", "gpu slots"];
