@@ -111,19 +111,6 @@ pub fn hybrid_engine<'a>(
     Transformer::with_weights(backend, weights, model.config.clone(), ctx)
 }
 
-/// The pair order of the CPU's `Routes` (expert ascending, tokens ascending): (token, expert).
-fn pair_order(per_token: &[Route], n_experts: usize) -> Vec<(usize, usize)> {
-    let mut order = Vec::new();
-    for e in 0..n_experts {
-        for (t, r) in per_token.iter().enumerate() {
-            if r.iter().any(|&(id, _)| id == e) {
-                order.push((t, e));
-            }
-        }
-    }
-    order
-}
-
 /// `per_token` restricted to expert `e`, renamed expert 0 (one route per token, maybe empty).
 fn only(per_token: &[Route], e: usize) -> Vec<Route> {
     per_token.iter().map(|r| r.iter().filter(|p| p.0 == e).map(|&(_, w)| (0, w)).collect()).collect()
@@ -244,9 +231,7 @@ impl<'a> Backend for HybridBackend<'a> {
         routes: &Routes,
     ) -> Result<CpuTensor> {
         let per_token = routes.per_token();
-        let order = pair_order(per_token, self.n_experts);
-        let mut used: Vec<usize> = order.iter().map(|&(_, e)| e).collect();
-        used.dedup();
+        let used: Vec<usize> = routes.groups().iter().map(|(e, _)| *e).collect();
         if layer == 0 {
             self.stats.tokens += per_token.len() as u64;
         }
@@ -289,13 +274,10 @@ impl<'a> Backend for HybridBackend<'a> {
         let pending = self.device.run(Arc::new(x.clone()), jobs)?;
         let mut outputs: Vec<(usize, CpuTensor)> = Vec::with_capacity(used.len());
         for &e in &on_host {
-            let sub = Routes::new(only(per_token, e), 1);
-            let one = std::slice::from_ref(
-                experts.get(e).with_context(|| format!("layer {layer} has no expert {e}"))?,
-            );
-            let h = self.cpu.expert_swiglu(&one.to_vec(), x, &sub)?;
-            let [y] =
-                self.cpu.expert_matmul(&one.to_vec(), [ExpertMatrix::Down], &h, ExpertInput::Pairs, &sub)?;
+            // One expert at a time, as the CPU backend runs each expert's group.
+            let sub = routes.restricted(|x| x == e);
+            let h = self.cpu.expert_swiglu(experts, x, &sub)?;
+            let [y] = self.cpu.expert_matmul(experts, [ExpertMatrix::Down], &h, ExpertInput::Pairs, &sub)?;
             outputs.push((e, y));
         }
         let device_out = pending.recv().context("the stand-in device dropped a layer's work")??;
@@ -310,11 +292,12 @@ impl<'a> Backend for HybridBackend<'a> {
 
         // Every expert's rows, in expert order = the CPU's pair order.
         let width = outputs.first().map_or(x.width, |(_, y)| y.width);
-        let mut data = Vec::with_capacity(order.len() * width);
+        let n_pairs = routes.pairs().len();
+        let mut data = Vec::with_capacity(n_pairs * width);
         for (_, y) in &outputs {
             data.extend_from_slice(&y.data);
         }
-        ensure!(data.len() == order.len() * width, "expert outputs do not cover the layer's pairs");
+        ensure!(data.len() == n_pairs * width, "expert outputs do not cover the layer's pairs");
         self.cpu.weighted_sum(&CpuTensor::new(data, width), routes)
     }
 
