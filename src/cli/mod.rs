@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod chat;
 pub mod generate;
+pub mod imatrix;
 pub mod info;
 pub mod llama_flags;
 pub mod load;
@@ -28,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Convert a Hugging Face Mixtral checkpoint (safetensors) to a GGUF file.
     Quantize(quantize::QuantizeArgs),
+    /// Compute an importance matrix from a calibration text (llama-imatrix's file formats), for quantize --imatrix.
+    Imatrix(imatrix::ImatrixArgs),
     /// Show what a GGUF file holds: hyperparameters, tensor types, size, tokenizer.
     Info(info::InfoArgs),
     /// Make a random-weight Mixtral (real Mixtral-8x7B shapes by default) for tests and benchmarks.
@@ -60,6 +63,7 @@ pub fn parse() -> Result<Cli> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Quantize(a) => quantize::run(&a),
+        Command::Imatrix(a) => imatrix::run(&a),
         Command::Info(a) => info::run(&a),
         Command::Synth(a) => synth::run(&a),
         Command::Generate(a) => generate::run(&a),

@@ -49,13 +49,13 @@ pub struct PerplexityArgs {
 
 /// One window: the tokens run through the model, and the first logit row scored (row j predicts
 /// token j + 1; rows `first .. len - 1` are scored).
-struct Window {
-    tokens: Vec<u32>,
-    first: usize,
+pub(super) struct Window {
+    pub tokens: Vec<u32>,
+    pub first: usize,
 }
 
 /// The windows of `tokens` (the text's, BOS first) for a context of `ctx`.
-fn windows(
+pub(super) fn windows(
     tokens: &[u32],
     bos: u32,
     ctx: usize,
@@ -215,7 +215,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
 }
 
 /// `out` = log softmax(`logits`), in f64 internally.
-fn log_softmax(logits: &[f32], out: &mut [f32]) {
+pub(super) fn log_softmax(logits: &[f32], out: &mut [f32]) {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let log_sum = logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
     for (o, &v) in out.iter_mut().zip(logits) {

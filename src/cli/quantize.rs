@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
+use mixtral_q::format::imatrix::ImportanceMatrix;
 use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, QuantizeReport, Target};
 
 use super::human_bytes;
@@ -24,6 +25,10 @@ pub struct QuantizeArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Importance matrix (`mixtral-q imatrix`, or llama-imatrix's .gguf/.dat): quantize minimizing
+    /// each weight's error weighted by its column's importance.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
     /// Print every tensor's type and relative RMSE.
     #[arg(short, long)]
     pub verbose: bool,
@@ -35,6 +40,9 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     opts.verbose = args.verbose;
     opts.progress = std::io::stderr().is_terminal();
     opts.cancel = Some(cancel_on_ctrl_c());
+    if let Some(path) = &args.imatrix {
+        opts.imatrix = Some(Arc::new((path.clone(), ImportanceMatrix::read(path)?)));
+    }
     let report = quantize_checkpoint(&args.hf_dir, &args.output, &opts)?;
     print_report(&report, args.verbose);
     Ok(())

@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod cuda;
 mod device_choice;
 pub mod hybrid;
+pub mod importance;
 pub mod stats;
 pub mod transformer;
 

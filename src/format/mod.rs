@@ -5,6 +5,7 @@ pub mod codec;
 mod file_type;
 mod ggml_type;
 pub mod gguf;
+pub mod imatrix;
 pub mod output;
 pub mod safetensors;
 

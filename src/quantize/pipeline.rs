@@ -13,6 +13,7 @@ use super::permute;
 use super::plan::{tensor_types, Target, TensorRole};
 use crate::format::codec;
 use crate::format::gguf::{GgufFileWriter, GgufLayout, MetaValue, Metadata};
+use crate::format::imatrix::ImportanceMatrix;
 use crate::format::output::AtomicOutput;
 use crate::format::safetensors::Checkpoint;
 use crate::format::GgmlType;
@@ -31,11 +32,21 @@ pub struct QuantizeOptions {
     pub progress: bool,
     /// Set from a Ctrl-C handler: the conversion stops and removes its temporary file.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// An importance matrix (`--imatrix`): the tensors it has entries for are quantized minimizing
+    /// the importance-weighted error. `path` names it in the output's metadata, as llama-quantize does.
+    pub imatrix: Option<Arc<(PathBuf, ImportanceMatrix)>>,
 }
 
 impl QuantizeOptions {
     pub fn new(target: Target) -> QuantizeOptions {
-        QuantizeOptions { target, threads: None, verbose: false, progress: false, cancel: None }
+        QuantizeOptions {
+            target,
+            threads: None,
+            verbose: false,
+            progress: false,
+            cancel: None,
+            imatrix: None,
+        }
     }
 }
 
@@ -138,6 +149,10 @@ pub fn write_gguf(
     cfg.to_gguf(&mut meta);
     meta.set("general.file_type", MetaValue::U32(opts.target.file_type()));
     meta.set("general.quantization_version", MetaValue::U32(2));
+    if let Some(imatrix) = &opts.imatrix {
+        let used = check_imatrix(&imatrix.1, &jobs)?;
+        imatrix_metadata(&imatrix.0, &imatrix.1, used, &mut meta);
+    }
     for (key, value) in extra.iter().filter(|(k, _)| !k.starts_with("general.")) {
         meta.set(key, value.clone());
     }
@@ -254,8 +269,18 @@ fn convert_all(
                     if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
                         bail!("interrupted");
                     }
-                    let (bytes, sums) = convert_matrix(source_rows, source, job, opts.verbose)
-                        .with_context(|| format!("converting tensor {source} to {}", job.ty))?;
+                    let importance = match &opts.imatrix {
+                        Some(m) => m.1.importance(
+                            &job.name,
+                            matrix_index(job, source),
+                            job.sources.len(),
+                            cols_of(job),
+                        )?,
+                        None => None,
+                    };
+                    let (bytes, sums) =
+                        convert_matrix(source_rows, source, job, importance.as_deref(), opts.verbose)
+                            .with_context(|| format!("converting tensor {source} to {}", job.ty))?;
                     source_rows.done_with(source);
                     err.add(sums);
                     let len = bytes.len() as u64;
@@ -305,11 +330,13 @@ impl ErrorSums {
     }
 }
 
-/// Converts one source matrix (or vector) to the job's type, rows in parallel.
+/// Converts one source matrix (or vector) to the job's type, rows in parallel; with `importance` (one
+/// weight per column), minimizing the importance-weighted error.
 fn convert_matrix(
     source_rows: &dyn RowSource,
     name: &str,
     job: &TensorJob,
+    importance: Option<&[f32]>,
     measure: bool,
 ) -> Result<(Vec<u8>, ErrorSums)> {
     let shape = source_shape(job);
@@ -333,7 +360,10 @@ fn convert_matrix(
                 };
                 source_rows.read_row(name, src, row)?;
             }
-            codec::quantize(job.ty, &values, dst)?;
+            match importance {
+                Some(w) => codec::quantize_weighted(job.ty, &values, w, dst)?,
+                None => codec::quantize(job.ty, &values, dst)?,
+            }
             let mut sums = ErrorSums::default();
             if measure {
                 let back = codec::dequantize_to_vec(job.ty, dst, values.len())?;
@@ -349,6 +379,41 @@ fn convert_matrix(
             Ok(a)
         })?;
     Ok((out, sums))
+}
+
+/// Which matrix of its tensor `source` is (the expert index of a merged expert tensor, else 0).
+fn matrix_index(job: &TensorJob, source: &str) -> usize {
+    job.sources.iter().position(|s| s == source).unwrap_or(0)
+}
+
+/// The row length of `job`'s matrices.
+fn cols_of(job: &TensorJob) -> usize {
+    job.dims.first().map_or(1, |&d| d as usize)
+}
+
+/// Checks, before any output exists, that every entry of `imatrix` for one of `jobs` has that
+/// tensor's shape and that some tensor has one; returns how many tensors use it.
+fn check_imatrix(imatrix: &ImportanceMatrix, jobs: &[TensorJob]) -> Result<usize> {
+    let mut used = 0;
+    for job in jobs.iter().filter(|j| j.dims.len() > 1) {
+        if imatrix.importance(&job.name, 0, job.sources.len(), cols_of(job))?.is_some() {
+            used += 1;
+        }
+    }
+    if used == 0 {
+        bail!("the importance matrix has no entry for any tensor of this model (is it another model's?)");
+    }
+    Ok(used)
+}
+
+/// llama-quantize's record of the importance matrix used.
+fn imatrix_metadata(path: &Path, imatrix: &ImportanceMatrix, used: usize, meta: &mut Metadata) {
+    meta.set("quantize.imatrix.file", MetaValue::String(path.display().to_string()));
+    if let Some(dataset) = imatrix.datasets.last() {
+        meta.set("quantize.imatrix.dataset", MetaValue::String(dataset.clone()));
+    }
+    meta.set("quantize.imatrix.entries_count", MetaValue::I32(used as i32));
+    meta.set("quantize.imatrix.chunks_count", MetaValue::I32(imatrix.chunk_count as i32));
 }
 
 fn progress_bar(show: bool, total_bytes: u64, n_tensors: usize) -> ProgressBar {

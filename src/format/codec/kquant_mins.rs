@@ -22,7 +22,7 @@
 
 use half::f16;
 
-use super::search::{fit_affine, lane_sum, nearest_int, round_small, through_f16, Grid, Metric};
+use super::search::{fit_affine, lane_sum, nearest_int, round_small, tempered, through_f16, Grid, Metric};
 use super::QK_K;
 
 /// Sub-block `j`'s (scale, min) from the 12 packed bytes of a Q4_K or Q5_K block.
@@ -64,40 +64,49 @@ pub(super) struct Geometry {
     pub smax: i32,
 }
 
-/// How a start fits each sub-block before the scales are rounded: the search weights (from the
-/// sub-block's values) and the error the search minimizes.
+/// How a start fits each sub-block before the scales are rounded: the search weights and the error
+/// the search minimizes.
 #[derive(Clone, Copy)]
 pub(super) struct Start {
     pub grid: Grid,
-    pub weights: fn(&[f32], &mut [f32]),
+    pub weights: SearchWeights,
     pub metric: Metric,
 }
 
-/// Weights `rms + |x|` (llama.cpp's Q4_K/Q5_K reference).
-pub(super) fn rms_plus_abs(x: &[f32], w: &mut [f32]) {
-    // Summed in 8 lanes, as `lane_sum` does.
-    let mut acc = [0f32; 8];
-    for c in x.chunks_exact(8) {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v * v;
+/// The weights of a start's sub-block searches.
+#[derive(Clone, Copy)]
+pub(super) enum SearchWeights {
+    /// `rms + |x|`, the rms over the sub-block (llama.cpp's Q4_K/Q5_K reference).
+    RmsPlusAbs,
+    /// `|x|` (llama.cpp's Q2_K reference).
+    Abs,
+    /// The error weights themselves: 1 without an importance matrix (the squared error we measure).
+    Error,
+    /// The error weights tempered once more towards large values (`tempered`).
+    Tempered,
+}
+
+impl SearchWeights {
+    /// The weights of the super-block `x` with error weights `ew`.
+    fn of(self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> [f32; QK_K] {
+        match self {
+            SearchWeights::RmsPlusAbs => {
+                let mut w = [0f32; QK_K];
+                // The rms of each sub-block of 32 (the types that use these weights have 8 of them).
+                for (ws, xs) in w.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
+                    let xs: &[f32; 32] = xs.try_into().unwrap_or_else(|_| unreachable!("32 values"));
+                    let av_x = (lane_sum::<32>(|i| xs[i] * xs[i]) / 32.0).sqrt();
+                    for (w, v) in ws.iter_mut().zip(xs) {
+                        *w = av_x + v.abs();
+                    }
+                }
+                w
+            }
+            SearchWeights::Abs => x.map(f32::abs),
+            SearchWeights::Error => *ew,
+            SearchWeights::Tempered => tempered(x, ew),
         }
     }
-    let av_x = (acc.iter().sum::<f32>() / x.len() as f32).sqrt();
-    for (w, v) in w.iter_mut().zip(x) {
-        *w = av_x + v.abs();
-    }
-}
-
-/// Weights `|x|` (llama.cpp's Q2_K reference).
-pub(super) fn abs_weights(x: &[f32], w: &mut [f32]) {
-    for (w, v) in w.iter_mut().zip(x) {
-        *w = v.abs();
-    }
-}
-
-/// Unit weights: the squared error we measure.
-pub(super) fn unit_weights(_: &[f32], w: &mut [f32]) {
-    w.fill(1.0);
 }
 
 /// A super-block before its levels and scales are bit-packed.
@@ -122,9 +131,11 @@ struct Encoding<const S: usize> {
 }
 
 /// Rounds sub-block `x` to levels for scale `d·sc` and min `dmin·m` (as the decoder forms them);
-/// returns the squared error of the reconstruction.
+/// returns the `w`-weighted squared error of the reconstruction.
+#[allow(clippy::too_many_arguments)]
 fn requantize<const L: usize>(
     x: &[f32; L],
+    w: &[f32; L],
     d: f32,
     dmin: f32,
     sc: u8,
@@ -136,7 +147,7 @@ fn requantize<const L: usize>(
     let dm = dmin * m as f32;
     if ds == 0.0 {
         q.fill(0);
-        return lane_sum::<L>(|i| (x[i] + dm) * (x[i] + dm));
+        return lane_sum::<L>(|i| w[i] * (x[i] + dm) * (x[i] + dm));
     }
     let mut l = [0f32; L];
     for (l, &v) in l.iter_mut().zip(x) {
@@ -147,7 +158,7 @@ fn requantize<const L: usize>(
     }
     lane_sum::<L>(|i| {
         let diff = ds * l[i] - dm - x[i];
-        diff * diff
+        w[i] * diff * diff
     })
 }
 
@@ -160,10 +171,20 @@ fn sub_levels<const L: usize>(q: &mut [u8; QK_K]) -> &mut [[u8; L]] {
 }
 
 impl<const S: usize> Encoding<S> {
-    fn new<const L: usize>(x: &[f32; QK_K], d: f32, dmin: f32, sc: [u8; S], m: [u8; S], nmax: i32) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    fn new<const L: usize>(
+        x: &[f32; QK_K],
+        ew: &[f32; QK_K],
+        d: f32,
+        dmin: f32,
+        sc: [u8; S],
+        m: [u8; S],
+        nmax: i32,
+    ) -> Self {
         let mut e = Encoding { d, dmin, sc, m, q: [0; QK_K], err: [0.0; S] };
-        for (j, (xs, q)) in sub_blocks::<L>(x).iter().zip(sub_levels::<L>(&mut e.q)).enumerate() {
-            e.err[j] = requantize(xs, d, dmin, sc[j], m[j], nmax, q);
+        let subs = sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(ew));
+        for (j, ((xs, ws), q)) in subs.zip(sub_levels::<L>(&mut e.q)).enumerate() {
+            e.err[j] = requantize(xs, ws, d, dmin, sc[j], m[j], nmax, q);
         }
         e
     }
@@ -172,20 +193,22 @@ impl<const S: usize> Encoding<S> {
         self.err.iter().sum()
     }
 
-    /// Least-squares (d, dmin) for the current integer scales, mins and levels, rounded through f16.
-    fn refit_super_scales<const L: usize>(&self, x: &[f32; QK_K]) -> (f32, f32) {
-        // Minimize Σ (d·a − dmin·b − x)² with a = sc·q, b = m.
+    /// Weighted least-squares (d, dmin) for the current integer scales, mins and levels, rounded
+    /// through f16.
+    fn refit_super_scales<const L: usize>(&self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> (f32, f32) {
+        // Minimize Σ w·(d·a − dmin·b − x)² with a = sc·q, b = m.
         let (mut saa, mut sab, mut sbb, mut sax, mut sbx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
-        for (j, xs) in sub_blocks::<L>(x).iter().enumerate() {
+        for (j, (xs, w)) in sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(ew)).enumerate() {
             let q = &self.q[L * j..L * j + L];
             let (sc, b) = (self.sc[j] as f64, self.m[j] as f64);
-            let sq = lane_sum::<L>(|i| q[i] as f32) as f64;
-            let sq2 = lane_sum::<L>(|i| q[i] as f32 * q[i] as f32) as f64;
-            let sx = lane_sum::<L>(|i| xs[i]) as f64;
-            let sxq = lane_sum::<L>(|i| xs[i] * q[i] as f32) as f64;
+            let sw = lane_sum::<L>(|i| w[i]) as f64;
+            let sq = lane_sum::<L>(|i| w[i] * q[i] as f32) as f64;
+            let sq2 = lane_sum::<L>(|i| w[i] * q[i] as f32 * q[i] as f32) as f64;
+            let sx = lane_sum::<L>(|i| w[i] * xs[i]) as f64;
+            let sxq = lane_sum::<L>(|i| w[i] * xs[i] * q[i] as f32) as f64;
             saa += sc * sc * sq2;
             sab += sc * sq * b;
-            sbb += L as f64 * b * b;
+            sbb += sw * b * b;
             sax += sc * sxq;
             sbx += sx * b;
         }
@@ -202,16 +225,17 @@ impl<const S: usize> Encoding<S> {
     }
 
     /// For each sub-block, the best of the (sc, m) pairs within ±1 of the current ones.
-    fn repick_sub_scales<const L: usize>(&mut self, x: &[f32; QK_K], g: Geometry) {
+    fn repick_sub_scales<const L: usize>(&mut self, x: &[f32; QK_K], ew: &[f32; QK_K], g: Geometry) {
         let mut trial = [0u8; L];
-        for (j, (xs, q)) in sub_blocks::<L>(x).iter().zip(sub_levels::<L>(&mut self.q)).enumerate() {
+        let subs = sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(ew));
+        for (j, ((xs, ws), q)) in subs.zip(sub_levels::<L>(&mut self.q)).enumerate() {
             let (sc0, m0) = (self.sc[j] as i32, self.m[j] as i32);
             for sc in (sc0 - 1).max(0)..=(sc0 + 1).min(g.smax) {
                 for m in (m0 - 1).max(0)..=(m0 + 1).min(g.smax) {
                     if (sc, m) == (sc0, m0) {
                         continue;
                     }
-                    let err = requantize(xs, self.d, self.dmin, sc as u8, m as u8, g.nmax, &mut trial);
+                    let err = requantize(xs, ws, self.d, self.dmin, sc as u8, m as u8, g.nmax, &mut trial);
                     if err < self.err[j] {
                         self.err[j] = err;
                         self.sc[j] = sc as u8;
@@ -224,10 +248,13 @@ impl<const S: usize> Encoding<S> {
     }
 }
 
-/// Quantizes one super-block of `S` sub-blocks of `L` values: each of `starts` (the first being
-/// llama.cpp's reference) gives an encoding, the one with the smallest squared error is refined.
+/// Quantizes one super-block of `S` sub-blocks of `L` values, minimizing the squared error weighted
+/// by `ew` (error weights, all 1 without an importance matrix): each of `starts` (without an
+/// importance matrix the first is llama.cpp's reference) gives an encoding, the one with the
+/// smallest error is refined.
 pub(super) fn quantize_with_mins<const S: usize, const L: usize>(
     x: &[f32; QK_K],
+    ew: &[f32; QK_K],
     g: Geometry,
     starts: &[Start],
 ) -> MinsQuant<S> {
@@ -236,13 +263,13 @@ pub(super) fn quantize_with_mins<const S: usize, const L: usize>(
     // error to it (measured on Q4_K).
     let mut better: Option<Encoding<S>> = None;
     for start in starts {
-        let e = start_encoding::<S, L>(x, g, start);
+        let e = start_encoding::<S, L>(x, ew, g, start);
         if better.as_ref().is_none_or(|b| e.total_err() < b.total_err()) {
             better = Some(e);
         }
     }
-    let start = better.unwrap_or_else(|| Encoding::new::<L>(x, 0.0, 0.0, [0; S], [0; S], g.nmax));
-    let best = refine::<S, L>(x, start, g);
+    let start = better.unwrap_or_else(|| Encoding::new::<L>(x, ew, 0.0, 0.0, [0; S], [0; S], g.nmax));
+    let best = refine::<S, L>(x, ew, start, g);
     MinsQuant { d: f16::from_f32(best.d), dmin: f16::from_f32(best.dmin), sc: best.sc, m: best.m, q: best.q }
 }
 
@@ -251,16 +278,16 @@ pub(super) fn quantize_with_mins<const S: usize, const L: usize>(
 /// mins rounded against `d = max scale / smax`, `dmin = max min / smax`, levels re-rounded.
 fn start_encoding<const S: usize, const L: usize>(
     x: &[f32; QK_K],
+    ew: &[f32; QK_K],
     g: Geometry,
     start: &Start,
 ) -> Encoding<S> {
     let mut scales = [0f32; S];
     let mut mins = [0f32; S];
-    let mut weights = [1f32; L];
+    let weights = start.weights.of(x, ew);
     let mut levels = [0u8; L];
-    for (j, xs) in sub_blocks::<L>(x).iter().enumerate() {
-        (start.weights)(xs, &mut weights);
-        (scales[j], mins[j]) = fit_affine(xs, &weights, g.nmax, start.grid, start.metric, &mut levels);
+    for (j, (xs, ws)) in sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(&weights)).enumerate() {
+        (scales[j], mins[j]) = fit_affine(xs, ws, g.nmax, start.grid, start.metric, &mut levels);
     }
     let smax = g.smax as f32;
     let max_scale = scales.iter().fold(0f32, |a, &s| a.max(s));
@@ -271,22 +298,27 @@ fn start_encoding<const S: usize, const L: usize>(
     let m = mins.map(|v| nearest_int(inv_min * v).clamp(0, g.smax) as u8);
     let d = through_f16(max_scale / smax);
     let dmin = through_f16(max_min / smax);
-    Encoding::new::<L>(x, d, dmin, sc, m, g.nmax)
+    Encoding::new::<L>(x, ew, d, dmin, sc, m, g.nmax)
 }
 
 /// Alternates the least-squares (d, dmin) and the per-sub-block (sc, m) re-pick while the squared
 /// error drops (three rounds at most: later rounds gain under 0.1%).
-fn refine<const S: usize, const L: usize>(x: &[f32; QK_K], start: Encoding<S>, g: Geometry) -> Encoding<S> {
+fn refine<const S: usize, const L: usize>(
+    x: &[f32; QK_K],
+    ew: &[f32; QK_K],
+    start: Encoding<S>,
+    g: Geometry,
+) -> Encoding<S> {
     let mut best = start;
     let mut best_err = best.total_err();
     let mut cur = best.clone();
     for _ in 0..3 {
-        let (d, dmin) = cur.refit_super_scales::<L>(x);
+        let (d, dmin) = cur.refit_super_scales::<L>(x, ew);
         if !(d.is_finite() && dmin.is_finite()) {
             break;
         }
-        cur = Encoding::new::<L>(x, d, dmin, cur.sc, cur.m, g.nmax);
-        cur.repick_sub_scales::<L>(x, g);
+        cur = Encoding::new::<L>(x, ew, d, dmin, cur.sc, cur.m, g.nmax);
+        cur.repick_sub_scales::<L>(x, ew, g);
         let err = cur.total_err();
         if err < best_err {
             best_err = err;

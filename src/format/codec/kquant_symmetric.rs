@@ -6,7 +6,7 @@
 //! Quantization starts from llama.cpp's reference (`quantize_row_q6_K_ref`, `quantize_row_q3_K_ref`):
 //! a scale per sub-block from the type's search, integer rounding of the scales against
 //! `d = max scale / −smax` (the scale of largest magnitude maps to −smax), then the levels
-//! re-rounded against those. It then alternates, while the squared error drops, the least-squares
+//! re-rounded against those. It then alternates, while the (importance-weighted) squared error drops, the least-squares
 //! `d` for the fixed integer scales and levels and, per sub-block, the best of the neighbouring
 //! integer scales (levels re-rounded for each). Each type also tries other sub-block searches as
 //! starts; the encoding with the smallest squared error is kept.
@@ -33,19 +33,19 @@ pub(super) struct Encoding {
     g: Geometry,
 }
 
-/// Rounds sub-block `x` to levels for scale `d·sc`; returns the squared error.
-fn requantize(x: &[f32], d: f32, sc: i8, nmax: i32, q: &mut [u8]) -> f32 {
+/// Rounds sub-block `x` to levels for scale `d·sc`; returns the `w`-weighted squared error.
+fn requantize(x: &[f32], w: &[f32], d: f32, sc: i8, nmax: i32, q: &mut [u8]) -> f32 {
     let ds = d * sc as f32;
     if ds == 0.0 {
         q.fill(nmax as u8);
-        return x.iter().map(|v| v * v).sum();
+        return x.iter().zip(w).map(|(v, wi)| wi * v * v).sum();
     }
     let mut err = 0.0;
-    for (qi, &v) in q.iter_mut().zip(x) {
+    for ((qi, &v), &wi) in q.iter_mut().zip(x).zip(w) {
         let l = nearest_int(v / ds).clamp(-nmax, nmax - 1);
         *qi = (l + nmax) as u8;
         let diff = ds * l as f32 - v;
-        err += diff * diff;
+        err += wi * diff * diff;
     }
     err
 }
@@ -53,7 +53,7 @@ fn requantize(x: &[f32], d: f32, sc: i8, nmax: i32, q: &mut [u8]) -> f32 {
 impl Encoding {
     /// The reference's rounding of the sub-block scales `scales` (from the type's search) to
     /// integers; `None` for an all-zero block.
-    pub fn start(x: &[f32; QK_K], scales: &[f32; 16], g: Geometry) -> Option<Encoding> {
+    pub fn start(x: &[f32; QK_K], ew: &[f32; QK_K], scales: &[f32; 16], g: Geometry) -> Option<Encoding> {
         let (mut max_scale, mut max_abs) = (0f32, 0f32);
         for &s in scales {
             if s.abs() > max_abs {
@@ -66,18 +66,18 @@ impl Encoding {
         }
         let iscale = -(g.smax as f32) / max_scale;
         let sc = scales.map(|s| nearest_int(iscale * s).clamp(-g.smax, g.smax - 1) as i8);
-        Some(Encoding::new(x, through_f16(1.0 / iscale), sc, g))
+        Some(Encoding::new(x, ew, through_f16(1.0 / iscale), sc, g))
     }
 
     /// Alternates the least-squares `d` and the per-sub-block scale re-pick while the error drops.
-    pub fn refine(self, x: &[f32; QK_K]) -> Encoding {
+    pub fn refine(self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> Encoding {
         let mut best_err = self.total_err();
         let mut best = self;
         let mut cur = best.clone();
         for _ in 0..3 {
-            let Some(d) = cur.refit_d(x) else { break };
-            cur = Encoding::new(x, d, cur.sc, cur.g);
-            cur.repick_scales(x);
+            let Some(d) = cur.refit_d(x, ew) else { break };
+            cur = Encoding::new(x, ew, d, cur.sc, cur.g);
+            cur.repick_scales(x, ew);
             let err = cur.total_err();
             if err < best_err {
                 best_err = err;
@@ -89,11 +89,11 @@ impl Encoding {
         best
     }
 
-    fn new(x: &[f32; QK_K], d: f32, sc: [i8; 16], g: Geometry) -> Encoding {
+    fn new(x: &[f32; QK_K], ew: &[f32; QK_K], d: f32, sc: [i8; 16], g: Geometry) -> Encoding {
         let mut e = Encoding { d, sc, q: [g.nmax as u8; QK_K], err: [0.0; 16], g };
-        let blocks = x.chunks_exact(16).zip(e.q.chunks_exact_mut(16));
-        for (((xs, q), err), &sc) in blocks.zip(&mut e.err).zip(&sc) {
-            *err = requantize(xs, d, sc, g.nmax, q);
+        let blocks = x.chunks_exact(16).zip(ew.chunks_exact(16)).zip(e.q.chunks_exact_mut(16));
+        for ((((xs, ws), q), err), &sc) in blocks.zip(&mut e.err).zip(&sc) {
+            *err = requantize(xs, ws, d, sc, g.nmax, q);
         }
         e
     }
@@ -107,27 +107,27 @@ impl Encoding {
         f16::from_f32(self.d)
     }
 
-    /// Least-squares `d` for the current scales and levels, rounded through f16.
-    fn refit_d(&self, x: &[f32; QK_K]) -> Option<f32> {
+    /// Weighted least-squares `d` for the current scales and levels, rounded through f16.
+    fn refit_d(&self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> Option<f32> {
         let (mut sxa, mut saa) = (0f64, 0f64);
-        for (i, &v) in x.iter().enumerate() {
+        for (i, (&v, &w)) in x.iter().zip(ew).enumerate() {
             let a = (self.sc[i / 16] as i32 * (self.q[i] as i32 - self.g.nmax)) as f64;
-            sxa += v as f64 * a;
-            saa += a * a;
+            sxa += w as f64 * v as f64 * a;
+            saa += w as f64 * a * a;
         }
         let d = through_f16((sxa / saa) as f32);
         (saa > 0.0 && d.is_finite()).then_some(d)
     }
 
     /// For each sub-block, the best of the scales within ±1 of the current one.
-    fn repick_scales(&mut self, x: &[f32; QK_K]) {
+    fn repick_scales(&mut self, x: &[f32; QK_K], ew: &[f32; QK_K]) {
         let mut trial = [0u8; 16];
         let g = self.g;
         for s in 0..16 {
             let r = 16 * s..16 * s + 16;
             let sc0 = self.sc[s] as i32;
             for sc in [(sc0 - 1).max(-g.smax), (sc0 + 1).min(g.smax - 1)] {
-                let err = requantize(&x[r.clone()], self.d, sc as i8, g.nmax, &mut trial);
+                let err = requantize(&x[r.clone()], &ew[r.clone()], self.d, sc as i8, g.nmax, &mut trial);
                 if err < self.err[s] {
                     self.err[s] = err;
                     self.sc[s] = sc as i8;
@@ -138,14 +138,16 @@ impl Encoding {
     }
 }
 
-/// The refined encoding with the smallest squared error among `starts` (`None`: all-zero block).
+/// The refined encoding with the smallest `ew`-weighted squared error among `starts` (`None`:
+/// all-zero block).
 pub(super) fn best_of(
     x: &[f32; QK_K],
+    ew: &[f32; QK_K],
     starts: impl IntoIterator<Item = Option<Encoding>>,
 ) -> Option<Encoding> {
     let mut best: Option<Encoding> = None;
     for e in starts.into_iter().flatten() {
-        let e = e.refine(x);
+        let e = e.refine(x, ew);
         if best.as_ref().is_none_or(|b| e.total_err() < b.total_err()) {
             best = Some(e);
         }

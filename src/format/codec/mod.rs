@@ -29,6 +29,8 @@ mod search;
 use anyhow::{bail, Result};
 use bytemuck::Pod;
 
+use self::search::tempered;
+
 use crate::format::GgmlType;
 
 pub use kquant_mins::get_scale_min_k4;
@@ -54,7 +56,18 @@ trait Block<const N: usize>: Pod {
 
 /// A block type this crate can also encode.
 trait Quantize<const N: usize>: Block<N> {
-    fn quantize(x: &[f32; N]) -> Self;
+    /// Encodes `x` minimizing `Σ w[i]·(x̂[i] − x[i])²`, `w` the error weights (from an importance
+    /// matrix, see `quantize_weighted`); with `None`, every value counts the same.
+    fn quantize(x: &[f32; N], w: Option<&[f32; N]>) -> Self;
+}
+
+/// Unit error weights: what the encoders weight errors by without an importance matrix.
+const UNIT: [f32; QK_K] = [1.0; QK_K];
+
+/// The first `N` values of [`UNIT`].
+fn unit<const N: usize>() -> &'static [f32; N] {
+    const { assert!(N <= QK_K) };
+    UNIT[..N].try_into().unwrap_or_else(|_| unreachable!("N <= QK_K"))
 }
 
 /// Decodes `dst.len()` values of type `ty` from `src` (which must be exactly `ty.bytes_for(dst.len())` bytes).
@@ -83,23 +96,53 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
 
 /// Encodes `src` (a whole number of blocks) into `dst` (exactly `ty.bytes_for(src.len())` bytes).
 pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
+    encode(ty, src, None, dst)
+}
+
+/// Encodes rows `src` as [`quantize`] does, but minimizing each row's error weighted by
+/// `importance`, one value per column (`importance.len()` is the row length): llama.cpp's
+/// importance-matrix quantization, where a column's importance is the mean of its input's squares
+/// over a calibration text, so that errors count as much as they move the product. Float types
+/// ignore it.
+///
+/// The error weights are the importance tempered by each value's magnitude, `imp·sqrt(σ² + x²)`
+/// with σ² = 2·mean(x²) over the block (llama.cpp's search weights; see [`search::tempered`]):
+/// measured on the trained demo model, they lower the KL divergence of Q2_K / Q3_K_M / Q4_K_M files
+/// by 10% / 2% / 1% against no importance matrix, where the importance alone gains 3% on Q2_K and
+/// loses 1% on the others.
+pub fn quantize_weighted(ty: GgmlType, src: &[f32], importance: &[f32], dst: &mut [u8]) -> Result<()> {
+    let cols = importance.len();
+    if cols == 0 || !src.len().is_multiple_of(cols) || !cols.is_multiple_of(ty.block_len()) {
+        bail!(
+            "importance for rows of {cols} values does not fit {} values of {ty} (blocks of {})",
+            src.len(),
+            ty.block_len()
+        );
+    }
+    if let Some(bad) = importance.iter().find(|w| !(w.is_finite() && **w >= 0.0)) {
+        bail!("importance weights must be finite and non-negative, found {bad}");
+    }
+    encode(ty, src, Some(importance), dst)
+}
+
+fn encode(ty: GgmlType, src: &[f32], imp: Option<&[f32]>, dst: &mut [u8]) -> Result<()> {
     check_sizes(ty, src.len(), dst.len())?;
     use GgmlType::*;
     match ty {
         F32 => float::encode_f32(src, dst),
         F16 => float::encode_f16(src, dst),
         BF16 => float::encode_bf16(src, dst),
-        Q4_0 => encode_blocks::<BlockQ4_0, 32>(src, dst),
-        Q4_1 => encode_blocks::<BlockQ4_1, 32>(src, dst),
-        Q5_0 => encode_blocks::<BlockQ5_0, 32>(src, dst),
-        Q5_1 => encode_blocks::<BlockQ5_1, 32>(src, dst),
-        Q8_0 => encode_blocks::<BlockQ8_0, 32>(src, dst),
-        Q2_K => encode_blocks::<BlockQ2K, QK_K>(src, dst),
-        Q3_K => encode_blocks::<BlockQ3K, QK_K>(src, dst),
-        Q4_K => encode_blocks::<BlockQ4K, QK_K>(src, dst),
-        Q5_K => encode_blocks::<BlockQ5K, QK_K>(src, dst),
-        Q6_K => encode_blocks::<BlockQ6K, QK_K>(src, dst),
-        Q8_K => encode_blocks::<BlockQ8K, QK_K>(src, dst),
+        Q4_0 => encode_blocks::<BlockQ4_0, 32>(src, imp, dst),
+        Q4_1 => encode_blocks::<BlockQ4_1, 32>(src, imp, dst),
+        Q5_0 => encode_blocks::<BlockQ5_0, 32>(src, imp, dst),
+        Q5_1 => encode_blocks::<BlockQ5_1, 32>(src, imp, dst),
+        Q8_0 => encode_blocks::<BlockQ8_0, 32>(src, imp, dst),
+        Q2_K => encode_blocks::<BlockQ2K, QK_K>(src, imp, dst),
+        Q3_K => encode_blocks::<BlockQ3K, QK_K>(src, imp, dst),
+        Q4_K => encode_blocks::<BlockQ4K, QK_K>(src, imp, dst),
+        Q5_K => encode_blocks::<BlockQ5K, QK_K>(src, imp, dst),
+        Q6_K => encode_blocks::<BlockQ6K, QK_K>(src, imp, dst),
+        Q8_K => encode_blocks::<BlockQ8K, QK_K>(src, imp, dst),
         Q8_1 => bail!("quantizing to {ty} is not supported"),
     }
     Ok(())
@@ -145,10 +188,15 @@ fn decode_blocks<B: Block<N>, const N: usize>(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-fn encode_blocks<B: Quantize<N>, const N: usize>(src: &[f32], dst: &mut [u8]) {
+/// Encodes every block of `src`; block `i` of a row takes importance `imp[N·i .. N·(i + 1)]` (rows
+/// are `imp.len()` long, a whole number of blocks: checked by `quantize_weighted`), tempered by the
+/// values' magnitudes into the block's error weights.
+fn encode_blocks<B: Quantize<N>, const N: usize>(src: &[f32], imp: Option<&[f32]>, dst: &mut [u8]) {
     let (values, _) = src.as_chunks::<N>();
-    for (x, bytes) in values.iter().zip(dst.chunks_exact_mut(size_of::<B>())) {
-        bytes.copy_from_slice(bytemuck::bytes_of(&B::quantize(x)));
+    let imp_blocks = imp.map(|w| w.as_chunks::<N>().0);
+    for (i, (x, bytes)) in values.iter().zip(dst.chunks_exact_mut(size_of::<B>())).enumerate() {
+        let w = imp_blocks.map(|blocks| tempered(x, &blocks[i % blocks.len()]));
+        bytes.copy_from_slice(bytemuck::bytes_of(&B::quantize(x, w.as_ref())));
     }
 }
 

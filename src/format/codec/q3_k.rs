@@ -9,8 +9,8 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::kquant_symmetric::{best_of, Encoding, Geometry};
-use super::search::{fit_q3, fit_symmetric};
-use super::{Block, Quantize, QK_K};
+use super::search::{fit_q3, fit_symmetric, tempered};
+use super::{unit, Block, Quantize, QK_K};
 
 /// Levels −4..4, 6-bit scales.
 const GEOMETRY: Geometry = Geometry { nmax: 4, smax: 32 };
@@ -56,14 +56,22 @@ impl Block<QK_K> for BlockQ3K {
 }
 
 impl Quantize<QK_K> for BlockQ3K {
-    fn quantize(x: &[f32; QK_K]) -> Self {
-        let sub = |s: usize| &x[16 * s..16 * s + 16];
-        let reference: [f32; 16] = std::array::from_fn(|s| fit_q3(sub(s), 4));
+    fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
+        let sub = |s: usize| 16 * s..16 * s + 16;
         let mut levels = [0u8; 16];
-        let unweighted: [f32; 16] =
-            std::array::from_fn(|s| fit_symmetric(sub(s), &[1.0; 16], 4, &mut levels));
-        let starts = [Encoding::start(x, &reference, GEOMETRY), Encoding::start(x, &unweighted, GEOMETRY)];
-        match best_of(x, starts) {
+        let mut fit = |w: &[f32; QK_K]| -> [f32; 16] {
+            std::array::from_fn(|s| fit_symmetric(&x[sub(s)], &w[sub(s)], 4, &mut levels))
+        };
+        // Without an importance matrix: the reference (`make_q3_quants`), and unit weights, which
+        // fit the squared error we measure. With one: the error weights tempered again, and the
+        // error weights themselves.
+        let (first, second) = match ew {
+            None => (std::array::from_fn(|s| fit_q3(&x[sub(s)], 4)), fit(unit())),
+            Some(ew) => (fit(&tempered(x, ew)), fit(ew)),
+        };
+        let ew = ew.unwrap_or(unit());
+        let starts = [&first, &second].map(|scales| Encoding::start(x, ew, scales, GEOMETRY));
+        match best_of(x, ew, starts) {
             Some(e) => pack(&e),
             None => Self::zeroed(),
         }

@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::search::quantize_affine;
-use super::{Block, Quantize};
+use super::{unit, Block, Quantize};
 
 /// Layout (ggml `block_q4_1`): bytes 0..2 `d` (f16); bytes 2..4 `m` (f16, the value of level 0);
 /// bytes 4..20 `qs`: byte `j` holds value `j` in its low nibble and value `j + 16` in its high nibble.
@@ -31,9 +31,9 @@ impl Block<32> for BlockQ4_1 {
 impl Quantize<32> for BlockQ4_1 {
     /// Starts from ggml's `quantize_row_q4_1_ref` (`d = (max − min) / 15`, `m = min`) and keeps a
     /// better (d, m) from `quantize_affine` where it finds one.
-    fn quantize(x: &[f32; 32]) -> Self {
+    fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
         let mut q = [0u8; 32];
-        let (d, m) = quantize_affine(x, 15, &mut q);
+        let (d, m) = quantize_affine(x, ew.unwrap_or(unit()), 15, &mut q);
         Self { d, m, qs: std::array::from_fn(|j| q[j] | (q[j + 16] << 4)) }
     }
 }

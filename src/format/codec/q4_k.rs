@@ -4,10 +4,10 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::kquant_mins::{
-    pack_scales_mins, quantize_with_mins, rms_plus_abs, unit_weights, unpack_scales_mins, Geometry, Start,
+    pack_scales_mins, quantize_with_mins, unpack_scales_mins, Geometry, SearchWeights, Start,
 };
 use super::search::{Grid, Metric};
-use super::{Block, Quantize, QK_K};
+use super::{unit, Block, Quantize, QK_K};
 
 /// Layout (ggml `block_q4_K`): bytes 0..2 `d`, bytes 2..4 `dmin` (f16); bytes 4..16 `scales`, the 8
 /// 6-bit (sc, m) pairs packed as `get_scale_min_k4` reads them; bytes 16..144 `qs`: value
@@ -44,12 +44,16 @@ impl Block<QK_K> for BlockQ4K {
 }
 
 impl Quantize<QK_K> for BlockQ4K {
-    fn quantize(x: &[f32; QK_K]) -> Self {
+    fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
+        // Without an importance matrix: llama.cpp's reference and a start fitted to the squared error;
+        // with one: the error weights tempered again, and a start fitted to the error weights.
+        let first = if ew.is_some() { SearchWeights::Tempered } else { SearchWeights::RmsPlusAbs };
         let starts = [
-            Start { grid: GRID, weights: rms_plus_abs, metric: Metric::Squared },
-            Start { grid: GRID, weights: unit_weights, metric: Metric::Squared },
+            Start { grid: GRID, weights: first, metric: Metric::Squared },
+            Start { grid: GRID, weights: SearchWeights::Error, metric: Metric::Squared },
         ];
-        let r = quantize_with_mins::<8, 32>(x, Geometry { nmax: 15, smax: 63 }, &starts);
+        let r =
+            quantize_with_mins::<8, 32>(x, ew.unwrap_or(unit()), Geometry { nmax: 15, smax: 63 }, &starts);
         let scales = pack_scales_mins(&r.sc, &r.m);
         let qs = std::array::from_fn(|k| {
             let (c, l) = (k / 32, k % 32);

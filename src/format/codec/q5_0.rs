@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::search::quantize_symmetric;
-use super::{Block, Quantize};
+use super::{unit, Block, Quantize};
 
 /// Layout (ggml `block_q5_0`): bytes 0..2 `d` (f16); bytes 2..6 `qh`, a little-endian u32 whose bit
 /// `j` is bit 4 of value `j`; bytes 6..22 `qs`: byte `j` holds the low 4 bits of value `j` (low
@@ -35,9 +35,9 @@ impl Block<32> for BlockQ5_0 {
 impl Quantize<32> for BlockQ5_0 {
     /// Starts from ggml's `quantize_row_q5_0_ref` (`d = max / −16`) and keeps a better scale from
     /// `quantize_symmetric` where it finds one.
-    fn quantize(x: &[f32; 32]) -> Self {
+    fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
         let mut q = [0u8; 32];
-        let d = quantize_symmetric(x, 16, &mut q);
+        let d = quantize_symmetric(x, ew.unwrap_or(unit()), 16, &mut q);
         let (qh, qs) = pack_5bit(&q);
         Self { d, qh, qs }
     }

@@ -5,7 +5,7 @@ use half::f16;
 
 use super::q5_0::pack_5bit;
 use super::search::quantize_affine;
-use super::{Block, Quantize};
+use super::{unit, Block, Quantize};
 
 /// Layout (ggml `block_q5_1`): bytes 0..2 `d` (f16); bytes 2..4 `m` (f16); bytes 4..8 `qh`, a
 /// little-endian u32 whose bit `j` is bit 4 of value `j`; bytes 8..24 `qs`: byte `j` holds the low
@@ -37,9 +37,9 @@ impl Block<32> for BlockQ5_1 {
 impl Quantize<32> for BlockQ5_1 {
     /// Starts from ggml's `quantize_row_q5_1_ref` (`d = (max − min) / 31`, `m = min`) and keeps a
     /// better (d, m) from `quantize_affine` where it finds one.
-    fn quantize(x: &[f32; 32]) -> Self {
+    fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
         let mut q = [0u8; 32];
-        let (d, m) = quantize_affine(x, 31, &mut q);
+        let (d, m) = quantize_affine(x, ew.unwrap_or(unit()), 31, &mut q);
         let (qh, qs) = pack_5bit(&q);
         Self { d, m, qh, qs }
     }

@@ -4,10 +4,10 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::kquant_mins::{
-    pack_scales_mins, quantize_with_mins, rms_plus_abs, unit_weights, unpack_scales_mins, Geometry, Start,
+    pack_scales_mins, quantize_with_mins, unpack_scales_mins, Geometry, SearchWeights, Start,
 };
 use super::search::{Grid, Metric};
-use super::{Block, Quantize, QK_K};
+use super::{unit, Block, Quantize, QK_K};
 
 /// Layout (ggml `block_q5_K`): bytes 0..2 `d`, bytes 2..4 `dmin` (f16); bytes 4..16 `scales` as in
 /// Q4_K; bytes 16..48 `qh`; bytes 48..176 `qs`. Value `64c + l` (c < 4, l < 32) has its low 4 bits
@@ -46,12 +46,16 @@ impl Block<QK_K> for BlockQ5K {
 }
 
 impl Quantize<QK_K> for BlockQ5K {
-    fn quantize(x: &[f32; QK_K]) -> Self {
+    fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
+        // Without an importance matrix: llama.cpp's reference and a start fitted to the squared error;
+        // with one: the error weights tempered again, and a start fitted to the error weights.
+        let first = if ew.is_some() { SearchWeights::Tempered } else { SearchWeights::RmsPlusAbs };
         let starts = [
-            Start { grid: GRID, weights: rms_plus_abs, metric: Metric::Squared },
-            Start { grid: GRID, weights: unit_weights, metric: Metric::Squared },
+            Start { grid: GRID, weights: first, metric: Metric::Squared },
+            Start { grid: GRID, weights: SearchWeights::Error, metric: Metric::Squared },
         ];
-        let r = quantize_with_mins::<8, 32>(x, Geometry { nmax: 31, smax: 63 }, &starts);
+        let r =
+            quantize_with_mins::<8, 32>(x, ew.unwrap_or(unit()), Geometry { nmax: 31, smax: 63 }, &starts);
         let scales = pack_scales_mins(&r.sc, &r.m);
         let mut qh = [0u8; QK_K / 8];
         let mut qs = [0u8; QK_K / 2];

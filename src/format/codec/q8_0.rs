@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::search::{nearest_int, through_f16};
-use super::{Block, Quantize};
+use super::{unit, Block, Quantize};
 
 /// Layout (ggml `block_q8_0`): bytes 0..2 `d` (f16); bytes 2..34 `qs`, value `j` as i8.
 #[repr(C)]
@@ -45,24 +45,23 @@ impl Block<32> for BlockQ8_1 {
 }
 
 impl Quantize<32> for BlockQ8_0 {
-    /// ggml's `quantize_row_q8_0_ref` (`d = amax / 127`, levels rounded half away from zero), then
-    /// the least-squares scale of those levels, re-rounded, if it reconstructs the block better.
-    fn quantize(x: &[f32; 32]) -> Self {
+    fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
+        let w = ew.unwrap_or(unit());
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut best = Self { d: f16::from_f32(d), qs: x.map(|v| (v * id).round() as i8) };
-        let best_err = error(x, &best);
-        let (sxq, sqq) = x.iter().zip(&best.qs).fold((0f32, 0f32), |(a, b), (&v, &q)| {
+        let best_err = error(x, w, &best);
+        let (sxq, sqq) = x.iter().zip(&best.qs).zip(w).fold((0f32, 0f32), |(a, b), ((&v, &q), &wi)| {
             let q = q as f32;
-            (a + v * q, b + q * q)
+            (a + wi * v * q, b + wi * q * q)
         });
         if sqq > 0.0 {
             let d = through_f16(sxq / sqq);
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let trial =
                 Self { d: f16::from_f32(d), qs: x.map(|v| nearest_int(v * id).clamp(-127, 127) as i8) };
-            if error(x, &trial) < best_err {
+            if error(x, w, &trial) < best_err {
                 best = trial;
             }
         }
@@ -70,7 +69,8 @@ impl Quantize<32> for BlockQ8_0 {
     }
 }
 
-fn error(x: &[f32; 32], b: &BlockQ8_0) -> f32 {
+/// The `w`-weighted squared error of `b` against `x`.
+fn error(x: &[f32; 32], w: &[f32; 32], b: &BlockQ8_0) -> f32 {
     let d = b.d.to_f32();
-    x.iter().zip(&b.qs).map(|(&v, &q)| (q as f32 * d - v) * (q as f32 * d - v)).sum()
+    x.iter().zip(&b.qs).zip(w).map(|((&v, &q), &wi)| wi * (q as f32 * d - v) * (q as f32 * d - v)).sum()
 }

@@ -227,24 +227,25 @@ pub(super) fn fit_q3(x: &[f32], nmax: i32) -> f32 {
     }
 }
 
-/// Levels `q` (stored as `l + nmax`, `l` in −nmax..nmax) for `x ≈ d·l`; returns the squared error.
-fn requantize_symmetric(x: &[f32], d: f32, nmax: i32, q: &mut [u8]) -> f32 {
+/// Levels `q` (stored as `l + nmax`, `l` in −nmax..nmax) for `x ≈ d·l`; returns the `w`-weighted
+/// squared error.
+fn requantize_symmetric(x: &[f32], w: &[f32], d: f32, nmax: i32, q: &mut [u8]) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut err = 0.0;
-    for (qi, &v) in q.iter_mut().zip(x) {
+    for ((qi, &v), &wi) in q.iter_mut().zip(x).zip(w) {
         let l = nearest_int(v * id).clamp(-nmax, nmax - 1);
         *qi = (l + nmax) as u8;
         let diff = d * l as f32 - v;
-        err += diff * diff;
+        err += wi * diff * diff;
     }
     err
 }
 
 /// Q4_0 / Q5_0: `x ≈ d·(q − nmax)`, `q` in 0..2·nmax, `d` stored as f16. Candidates: ggml's reference
-/// (`d = max / −nmax`), and for each inverse scale `make_qx_quants` tries (unit weights), the
-/// least-squares scale of its levels; each is re-rounded at its f16 scale and the one with the
-/// smallest squared error is kept. Writes the levels to `q` and returns `d`.
-pub(super) fn quantize_symmetric(x: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> f16 {
+/// (`d = max / −nmax`), and for each inverse scale `make_qx_quants` tries (weights `w`), the
+/// weighted least-squares scale of its levels; each is re-rounded at its f16 scale and the one with
+/// the smallest `w`-weighted squared error is kept. Writes the levels to `q` and returns `d`.
+pub(super) fn quantize_symmetric(x: &[f32; 32], w: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> f16 {
     let (mut max, mut amax) = (0.0f32, 0.0f32);
     for &v in x {
         if v.abs() > amax {
@@ -257,11 +258,11 @@ pub(super) fn quantize_symmetric(x: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> 
     let id = if d_ref != 0.0 { 1.0 / d_ref } else { 0.0 };
     let mut best_d = through_f16(d_ref);
     let mut best_err = 0.0;
-    for (qi, &v) in q.iter_mut().zip(x) {
+    for ((qi, &v), &wi) in q.iter_mut().zip(x).zip(w) {
         let l = ((v * id + nmax as f32 + 0.5) as i32).clamp(0, 2 * nmax - 1);
         *qi = l as u8;
         let diff = best_d * (l - nmax) as f32 - v;
-        best_err += diff * diff;
+        best_err += wi * diff * diff;
     }
     if amax < 1e-15 {
         return f16::from_f32(best_d);
@@ -270,16 +271,16 @@ pub(super) fn quantize_symmetric(x: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> 
     for k in -9..=9 {
         let iscale = -(nmax as f32 + 0.1 * k as f32) / max;
         let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-        for &v in x {
+        for (&v, &wi) in x.iter().zip(w) {
             let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1) as f32;
-            sumlx += v * l;
-            suml2 += l * l;
+            sumlx += wi * v * l;
+            suml2 += wi * l * l;
         }
         if suml2 == 0.0 {
             continue;
         }
         let d = through_f16(sumlx / suml2);
-        let err = requantize_symmetric(x, d, nmax, &mut trial);
+        let err = requantize_symmetric(x, w, d, nmax, &mut trial);
         if err < best_err {
             (best_err, best_d) = (err, d);
             q.copy_from_slice(&trial);
@@ -288,24 +289,25 @@ pub(super) fn quantize_symmetric(x: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> 
     f16::from_f32(best_d)
 }
 
-/// Levels `q` in 0..=nmax for `x ≈ d·q + m`; returns the squared error.
-fn requantize_affine(x: &[f32], d: f32, m: f32, nmax: i32, q: &mut [u8]) -> f32 {
+/// Levels `q` in 0..=nmax for `x ≈ d·q + m`; returns the `w`-weighted squared error.
+fn requantize_affine(x: &[f32], w: &[f32], d: f32, m: f32, nmax: i32, q: &mut [u8]) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut err = 0.0;
-    for (qi, &v) in q.iter_mut().zip(x) {
+    for ((qi, &v), &wi) in q.iter_mut().zip(x).zip(w) {
         let l = nearest_int((v - m) * id).clamp(0, nmax);
         *qi = l as u8;
         let diff = d * l as f32 + m - v;
-        err += diff * diff;
+        err += wi * diff * diff;
     }
     err
 }
 
 /// Q4_1 / Q5_1: `x ≈ d·q + m`, `q` in 0..=nmax, `d` and `m` stored as f16. Candidates: ggml's
-/// reference (`d = (max − min) / nmax`, `m = min`), the unit-weight `fit_affine` search, and the
-/// least-squares (d, m) of the better one's levels; each is re-rounded at its f16 (d, m) and the
-/// one with the smallest squared error is kept. Writes the levels to `q` and returns `(d, m)`.
-pub(super) fn quantize_affine(x: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> (f16, f16) {
+/// reference (`d = (max − min) / nmax`, `m = min`), the `w`-weighted `fit_affine` search, and the
+/// weighted least-squares (d, m) of the better one's levels; each is re-rounded at its f16 (d, m) and
+/// the one with the smallest `w`-weighted squared error is kept. Writes the levels to `q` and
+/// returns `(d, m)`.
+pub(super) fn quantize_affine(x: &[f32; 32], w: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> (f16, f16) {
     let min = x.iter().fold(f32::MAX, |a, &v| a.min(v));
     let max = x.iter().fold(-f32::MAX, |a, &v| a.max(v));
     // The reference, rounding as ggml does: floor((x − min)/d + 0.5).
@@ -313,17 +315,17 @@ pub(super) fn quantize_affine(x: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> (f1
     let id = if d_ref != 0.0 { 1.0 / d_ref } else { 0.0 };
     let (d, m) = (through_f16(d_ref), through_f16(min));
     let mut err = 0.0;
-    for (qi, &v) in q.iter_mut().zip(x) {
+    for ((qi, &v), &wi) in q.iter_mut().zip(x).zip(w) {
         let l = (((v - min) * id + 0.5) as i32).clamp(0, nmax);
         *qi = l as u8;
         let diff = d * l as f32 + m - v;
-        err += diff * diff;
+        err += wi * diff * diff;
     }
     let mut best = (err, d, m);
     let mut trial = [0u8; 32];
     let mut consider = |d: f32, m: f32, q: &mut [u8; 32], best: &mut (f32, f32, f32)| {
         let (d, m) = (through_f16(d), through_f16(m));
-        let err = requantize_affine(x, d, m, nmax, &mut trial);
+        let err = requantize_affine(x, w, d, m, nmax, &mut trial);
         if err < best.0 {
             *best = (err, d, m);
             q.copy_from_slice(&trial);
@@ -335,27 +337,34 @@ pub(super) fn quantize_affine(x: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> (f1
         Grid { rmin: -0.5, rdelta: 0.1, nstep: 15 }
     };
     let mut levels = [0u8; 32];
-    let (scale, neg_min) = fit_affine(x, &[1.0; 32], nmax, grid, Metric::Squared, &mut levels);
+    let (scale, neg_min) = fit_affine(x, w, nmax, grid, Metric::Squared, &mut levels);
     consider(scale, -neg_min, q, &mut best);
-    if let Some((d, m)) = lsq_affine(x, q) {
+    if let Some((d, m)) = lsq_affine(x, w, q) {
         consider(d, m, q, &mut best);
     }
     (f16::from_f32(best.1), f16::from_f32(best.2))
 }
 
-/// Least-squares `(d, m)` for `x ≈ d·q + m`, or `None` when all levels are equal.
-fn lsq_affine(x: &[f32], q: &[u8]) -> Option<(f32, f32)> {
-    let n = x.len() as f64;
-    let (mut sq, mut sq2, mut sx, mut sxq) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-    for (&v, &l) in x.iter().zip(q) {
-        let (v, l) = (v as f64, l as f64);
-        sq += l;
-        sq2 += l * l;
-        sx += v;
-        sxq += v * l;
+/// Weighted least-squares `(d, m)` for `x ≈ d·q + m`, or `None` when all levels are equal.
+fn lsq_affine(x: &[f32], w: &[f32], q: &[u8]) -> Option<(f32, f32)> {
+    let (mut sw, mut sq, mut sq2, mut sx, mut sxq) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for ((&v, &l), &wi) in x.iter().zip(q).zip(w) {
+        let (v, l, wi) = (v as f64, l as f64, wi as f64);
+        sw += wi;
+        sq += wi * l;
+        sq2 += wi * l * l;
+        sx += wi * v;
+        sxq += wi * v * l;
     }
-    let det = n * sq2 - sq * sq;
-    (det > 0.0).then(|| (((n * sxq - sx * sq) / det) as f32, ((sq2 * sx - sq * sxq) / det) as f32))
+    let det = sw * sq2 - sq * sq;
+    (det > 0.0).then(|| (((sw * sxq - sx * sq) / det) as f32, ((sq2 * sx - sq * sxq) / det) as f32))
+}
+
+/// `w·sqrt(σ² + x²)` with σ² = 2·mean(x²) over the block: weights `w` tempered towards the values of
+/// large magnitude (llama.cpp's search weights with an importance matrix `w`).
+pub(super) fn tempered<const N: usize>(x: &[f32; N], w: &[f32; N]) -> [f32; N] {
+    let sigma2 = 2.0 * lane_sum::<N>(|i| x[i] * x[i]) / N as f32;
+    std::array::from_fn(|i| w[i] * (sigma2 + x[i] * x[i]).sqrt())
 }
 
 #[cfg(test)]

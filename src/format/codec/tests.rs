@@ -344,3 +344,44 @@ fn quantizers_beat_llama_cpp_reference() {
         }
     }
 }
+
+/// Σ imp·(y − x)² over rows of `imp.len()` values.
+fn weighted_error(x: &[f32], y: &[f32], imp: &[f32]) -> f64 {
+    x.iter()
+        .zip(y)
+        .enumerate()
+        .map(|(i, (&a, &b))| imp[i % imp.len()] as f64 * (a as f64 - b as f64).powi(2))
+        .sum()
+}
+
+#[test]
+fn importance_weights_lower_the_weighted_error() {
+    const COLS: usize = 1024;
+    let x = gaussian_vec(8 * COLS, 5);
+    // Column importances over two orders of magnitude, as activations' mean squares spread in models.
+    let mut rng = StdRng::seed_from_u64(6);
+    let imp: Vec<f32> = (0..COLS).map(|_| (rng.random::<f32>() * 5.0).exp()).collect();
+    for ty in quantizable().filter(|t| t.block_len() > 1 && *t != GgmlType::Q8_K) {
+        let plain = round_trip(ty, &x);
+        let mut bytes = vec![0u8; ty.bytes_for(x.len()).unwrap()];
+        quantize_weighted(ty, &x, &imp, &mut bytes).unwrap();
+        let weighted = dequantize_to_vec(ty, &bytes, x.len()).unwrap();
+        let ratio = weighted_error(&x, &weighted, &imp) / weighted_error(&x, &plain, &imp);
+        println!("{ty}: importance-weighted error {ratio:.3} of the plain encoding's");
+        // Q8_0 tries only two scales per block; the searching types gain more.
+        let bound = if ty == GgmlType::Q8_0 { 0.97 } else { 0.9 };
+        assert!(ratio < bound, "{ty}: weighted error ratio {ratio}");
+    }
+}
+
+#[test]
+fn bad_importance_is_an_error() {
+    let x = gaussian_vec(2 * QK_K, 7);
+    let mut out = vec![0u8; GgmlType::Q4_K.bytes_for(x.len()).unwrap()];
+    for imp in [vec![1.0; 100], vec![1.0; 3 * QK_K], vec![], vec![-1.0; QK_K], vec![f32::NAN; QK_K]] {
+        assert!(quantize_weighted(GgmlType::Q4_K, &x, &imp, &mut out).is_err(), "{} values", imp.len());
+    }
+    // Zero importance (a column never active) is allowed and still gives finite values.
+    quantize_weighted(GgmlType::Q4_K, &x, &[0.0; QK_K], &mut out).unwrap();
+    assert!(dequantize_to_vec(GgmlType::Q4_K, &out, x.len()).unwrap().iter().all(|v| v.is_finite()));
+}
