@@ -26,7 +26,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Convert a Hugging Face Mixtral checkpoint (safetensors) to a GGUF file.
+    /// Convert a Hugging Face Mixtral checkpoint (safetensors) to a GGUF file, or requantize a GGUF file.
     Quantize(quantize::QuantizeArgs),
     /// Show what a GGUF file holds: hyperparameters, tensor types, size, tokenizer.
     Info(info::InfoArgs),

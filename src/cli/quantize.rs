@@ -1,4 +1,4 @@
-//! `mixtral-q quantize <HF_DIR> -o <OUT.gguf>`.
+//! `mixtral-q quantize <HF_DIR | IN.gguf> -o <OUT.gguf>`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -6,15 +6,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
-use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, QuantizeReport, Target};
+use mixtral_q::quantize::{quantize_input, QuantizeOptions, QuantizeReport, Target};
 
 use super::human_bytes;
 
 #[derive(clap::Args, Debug)]
 pub struct QuantizeArgs {
-    /// Hugging Face checkpoint directory (config.json, safetensors shards, tokenizer.json).
-    pub hf_dir: PathBuf,
-    /// Output GGUF file (written to a temporary file beside it and renamed at the end).
+    /// A Hugging Face checkpoint directory (config.json, safetensors shards, tokenizer.json), or a GGUF
+    /// file to requantize (told by its GGUF magic; its metadata is kept but the file type).
+    pub input: PathBuf,
+    /// Output GGUF file (written to a temporary file beside it and renamed at the end; it may be the
+    /// input file).
     #[arg(short, long)]
     pub output: PathBuf,
     /// Type mix, llama.cpp's names (case-insensitive): Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0,
@@ -27,6 +29,11 @@ pub struct QuantizeArgs {
     /// Print every tensor's type and relative RMSE.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Requantize tensors a GGUF input stores quantized already (Q4_K, Q8_0, ...) to another type.
+    /// Quality suffers: every weight is rounded twice, so the result is worse than quantizing from an
+    /// F32, F16 or BF16 file. Tensors already in their target type are copied either way.
+    #[arg(long)]
+    pub allow_requantize: bool,
 }
 
 pub fn run(args: &QuantizeArgs) -> Result<()> {
@@ -35,7 +42,8 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     opts.verbose = args.verbose;
     opts.progress = std::io::stderr().is_terminal();
     opts.cancel = Some(cancel_on_ctrl_c());
-    let report = quantize_checkpoint(&args.hf_dir, &args.output, &opts)?;
+    opts.allow_requantize = args.allow_requantize;
+    let report = quantize_input(&args.input, &args.output, &opts)?;
     print_report(&report, args.verbose);
     Ok(())
 }
@@ -53,7 +61,11 @@ pub fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
 pub fn print_report(report: &QuantizeReport, verbose: bool) {
     if verbose {
         for t in &report.tensors {
-            let err = t.rel_rmse.map(|e| format!("{e:.5}")).unwrap_or_default();
+            let err = match t.rel_rmse {
+                _ if t.copied => "copied".to_string(),
+                Some(e) => format!("{e:.5}"),
+                None => String::new(),
+            };
             println!("{:<32} {:<5} {:>12} {err}", t.name, t.ty.name(), t.n_elements);
         }
     }
