@@ -328,6 +328,16 @@ fn gguf_files_that_are_not_mixtral_are_refused() {
             }),
             vec!["tensor blk.1.ffn_up_exps.weight has dims [256, 512, 16]", "[cols, rows, 8]"],
         ),
+        (
+            "both-layouts",
+            Box::new(|_, t| {
+                let (_, dims, ty, bytes) = t.iter().find(|(n, ..)| n == "blk.0.ffn_up_exps.weight").unwrap();
+                let slab = bytes.len() / 8;
+                let one = ("blk.0.ffn_up.5.weight".into(), dims[..2].to_vec(), *ty, bytes[..slab].to_vec());
+                t.push(one);
+            }),
+            vec!["blk.0.ffn_up_exps.weight and the per-expert blk.0.ffn_up.5.weight are both present"],
+        ),
         ("split", Box::new(|m, _| m.set("split.count", MetaValue::U16(3))), vec!["split in 3 files"]),
     ];
     for (name, edit, needles) in cases {

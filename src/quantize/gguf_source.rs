@@ -43,7 +43,15 @@ fn mixtral_config(file: &GgufFile) -> Result<ModelConfig> {
     let mut known = HashSet::new();
     for (name, _) in cfg.gguf_tensors() {
         if let Some((layer, t)) = names::split_layer_tensor(&name).filter(|(_, t)| t.is_expert()) {
-            known.extend((0..cfg.n_experts).filter_map(|e| t.per_expert_gguf_name(layer, e)));
+            let per_expert: Vec<String> =
+                (0..cfg.n_experts).filter_map(|e| t.per_expert_gguf_name(layer, e)).collect();
+            // Both layouts at once would leave one of them unread: which holds the model is unclear.
+            if let Some(both) = per_expert.iter().find(|n| file.tensor(&name).and(file.tensor(n)).is_some()) {
+                bail!(
+                    "tensor {name} and the per-expert {both} are both present: which one holds the experts?"
+                );
+            }
+            known.extend(per_expert);
         }
         known.insert(name);
     }
