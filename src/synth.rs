@@ -14,7 +14,9 @@ use crate::format::gguf::Metadata;
 use crate::format::output::{write_atomic, AtomicOutput};
 use crate::model::names::{self, LayerTensor};
 use crate::model::ModelConfig;
-use crate::quantize::{write_gguf, QuantizeOptions, QuantizeReport, RowSource};
+use crate::quantize::{
+    new_model_metadata, write_gguf, QuantizeOptions, QuantizeReport, RowSource, SourceLayout,
+};
 
 /// The fixture's tokenizer: its structure (normalizer, byte fallback, decoder) is Mistral's, and `synth`
 /// grows its vocabulary with more merges to reach the requested size.
@@ -69,6 +71,18 @@ impl RandomWeights {
 }
 
 impl RowSource for RandomWeights {
+    fn layout(&self) -> SourceLayout {
+        SourceLayout::HuggingFace
+    }
+
+    fn origin(&self) -> String {
+        "synth's random weights".into()
+    }
+
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        RandomWeights::shape(self, name)
+    }
+
     fn read_row(&self, name: &str, row: usize, out: &mut [f32]) -> Result<()> {
         let shape = self.shape(name)?;
         let cols = *shape.last().unwrap_or(&1);
@@ -317,5 +331,5 @@ pub fn write_random_gguf(
     let mut meta = Metadata::new();
     meta.set("general.name", crate::format::gguf::MetaValue::String("mixtral-synth".into()));
     crate::text::tokenizer_metadata(tok_dir.path(), &mut meta)?;
-    write_gguf(weights, &weights.cfg, meta, out, opts)
+    write_gguf(weights, &weights.cfg, new_model_metadata(&weights.cfg, meta, opts.target), out, opts)
 }

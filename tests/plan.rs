@@ -3,7 +3,13 @@
 
 mod common;
 
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
 use common::*;
+use mixtral_q::format::gguf::{GgufLayout, MetaValue, Metadata};
+use mixtral_q::model::ModelConfig;
+use mixtral_q::quantize::{tensor_types, Target};
 
 fn plan_json(args: &[&str]) -> serde_json::Value {
     let mut all = vec!["plan", "--json"];
@@ -15,9 +21,14 @@ fn plan_json(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn mixtral_8x7b_on_every_preset_and_budget() {
-    for (preset, card_gib) in
-        [("rtx3060", 12), ("rtx4060-laptop", 8), ("rtx3090", 24), ("rtx4090", 24), ("h100", 80)]
-    {
+    for (preset, card_gib) in [
+        ("rtx3060", 12),
+        ("rtx4060-laptop", 8),
+        ("rtx4060ti-16g", 16),
+        ("rtx3090", 24),
+        ("rtx4090", 24),
+        ("h100", 80),
+    ] {
         let mut last_decode = f64::INFINITY;
         for gib in [22, 12, 6].into_iter().filter(|&g| g <= card_gib) {
             let vram = format!("{gib}G");
@@ -140,4 +151,97 @@ fn a_trace_of_the_demo_model_places_its_hot_experts_first() {
     let o = run(&["plan", "--shape", "mixtral-8x7b", "--preset", "rtx4090", "--trace", t]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("a trace of 4 layers x 8 experts, the model has 32 x 8"), "{}", stderr(&o));
+}
+
+/// The 16 GB mix: Mixtral-8x7B in Q2_K_S fits a 16 GiB budget entirely on the GPU with a 4K context
+/// (KV cache and buffers included), where plain Q2_K does not.
+#[test]
+fn q2_k_s_fits_16_gib_with_a_4k_context_and_q2_k_does_not() {
+    let plan = |mix: &str| {
+        let p = plan_json(&[
+            "--shape",
+            "mixtral-8x7b",
+            "--type",
+            mix,
+            "--preset",
+            "rtx4060ti-16g",
+            "--vram",
+            "16G",
+            "--ctx",
+            "4096",
+        ]);
+        assert_eq!(p["plan"]["kv_cache_bytes"], 4096u64 * 32 * 2 * 1024 * 2, "{p}");
+        assert!(p["plan"]["buffer_bytes"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["plan"]["vram_bytes"].as_u64().unwrap() <= 16 << 30, "{p}");
+        p
+    };
+    let q2_k_s = plan("Q2_K_S");
+    assert_eq!(q2_k_s["plan"]["resident_experts"], 256, "{q2_k_s}");
+    assert_eq!(q2_k_s["plan"]["slots"], 0, "{q2_k_s}");
+    assert_eq!(q2_k_s["mixtral_q"]["host_experts_per_token"], 0.0, "{q2_k_s}");
+    let q2_k = plan("q2_k");
+    let resident = q2_k["plan"]["resident_experts"].as_u64().unwrap();
+    assert!(resident < 256, "{q2_k}");
+    assert!(q2_k["mixtral_q"]["host_experts_per_token"].as_f64().unwrap() > 0.0, "{q2_k}");
+}
+
+/// A GGUF with `cfg`'s tensors in `target`'s types whose data are all zeros, as a sparse file: real
+/// Mixtral-8x7B sizes on no disk space.
+fn sparse_gguf(path: &Path, cfg: &ModelConfig, target: Target) {
+    let mut meta = Metadata::new();
+    cfg.to_gguf(&mut meta);
+    meta.set("general.file_type", MetaValue::U32(target.file_type()));
+    let layout = GgufLayout::new(meta, tensor_types(cfg, target)).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    file.set_len(layout.total_size()).unwrap();
+    file.write_all_at(layout.header(), 0).unwrap();
+}
+
+/// `info` says which preset cards hold a file entirely on the GPU and up to what context, the whole
+/// card and the default budget each: the longest context with which `plan` keeps all 256 experts in
+/// VRAM, one token more and it does not.
+#[test]
+fn info_prints_which_cards_hold_the_file_and_up_to_what_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixtral-8x7b-q2_k_s.gguf");
+    sparse_gguf(&path, &ModelConfig::mixtral_8x7b(32), Target::Q2KS);
+    let m = path.to_str().unwrap();
+    let o = run(&["info", m]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("GPU fit:"), "{text}");
+    let row = |preset: &str| {
+        let line = text.lines().find(|l| l.trim_start().starts_with(&format!("{preset} "))).unwrap();
+        line.split_once(": ").unwrap().1.to_string()
+    };
+    assert_eq!(row("rtx3060"), "does not fit");
+    assert_eq!(row("rtx4060-laptop"), "does not fit");
+    assert_eq!(row("h100"), "32768 / 32768 tokens (the model's whole context)");
+    let sixteen = row("rtx4060ti-16g");
+    let numbers: Vec<usize> =
+        sixteen.trim_end_matches(" tokens").split(" / ").map(|n| n.parse().unwrap()).collect();
+    let (whole, default) = (numbers[0], numbers[1]);
+    assert!(whole >= 4096 && default < whole, "{sixteen}");
+
+    let resident = |ctx: usize, vram: Option<&str>| {
+        let ctx = ctx.to_string();
+        let mut args = vec!["-m", m, "--preset", "rtx4060ti-16g", "--cpu-bw", "50", "-c", &ctx];
+        if let Some(v) = vram {
+            args.extend(["--vram", v]);
+        }
+        plan_json(&args)["plan"]["resident_experts"].as_u64().unwrap()
+    };
+    assert_eq!(resident(whole, Some("16G")), 256);
+    assert!(resident(whole + 1, Some("16G")) < 256);
+    assert_eq!(resident(default, None), 256);
+    assert!(resident(default + 1, None) < 256);
+
+    let o = run(&["info", m, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cards = json["gpu_fit"]["cards"].as_array().unwrap();
+    let card = cards.iter().find(|c| c["preset"] == "rtx4060ti-16g").unwrap();
+    assert_eq!(
+        (card["whole_card"].as_u64(), card["default_budget"].as_u64()),
+        (Some(whole as u64), Some(default as u64))
+    );
 }

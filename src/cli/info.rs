@@ -5,9 +5,13 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
+use mixtral_q::engine::DEFAULT_MAX_BATCH;
 use mixtral_q::format::gguf::{GgufFile, MetaValue, TensorInfo};
 use mixtral_q::format::{FileType, GgmlType};
+use mixtral_q::model::weights::ModelWeights;
 use mixtral_q::model::ModelConfig;
+use mixtral_q::placement::fit::{preset_fits, CardFit, DEFAULT_RESERVE_MIB};
+use mixtral_q::placement::ModelSizes;
 use serde::Serialize;
 
 use super::{human_count, plural};
@@ -88,8 +92,56 @@ struct Report {
     /// The mix's `llama-quantize` name ("Q3_K_M").
     mix: Option<&'static str>,
     metadata: Vec<MetaRow>,
+    /// Which preset cards hold the whole model on the GPU, and up to what context; `None` when the
+    /// file is not a Mixtral the engine loads.
+    gpu_fit: Option<GpuFit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tensors: Option<Vec<TensorRow>>,
+}
+
+#[derive(Serialize)]
+struct GpuFit {
+    /// The model's context length: no card is credited with more.
+    context_length: usize,
+    cards: Vec<CardFit>,
+}
+
+impl GpuFit {
+    /// The placement plan's arithmetic (`plan -m FILE`) on every preset's card, with the buffers
+    /// the CUDA engine allocates.
+    fn of(file: &GgufFile, cfg: &ModelConfig) -> Option<GpuFit> {
+        if !cfg.is_mixtral() {
+            return None;
+        }
+        let weights = ModelWeights::from_gguf(file, cfg).ok()?;
+        let scratch = mixtral_q::engine::cuda::activation_bytes(cfg, DEFAULT_MAX_BATCH);
+        let sizes = ModelSizes::of(&weights, cfg, 1, scratch);
+        Some(GpuFit { context_length: cfg.context_length, cards: preset_fits(&sizes, cfg) })
+    }
+
+    fn write_text(&self, w: &mut impl Write) -> std::io::Result<()> {
+        writeln!(
+            w,
+            "GPU fit:         longest context with every weight in VRAM (f16 KV cache and buffers included, \
+             as plan counts), on the whole card / with {DEFAULT_RESERVE_MIB} MiB kept free (the default budget):"
+        )?;
+        let tokens = |ctx: Option<usize>| ctx.map_or("no".to_string(), |c| c.to_string());
+        for card in &self.cards {
+            let line = match (card.whole_card, card.default_budget) {
+                (None, None) => "does not fit".to_string(),
+                (whole, default) => {
+                    let all = if default == Some(self.context_length) {
+                        " (the model's whole context)"
+                    } else {
+                        ""
+                    };
+                    format!("{} / {} tokens{all}", tokens(whole), tokens(default))
+                }
+            };
+            writeln!(w, "  {:<15} {:>3} GiB: {line}", card.preset, card.vram >> 30)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -177,9 +229,9 @@ struct TensorRow {
 impl Report {
     fn new(file: &GgufFile, list_tensors: bool) -> Report {
         let meta = &file.metadata;
-        let (hyperparameters, config_error) = match ModelConfig::from_gguf(meta) {
-            Ok(c) => (Some(c.into()), None),
-            Err(e) => (None, Some(format!("{e:#}"))),
+        let (hyperparameters, config_error, gpu_fit) = match ModelConfig::from_gguf(meta) {
+            Ok(c) => (Some(c.clone().into()), None, GpuFit::of(file, &c)),
+            Err(e) => (None, Some(format!("{e:#}")), None),
         };
         let total_parameters: u64 = file.tensors.iter().map(TensorInfo::n_elements).sum();
         let tensor_bytes: u64 = file.tensors.iter().map(TensorInfo::n_bytes).sum();
@@ -211,6 +263,7 @@ impl Report {
             file_type_name: file_type.and_then(FileType::from_id).map(|f| f.name),
             mix: file_type.and_then(FileType::from_id).map(|f| f.mix()),
             metadata: meta.iter().map(|(k, v)| MetaRow { key: k.to_string(), value: summarise(v) }).collect(),
+            gpu_fit,
             tensors: list_tensors.then(|| {
                 file.tensors
                     .iter()
@@ -302,6 +355,9 @@ impl Report {
             yes_no(t.has_huggingface_json),
             yes_no(t.has_chat_template)
         )?;
+        if let Some(fit) = &self.gpu_fit {
+            fit.write_text(w)?;
+        }
         match (self.file_type, self.file_type_name) {
             (Some(ft), Some(name)) => {
                 writeln!(w, "file type:       {ft} ({name}, mix {})", self.mix.unwrap_or("?"))?
@@ -522,6 +578,11 @@ mod tests {
                 "{text}"
             );
             assert!(!text.contains("t63") && !text.contains("xxxxxxxxxx"), "long values were dumped");
+            // A model this small fits every preset card with its whole context.
+            let fit = r.gpu_fit.as_ref().unwrap();
+            assert_eq!(fit.cards.len(), mixtral_q::placement::predict::PRESETS.len());
+            assert!(fit.cards.iter().all(|c| c.default_budget == Some(32768)), "{:?}", fit.cards);
+            assert!(text.contains("GPU fit:") && text.contains("rtx4060ti-16g"), "{text}");
             let json: serde_json::Value = serde_json::to_value(&r).unwrap();
             assert_eq!(json["experts"]["layout"], expected_layout);
             assert_eq!(json["tensor_types"][0]["type"], "f32");
@@ -538,7 +599,7 @@ mod tests {
         writer.write_tensor(0, &[0; 34]).unwrap();
         writer.finish().unwrap();
         let r = Report::new(&GgufFile::open(&path).unwrap(), false);
-        assert!(r.hyperparameters.is_none());
+        assert!(r.hyperparameters.is_none() && r.gpu_fit.is_none());
         assert!(r.config_error.as_ref().unwrap().contains("general.architecture"));
         assert_eq!(r.experts.layout, "none");
         assert!((r.bits_per_weight - 8.5).abs() < 1e-9);

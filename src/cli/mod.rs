@@ -27,7 +27,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Convert a Hugging Face Mixtral checkpoint (safetensors) to a GGUF file.
+    /// Convert a Hugging Face Mixtral checkpoint (safetensors) to a GGUF file, or requantize a GGUF file.
     Quantize(quantize::QuantizeArgs),
     /// Compute an importance matrix from a calibration text (llama-imatrix's file formats), for quantize --imatrix.
     Imatrix(imatrix::ImatrixArgs),

@@ -38,7 +38,7 @@ pub struct PlanArgs {
     /// KV cache size in tokens.
     #[arg(short = 'c', long, default_value_t = 4096)]
     pub ctx: usize,
-    /// A machine's figures: rtx3060, rtx4060-laptop, rtx3090, rtx4090, h100.
+    /// A machine's figures: rtx3060, rtx4060-laptop, rtx4060ti-16g, rtx3090, rtx4090, h100.
     #[arg(long)]
     pub preset: Option<String>,
     /// GPU memory bandwidth, GB/s (overrides the preset's).

@@ -1,4 +1,4 @@
-//! `mixtral-q quantize <HF_DIR> -o <OUT.gguf>`.
+//! `mixtral-q quantize <HF_DIR | IN.gguf> -o <OUT.gguf>`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -7,19 +7,23 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use mixtral_q::format::imatrix::ImportanceMatrix;
-use mixtral_q::quantize::{quantize_checkpoint, QuantizeOptions, QuantizeReport, Target};
+use mixtral_q::quantize::{quantize_input, QuantizeOptions, QuantizeReport, Target};
 
 use super::human_bytes;
 
 #[derive(clap::Args, Debug)]
 pub struct QuantizeArgs {
-    /// Hugging Face checkpoint directory (config.json, safetensors shards, tokenizer.json).
-    pub hf_dir: PathBuf,
-    /// Output GGUF file (written to a temporary file beside it and renamed at the end).
+    /// A Hugging Face checkpoint directory (config.json, safetensors shards, tokenizer.json), or a GGUF
+    /// file to requantize (told by its GGUF magic; its metadata is kept but the file type).
+    pub input: PathBuf,
+    /// Output GGUF file (written to a temporary file beside it and renamed at the end; it may be the
+    /// input file).
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Type mix, llama.cpp's names (case-insensitive): Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0,
-    /// Q4_0, F16, BF16, F32; q4_k is ours: Q4_K_M's attention and head, every expert matrix Q4_K.
+    /// Type mix, llama.cpp's names (case-insensitive): Q2_K, Q2_K_S, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K,
+    /// Q8_0, Q4_0, F16, BF16, F32; q4_k is ours: Q4_K_M's attention and head, every expert matrix Q4_K.
+    /// Q2_K_S fits Mixtral-8x7B in a 16 GiB card with a 4K context (llama.cpp makes it only with an
+    /// importance matrix: give one with --imatrix).
     #[arg(long = "type", value_enum, ignore_case = true, default_value = "q4_k")]
     pub target: Target,
     /// Worker threads (default: all cores).
@@ -32,6 +36,11 @@ pub struct QuantizeArgs {
     /// Print every tensor's type and relative RMSE.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Requantize tensors a GGUF input stores quantized already (Q4_K, Q8_0, ...) to another type.
+    /// Quality suffers: every weight is rounded twice, so the result is worse than quantizing from an
+    /// F32, F16 or BF16 file. Tensors already in their target type are copied either way.
+    #[arg(long)]
+    pub allow_requantize: bool,
 }
 
 pub fn run(args: &QuantizeArgs) -> Result<()> {
@@ -40,11 +49,19 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     opts.verbose = args.verbose;
     opts.progress = std::io::stderr().is_terminal();
     opts.cancel = Some(cancel_on_ctrl_c());
+    opts.allow_requantize = args.allow_requantize;
     if let Some(path) = &args.imatrix {
         opts.imatrix = Some(Arc::new((path.clone(), ImportanceMatrix::read(path)?)));
     }
-    let report = quantize_checkpoint(&args.hf_dir, &args.output, &opts)?;
+    let report = quantize_input(&args.input, &args.output, &opts)?;
     print_report(&report, args.verbose);
+    if args.target == Target::Q2KS && args.imatrix.is_none() {
+        // llama-quantize refuses Q2_K_S without --imatrix; we make it, but the user should know.
+        eprintln!(
+            "note: llama.cpp makes Q2_K_S only with an importance matrix (--imatrix, from `mixtral-q imatrix`); \
+             without one expect more loss than llama.cpp's Q2_K_S"
+        );
+    }
     Ok(())
 }
 
@@ -61,7 +78,11 @@ pub fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
 pub fn print_report(report: &QuantizeReport, verbose: bool) {
     if verbose {
         for t in &report.tensors {
-            let err = t.rel_rmse.map(|e| format!("{e:.5}")).unwrap_or_default();
+            let err = match t.rel_rmse {
+                _ if t.copied => "copied".to_string(),
+                Some(e) => format!("{e:.5}"),
+                None => String::new(),
+            };
             println!("{:<32} {:<5} {:>12} {err}", t.name, t.ty.name(), t.n_elements);
         }
     }

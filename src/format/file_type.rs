@@ -16,7 +16,7 @@ const fn ft(id: u64, name: &'static str, description: &'static str) -> FileType 
 }
 
 /// The file types llama.cpp writes for the tensor types we know (ids 4-6 are retired upstream).
-pub const FILE_TYPES: [FileType; 17] = [
+pub const FILE_TYPES: [FileType; 18] = [
     ft(0, "ALL_F32", "F32"),
     ft(1, "MOSTLY_F16", "F16"),
     ft(2, "MOSTLY_Q4_0", "Q4_0"),
@@ -33,6 +33,7 @@ pub const FILE_TYPES: [FileType; 17] = [
     ft(16, "MOSTLY_Q5_K_S", "Q5_K - Small"),
     ft(17, "MOSTLY_Q5_K_M", "Q5_K - Medium"),
     ft(18, "MOSTLY_Q6_K", "Q6_K"),
+    ft(21, "MOSTLY_Q2_K_S", "Q2_K - Small"),
     ft(32, "MOSTLY_BF16", "BF16"),
 ];
 

@@ -152,6 +152,12 @@ impl GgmlType {
         self.info().block_bytes
     }
 
+    /// Whether values are stored in blocks with scales (ggml's `ggml_is_quantized`): everything but
+    /// F32, F16 and BF16.
+    pub const fn is_quantized(self) -> bool {
+        self.block_len() > 1
+    }
+
     /// Bytes taken by `n` values; `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         n.is_multiple_of(self.block_len()).then(|| n / self.block_len() * self.block_bytes())

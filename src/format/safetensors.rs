@@ -189,6 +189,7 @@ fn convert_to_f32(dtype: SourceDtype, bytes: &[u8], out: &mut [f32]) {
 /// A Hugging Face checkpoint directory: sharded (`model.safetensors.index.json`) or a single
 /// `model.safetensors`.
 pub struct Checkpoint {
+    dir: PathBuf,
     shards: Vec<SafetensorsFile>,
     /// Tensor name → index into `shards`.
     shard_of: HashMap<String, usize>,
@@ -203,7 +204,7 @@ impl Checkpoint {
         } else if single_path.exists() {
             let shard = SafetensorsFile::open(&single_path)?;
             let shard_of = shard.tensor_names().into_iter().map(|n| (n, 0)).collect();
-            Ok(Checkpoint { shards: vec![shard], shard_of })
+            Ok(Checkpoint { dir: dir.to_path_buf(), shards: vec![shard], shard_of })
         } else {
             bail!(
                 "{} has neither model.safetensors.index.json nor model.safetensors: not a Hugging Face \
@@ -257,7 +258,12 @@ impl Checkpoint {
             );
             shard_of.insert(name.clone(), i);
         }
-        Ok(Checkpoint { shards, shard_of })
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, shard_of })
+    }
+
+    /// The checkpoint's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {

@@ -99,6 +99,36 @@ pub fn split_layer_tensor(name: &str) -> Option<(usize, LayerTensor)> {
     LayerTensor::ALL.into_iter().find(|t| t.suffix() == suffix).map(|t| (layer, t))
 }
 
+/// The layer, tensor and expert of a per-expert GGUF name (`blk.3.ffn_gate.5.weight` → 3,
+/// FfnGateExps, 5): the older layout's names, which the quantizer also uses to name one expert's slab
+/// of a merged tensor.
+pub fn split_per_expert(name: &str) -> Option<(usize, LayerTensor, usize)> {
+    let parts: Vec<&str> = name.strip_prefix("blk.")?.strip_suffix(".weight")?.split('.').collect();
+    let [layer, _, expert] = parts[..] else { return None };
+    let (layer, expert) = (layer.parse().ok()?, expert.parse().ok()?);
+    // Formatting the candidate back rejects non-canonical spellings such as `blk.03`.
+    LayerTensor::ALL
+        .into_iter()
+        .find(|t| t.per_expert_gguf_name(layer, expert).as_deref() == Some(name))
+        .map(|t| (layer, t, expert))
+}
+
 pub const HF_TOKEN_EMBD: &str = "model.embed_tokens.weight";
 pub const HF_OUTPUT_NORM: &str = "model.norm.weight";
 pub const HF_OUTPUT: &str = "lm_head.weight";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_expert_names_round_trip() {
+        for t in LayerTensor::ALL.into_iter().filter(|t| t.is_expert()) {
+            let name = t.per_expert_gguf_name(7, 3).unwrap();
+            assert_eq!(split_per_expert(&name), Some((7, t, 3)), "{name}");
+        }
+        for name in ["blk.7.ffn_gate_exps.weight", "blk.07.ffn_gate.3.weight", "blk.7.attn_q.3.weight", "x"] {
+            assert_eq!(split_per_expert(name), None, "{name}");
+        }
+    }
+}

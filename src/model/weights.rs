@@ -161,10 +161,10 @@ impl Model {
     }
 }
 
-/// The layer kinds whose weights this loader finds. The spec and the forward pass describe dense
-/// layers and shared experts too, but their tensors (`blk.N.ffn_gate.weight`, `*_shexp`) are not read
-/// yet: such files are refused with what they are.
-fn check_layers(cfg: &ModelConfig) -> Result<()> {
+/// The layer kinds whose weights this loader (and the quantizer, requantizing a file) finds. The spec
+/// and the forward pass describe dense layers and shared experts too, but their tensors
+/// (`blk.N.ffn_gate.weight`, `*_shexp`) are not read yet: such files are refused with what they are.
+pub(crate) fn check_layers(cfg: &ModelConfig) -> Result<()> {
     if cfg.n_experts == 0 {
         bail!("llama.expert_count is missing or 0: this is a dense llama model, not Mixtral");
     }

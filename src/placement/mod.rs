@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+pub mod fit;
 pub mod predict;
 
 use anyhow::{bail, Context, Result};

@@ -1,4 +1,5 @@
-//! The conversion itself: validate every source tensor, lay out the GGUF, convert and write.
+//! The conversion itself: validate every source tensor, lay out the GGUF, convert (or copy) and
+//! write.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,14 +11,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::permute;
-use super::plan::{tensor_types, Target, TensorRole};
+use super::plan::{tensor_types, Target};
+use super::source::{RowSource, SourceLayout};
 use crate::format::codec;
 use crate::format::gguf::{GgufFileWriter, GgufLayout, MetaValue, Metadata};
 use crate::format::imatrix::ImportanceMatrix;
 use crate::format::output::AtomicOutput;
 use crate::format::safetensors::Checkpoint;
 use crate::format::GgmlType;
-use crate::model::names::{self, LayerTensor};
+use crate::model::names;
 use crate::model::ModelConfig;
 
 /// Options of one conversion.
@@ -35,6 +37,9 @@ pub struct QuantizeOptions {
     /// An importance matrix (`--imatrix`): the tensors it has entries for are quantized minimizing
     /// the importance-weighted error. `path` names it in the output's metadata, as llama-quantize does.
     pub imatrix: Option<Arc<(PathBuf, ImportanceMatrix)>>,
+    /// Convert tensors the source already stores quantized to another type (llama-quantize's
+    /// `--allow-requantize`). Off, such a source is refused: its weights would be rounded twice.
+    pub allow_requantize: bool,
 }
 
 impl QuantizeOptions {
@@ -46,6 +51,7 @@ impl QuantizeOptions {
             progress: false,
             cancel: None,
             imatrix: None,
+            allow_requantize: false,
         }
     }
 }
@@ -56,8 +62,10 @@ pub struct TensorReport {
     pub name: String,
     pub ty: GgmlType,
     pub n_elements: u64,
-    /// ‖dequant(W) − W‖ / ‖W‖, when `verbose` was set.
+    /// ‖dequant(W) − W‖ / ‖W‖, when `verbose` was set (W: the source's values).
     pub rel_rmse: Option<f64>,
+    /// The source stored every matrix of it in `ty` already: its bytes were copied unchanged.
+    pub copied: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -88,36 +96,10 @@ struct Piece {
     bytes: Vec<u8>,
 }
 
-/// Where the values of the source tensors (Hugging Face names) come from: a checkpoint, or `synth`'s
-/// random generator.
-pub trait RowSource: Sync {
-    /// Fills `out` with row `row` of the source tensor `name` (a 1-D tensor is one row).
-    fn read_row(&self, name: &str, row: usize, out: &mut [f32]) -> Result<()>;
-    /// Bytes the tensor takes in the source (for the progress bar and the throughput).
-    fn source_bytes(&self, name: &str) -> u64;
-    /// Called once a source tensor is converted: its memory may be released.
-    fn done_with(&self, _name: &str) {}
-}
-
-impl RowSource for Checkpoint {
-    fn read_row(&self, name: &str, row: usize, out: &mut [f32]) -> Result<()> {
-        self.tensor(name)?.row_to_f32(row, out)
-    }
-
-    fn source_bytes(&self, name: &str) -> u64 {
-        self.tensor(name).map(|t| t.data.len() as u64).unwrap_or(0)
-    }
-
-    fn done_with(&self, name: &str) {
-        self.release(name);
-    }
-}
-
 /// Converts a Hugging Face checkpoint directory to a GGUF file at `out`.
 pub fn quantize_checkpoint(hf_dir: &Path, out: &Path, opts: &QuantizeOptions) -> Result<QuantizeReport> {
     let cfg = ModelConfig::from_hf_config_file(&hf_dir.join("config.json"))?;
     let checkpoint = Checkpoint::open(hf_dir)?;
-    validate_sources(&checkpoint, &cfg, &plan_jobs(&cfg, opts.target))?;
     let model_name = hf_dir
         .canonicalize()
         .ok()
@@ -126,35 +108,50 @@ pub fn quantize_checkpoint(hf_dir: &Path, out: &Path, opts: &QuantizeOptions) ->
     let mut meta = Metadata::new();
     meta.set("general.name", MetaValue::String(model_name));
     crate::text::tokenizer_metadata(hf_dir, &mut meta)?;
-    write_gguf(&checkpoint, &cfg, meta, out, opts)
+    write_gguf(&checkpoint, &cfg, new_model_metadata(&cfg, meta, opts.target), out, opts)
 }
 
-/// Writes a GGUF of `cfg`'s tensors, converted from `source`, with `extra` metadata (tokenizer, name)
-/// after the model keys.
-pub fn write_gguf(
-    source: &dyn RowSource,
-    cfg: &ModelConfig,
-    extra: Metadata,
-    out: &Path,
-    opts: &QuantizeOptions,
-) -> Result<QuantizeReport> {
-    let start = Instant::now();
-    let jobs = plan_jobs(cfg, opts.target);
-    let input_bytes = jobs.iter().flat_map(|j| &j.sources).map(|s| source.source_bytes(s)).sum();
+/// The metadata of a model written from scratch: `extra`'s `general.*` keys (the name), the model
+/// keys of `cfg`, the file type of `target`, then the rest of `extra` (the tokenizer).
+pub fn new_model_metadata(cfg: &ModelConfig, extra: Metadata, target: Target) -> Metadata {
     let mut meta = Metadata::new();
     meta.set("general.architecture", MetaValue::String("llama".into()));
     for (key, value) in extra.iter().filter(|(k, _)| k.starts_with("general.")) {
         meta.set(key, value.clone());
     }
     cfg.to_gguf(&mut meta);
-    meta.set("general.file_type", MetaValue::U32(opts.target.file_type()));
+    set_file_type(&mut meta, target);
+    for (key, value) in extra.iter().filter(|(k, _)| !k.starts_with("general.")) {
+        meta.set(key, value.clone());
+    }
+    meta
+}
+
+/// `general.file_type` and `general.quantization_version` for `target`, in place when `meta` has
+/// them (as llama-quantize sets them in a file it requantizes).
+pub fn set_file_type(meta: &mut Metadata, target: Target) {
+    meta.set("general.file_type", MetaValue::U32(target.file_type()));
+    // ggml's GGML_QNT_VERSION: the block formats of today's quantized types.
     meta.set("general.quantization_version", MetaValue::U32(2));
+}
+
+/// Writes a GGUF of `cfg`'s tensors converted from `source`, with the metadata `meta` (its file
+/// type set for `opts.target`). Every source tensor is checked before the output is created.
+pub fn write_gguf(
+    source: &dyn RowSource,
+    cfg: &ModelConfig,
+    mut meta: Metadata,
+    out: &Path,
+    opts: &QuantizeOptions,
+) -> Result<QuantizeReport> {
+    let start = Instant::now();
+    let jobs = plan_jobs(cfg, opts.target, source.layout());
+    check_sources(source, cfg, &jobs, opts).with_context(|| format!("in {}", source.origin()))?;
+    let input_bytes = jobs.iter().flat_map(|j| &j.sources).map(|s| source.source_bytes(s)).sum();
+    set_file_type(&mut meta, opts.target);
     if let Some(imatrix) = &opts.imatrix {
         let used = check_imatrix(&imatrix.1, &jobs)?;
         imatrix_metadata(&imatrix.0, &imatrix.1, used, &mut meta);
-    }
-    for (key, value) in extra.iter().filter(|(k, _)| !k.starts_with("general.")) {
-        meta.set(key, value.clone());
     }
 
     let layout =
@@ -183,53 +180,97 @@ pub fn write_gguf(
     })
 }
 
-/// Every GGUF tensor in llama.cpp's order, its type and its sources.
-fn plan_jobs(cfg: &ModelConfig, target: Target) -> Vec<TensorJob> {
+/// Every GGUF tensor in llama.cpp's order, its type and its sources in `layout`.
+fn plan_jobs(cfg: &ModelConfig, target: Target, layout: SourceLayout) -> Vec<TensorJob> {
     tensor_types(cfg, target)
         .into_iter()
         .map(|(name, dims, ty)| {
-            let role = TensorRole::of(&name);
-            let (sources, permute_head_dim) = match role {
-                TensorRole::TokenEmbd => (vec![names::HF_TOKEN_EMBD.to_string()], None),
-                TensorRole::Output => (vec![names::HF_OUTPUT.to_string()], None),
-                TensorRole::Norm if name == names::OUTPUT_NORM => {
-                    (vec![names::HF_OUTPUT_NORM.to_string()], None)
-                }
-                TensorRole::Norm | TensorRole::Layer(..) => {
-                    let layer: usize = name.split('.').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-                    let t = LayerTensor::ALL
-                        .into_iter()
-                        .find(|t| t.gguf_name(layer) == name)
-                        .expect("gguf_tensors names only known layer tensors");
-                    let sources = if t.is_expert() {
-                        (0..cfg.n_experts).map(|e| t.hf_name(layer, e)).collect()
-                    } else {
-                        vec![t.hf_name(layer, 0)]
-                    };
-                    let permute =
-                        matches!(t, LayerTensor::AttnQ | LayerTensor::AttnK).then_some(cfg.head_dim);
-                    (sources, permute)
-                }
+            let (sources, permute_head_dim) = match layout {
+                SourceLayout::HuggingFace => hf_sources(cfg, &name),
+                SourceLayout::Gguf => (gguf_sources(cfg, &name), None),
             };
             TensorJob { name, ty, dims, sources, permute_head_dim }
         })
         .collect()
 }
 
-/// Checks that every source tensor exists with the shape config.json implies, before any output is
-/// created.
-fn validate_sources(checkpoint: &Checkpoint, cfg: &ModelConfig, jobs: &[TensorJob]) -> Result<()> {
+/// The Hugging Face tensors GGUF tensor `name` is made of, and the head size its rows are permuted
+/// by (q and k).
+fn hf_sources(cfg: &ModelConfig, name: &str) -> (Vec<String>, Option<usize>) {
+    let one = |hf: &str| (vec![hf.to_string()], None);
+    match name {
+        names::TOKEN_EMBD => one(names::HF_TOKEN_EMBD),
+        names::OUTPUT => one(names::HF_OUTPUT),
+        names::OUTPUT_NORM => one(names::HF_OUTPUT_NORM),
+        _ => {
+            let (layer, t) =
+                names::split_layer_tensor(name).expect("gguf_tensors names only known layer tensors");
+            let sources = if t.is_expert() {
+                (0..cfg.n_experts).map(|e| t.hf_name(layer, e)).collect()
+            } else {
+                vec![t.hf_name(layer, 0)]
+            };
+            let permute =
+                matches!(t, names::LayerTensor::AttnQ | names::LayerTensor::AttnK).then_some(cfg.head_dim);
+            (sources, permute)
+        }
+    }
+}
+
+/// The GGUF source matrices of GGUF tensor `name`: itself, or one per expert by per-expert name.
+fn gguf_sources(cfg: &ModelConfig, name: &str) -> Vec<String> {
+    match names::split_layer_tensor(name) {
+        Some((layer, t)) if t.is_expert() => {
+            (0..cfg.n_experts).filter_map(|e| t.per_expert_gguf_name(layer, e)).collect()
+        }
+        _ => vec![name.to_string()],
+    }
+}
+
+/// Checks, before any output is created, that every source tensor exists with the shape the
+/// hyperparameters imply, and that none stored quantized would be requantized unasked.
+fn check_sources(
+    source: &dyn RowSource,
+    cfg: &ModelConfig,
+    jobs: &[TensorJob],
+    opts: &QuantizeOptions,
+) -> Result<()> {
+    // (tensor, its first source stored quantized in another type, that type)
+    let mut requantized = Vec::new();
     for job in jobs {
         let expected = source_shape(job);
-        for source in &job.sources {
-            let t = checkpoint.tensor(source)?;
-            if t.shape != expected {
+        let mut first_requantized = None;
+        for name in &job.sources {
+            let shape = source.shape(name)?;
+            if shape != expected {
                 bail!(
-                    "tensor {source} has shape {:?}, but config.json ({} layers, hidden {}, FFN {}, {} heads, {} KV heads) implies {:?}",
-                    t.shape, cfg.n_layers, cfg.hidden_size, cfg.ffn_size, cfg.n_heads, cfg.n_kv_heads, expected
+                    "tensor {} has shape {shape:?}, but the hyperparameters ({} layers, hidden {}, FFN {}, {} heads, {} KV heads, {} experts) imply {expected:?}",
+                    source.describe(name), cfg.n_layers, cfg.hidden_size, cfg.ffn_size, cfg.n_heads, cfg.n_kv_heads,
+                    cfg.n_experts
                 );
             }
+            match source.stored(name) {
+                Some((ty, _)) if ty.is_quantized() && ty != job.ty => {
+                    first_requantized.get_or_insert((name, ty));
+                }
+                _ => {}
+            }
         }
+        if let Some((name, ty)) = first_requantized {
+            requantized.push((job, source.describe(name), ty));
+        }
+    }
+    if let Some((job, name, from)) = requantized.first().filter(|_| !opts.allow_requantize) {
+        let count = match requantized.len() {
+            1 => "1 tensor is".to_string(),
+            n => format!("{n} tensors are"),
+        };
+        bail!(
+            "{count} stored quantized already and would be requantized ({name} from {from} to {}), which \
+             rounds their weights a second time and loses quality: pass --allow-requantize to do it anyway, \
+             or quantize from an F32, F16 or BF16 file",
+            job.ty
+        );
     }
     Ok(())
 }
@@ -265,22 +306,31 @@ fn convert_all(
             for (index, job) in jobs.iter().enumerate() {
                 let mut err = ErrorSums::default();
                 let mut offset = 0u64;
+                let mut copied = true;
                 for source in &job.sources {
                     if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
                         bail!("interrupted");
                     }
-                    let importance = match &opts.imatrix {
-                        Some(m) => m.1.importance(
-                            &job.name,
-                            matrix_index(job, source),
-                            job.sources.len(),
-                            cols_of(job),
-                        )?,
-                        None => None,
+                    let (bytes, sums) = match stored_in(source_rows, source, job) {
+                        // Already in the target type: copied, so that its values are not rounded again.
+                        Some(bytes) => (bytes.to_vec(), ErrorSums::default()),
+                        None => {
+                            copied = false;
+                            let importance = match &opts.imatrix {
+                                Some(m) => m.1.importance(
+                                    &job.name,
+                                    matrix_index(job, source),
+                                    job.sources.len(),
+                                    cols_of(job),
+                                )?,
+                                None => None,
+                            };
+                            convert_matrix(source_rows, source, job, importance.as_deref(), opts.verbose)
+                                .with_context(|| {
+                                    format!("converting tensor {} to {}", source_rows.describe(source), job.ty)
+                                })?
+                        }
                     };
-                    let (bytes, sums) =
-                        convert_matrix(source_rows, source, job, importance.as_deref(), opts.verbose)
-                            .with_context(|| format!("converting tensor {source} to {}", job.ty))?;
                     source_rows.done_with(source);
                     err.add(sums);
                     let len = bytes.len() as u64;
@@ -296,6 +346,7 @@ fn convert_all(
                     ty: job.ty,
                     n_elements: job.dims.iter().product(),
                     rel_rmse: opts.verbose.then(|| err.relative_rmse()),
+                    copied,
                 });
             }
             Ok(reports)
@@ -306,6 +357,14 @@ fn convert_all(
         written?;
         converted
     })
+}
+
+/// The bytes of source matrix `name` when the source stores them in `job`'s type and row order.
+fn stored_in<'s>(source_rows: &'s dyn RowSource, name: &str, job: &TensorJob) -> Option<&'s [u8]> {
+    match source_rows.stored(name) {
+        Some((ty, bytes)) if ty == job.ty && job.permute_head_dim.is_none() => Some(bytes),
+        _ => None,
+    }
 }
 
 /// Sums for the relative RMSE of a tensor.

@@ -7,6 +7,18 @@
 //! so spending bits there is nearly free), the output head Q6_K (Q8_0 in Q8_0), and ffn_down gets more
 //! bits in part of the layers in the _M/_L mixes and Q2_K.
 //!
+//! Q2_K_S is the mix for a 16 GB card: by `plan`'s memory model Mixtral-8x7B in it fits a 16 GiB
+//! budget entirely on the GPU with a 4K context (15.68 GiB with the f16 KV cache and the engine's
+//! buffers), where plain Q2_K leaves 17 of the 256 experts in host memory. It is llama.cpp's own mix,
+//! so we take it rather than define one: its rules are every matrix Q2_K (attn_output too, where Q2_K
+//! gets Q5_K for 8 experts) but ffn_down of the first eighth of the layers (Q4_K), attn_k/attn_v (Q8_0
+//! for 8 experts) and the output head (Q6_K). The default budget, which keeps 768 MiB of the card
+//! free, holds it only with a ~600-token context; 4K there would take more than any sensible mix of
+//! our types gives up (every expert matrix Q2_K with Q2_K_S's attention is still 15.26 GiB). llama.cpp
+//! refuses to make Q2_K_S without an importance matrix (its Q2_K tensors in a Q2_K_S file "require"
+//! one); we have none, so ours is made as its plain Q2_K is, with our block search, and `quantize`
+//! says so.
+//!
 //! `q4_k` is ours, not an alias of Q4_K_M: Q4_K_M's attention and head (Q8_0 attn_k/attn_v, Q5_K
 //! attn_output, Q6_K output) but every expert matrix Q4_K, ffn_down included, which keeps the file
 //! ~5% smaller than Q4_K_M (the trade measured in the README).
@@ -26,6 +38,8 @@ pub enum Target {
     Q4K,
     #[value(name = "Q2_K")]
     Q2K,
+    #[value(name = "Q2_K_S")]
+    Q2KS,
     #[value(name = "Q3_K_S")]
     Q3KS,
     #[value(name = "Q3_K_M")]
@@ -64,6 +78,7 @@ impl Target {
             Q4_0 => 2,
             Q8_0 => 7,
             Q2K => 10,
+            Q2KS => 21,
             Q3KS => 11,
             Q3KM => 12,
             Q3KL => 13,
@@ -91,7 +106,7 @@ impl Target {
             BF16 => G::BF16,
             Q4_0 => G::Q4_0,
             Q8_0 => G::Q8_0,
-            Q2K => G::Q2_K,
+            Q2K | Q2KS => G::Q2_K,
             Q3KS | Q3KM | Q3KL => G::Q3_K,
             Q4KS | Q4KM | Q4K => G::Q4_K,
             Q5KS | Q5KM => G::Q5_K,
@@ -180,7 +195,7 @@ fn wanted_type(target: Target, role: TensorRole, shape: ModelShape) -> GgmlType 
         // "For the 8-expert model, bumping this to Q8_0 trades just ~128MB."
         TensorRole::Layer(L::AttnV | L::AttnK, _) if eight_experts => G::Q8_0,
         TensorRole::Layer(L::AttnV, layer) => match target {
-            Q2K if shape.n_gqa >= 4 => G::Q4_K,
+            Q2K | Q2KS if shape.n_gqa >= 4 => G::Q4_K,
             Q2K => G::Q3_K,
             Q3KM if layer < 2 => G::Q5_K,
             Q3KM => G::Q4_K,
@@ -189,6 +204,7 @@ fn wanted_type(target: Target, role: TensorRole, shape: ModelShape) -> GgmlType 
             Q4KS if layer < 4 => G::Q5_K,
             _ => base,
         },
+        // Q2_K_S is not in llama.cpp's list for 8 experts: its attn_output stays Q2_K.
         TensorRole::Layer(L::AttnOutput, _) if eight_experts => match target {
             Q2K | Q3KS | Q3KM | Q4KS | Q4KM | Q4K => G::Q5_K,
             _ => base,
@@ -202,6 +218,7 @@ fn wanted_type(target: Target, role: TensorRole, shape: ModelShape) -> GgmlType 
         },
         TensorRole::Layer(L::FfnDownExps, layer) => match target {
             Q2K => G::Q3_K,
+            Q2KS if layer < n / 8 => G::Q4_K,
             Q3KM if layer < n / 16 => G::Q5_K,
             Q3KM => G::Q4_K,
             Q3KL => G::Q5_K,
@@ -278,6 +295,43 @@ mod tests {
         assert_eq!(t("blk.3.attn_norm.weight"), G::F32);
         assert_eq!(t("output.weight"), G::Q6_K);
         assert_eq!(t("token_embd.weight"), G::Q4_K);
+    }
+
+    /// llama.cpp's Q2_K_S for Mixtral-8x7B, one assertion per rule.
+    #[test]
+    fn q2_k_s_plan_for_mixtral_8x7b() {
+        use GgmlType as G;
+        let t = |name: &str| t(Target::Q2KS, name);
+        assert_eq!(Target::Q2KS.file_type(), 21);
+        // The base type: the matrices no rule names.
+        assert_eq!(t("blk.9.attn_q.weight"), G::Q2_K);
+        assert_eq!(t("blk.9.ffn_gate_exps.weight"), G::Q2_K);
+        assert_eq!(t("blk.9.ffn_up_exps.weight"), G::Q2_K);
+        assert_eq!(t("token_embd.weight"), G::Q2_K);
+        // 8 experts: attn_k and attn_v Q8_0 (attn_v's Q4_K for GQA is overridden).
+        assert_eq!(t("blk.9.attn_k.weight"), G::Q8_0);
+        assert_eq!(t("blk.9.attn_v.weight"), G::Q8_0);
+        // Not in the 8-expert Q5_K list: attn_output keeps the base type (plain Q2_K's is Q5_K).
+        assert_eq!(t("blk.9.attn_output.weight"), G::Q2_K);
+        assert_eq!(
+            tensor_type(Target::Q2K, TensorRole::of("blk.9.attn_output.weight"), 4096, MIXTRAL),
+            G::Q5_K
+        );
+        // ffn_down: Q4_K in the first 32 / 8 = 4 layers, Q2_K after (plain Q2_K: Q3_K everywhere).
+        let first_four: Vec<G> = (0..32).map(|l| if l < 4 { G::Q4_K } else { G::Q2_K }).collect();
+        assert_eq!(ffn_down(Target::Q2KS), first_four);
+        // The head Q6_K; norms and routers unquantized.
+        assert_eq!(t("output.weight"), G::Q6_K);
+        assert_eq!(t("blk.9.ffn_gate_inp.weight"), G::F32);
+        assert_eq!(t("blk.9.ffn_norm.weight"), G::F32);
+        assert_eq!(t("output_norm.weight"), G::F32);
+        // Without 8 experts, attn_v is Q4_K for 4+ query heads per KV head, else the base type.
+        let four = ModelShape { n_experts: 4, ..MIXTRAL };
+        let mha = ModelShape { n_experts: 4, n_gqa: 1, ..MIXTRAL };
+        let attn_v = TensorRole::of("blk.2.attn_v.weight");
+        assert_eq!(tensor_type(Target::Q2KS, attn_v, 4096, four), G::Q4_K);
+        assert_eq!(tensor_type(Target::Q2KS, attn_v, 4096, mha), G::Q2_K);
+        assert_eq!(tensor_type(Target::Q2KS, TensorRole::of("blk.2.attn_k.weight"), 4096, four), G::Q2_K);
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct GgufFile {
     pub data_offset: u64,
     by_name: HashMap<String, usize>,
     map: Mmap,
+    /// Whether `map` maps a file: only then may its pages be dropped (an anonymous mapping's pages
+    /// would come back as zeros).
+    file_backed: bool,
 }
 
 impl GgufFile {
@@ -98,7 +101,7 @@ impl GgufFile {
         // SAFETY: the mapping is read-only. Another process truncating or rewriting the file while it
         // is mapped is outside what we can guard against (as for every mmap-based model loader).
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        Self::from_map(path, map)
+        Self::from_map(path, map, true)
     }
 
     /// Parses a GGUF file held in memory (copied into an anonymous mapping); `path` names it in
@@ -109,10 +112,10 @@ impl GgufFile {
         }
         let mut map = memmap2::MmapOptions::new().len(bytes.len()).map_anon().context("cannot map memory")?;
         map.copy_from_slice(bytes);
-        Self::from_map(path, map.make_read_only().context("cannot map memory")?)
+        Self::from_map(path, map.make_read_only().context("cannot map memory")?, false)
     }
 
-    fn from_map(path: &Path, map: Mmap) -> Result<GgufFile> {
+    fn from_map(path: &Path, map: Mmap, file_backed: bool) -> Result<GgufFile> {
         let header = parse(&map).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile {
@@ -124,6 +127,7 @@ impl GgufFile {
             data_offset: header.data_offset,
             by_name,
             map,
+            file_backed,
         })
     }
 
@@ -136,6 +140,32 @@ impl GgufFile {
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;
         &self.map[start..start + t.n_bytes() as usize]
+    }
+
+    /// Drops the pages of `range` (bytes within tensor `t`'s data) from this process's memory; they
+    /// are read again from the file if touched later. Requantizing a 93 GB file would otherwise keep
+    /// every page read so far resident.
+    pub fn release(&self, t: &TensorInfo, range: std::ops::Range<u64>) {
+        if !self.file_backed {
+            return;
+        }
+        let start = self.data_offset + t.offset + range.start;
+        let end = self.data_offset + t.offset + range.end.min(t.n_bytes());
+        // Advice needs a page-aligned start: round inward so that no neighbouring data is affected.
+        let page = 4096;
+        let (first, last) = (start.div_ceil(page) * page, end / page * page);
+        if last > first && last <= self.map.len() as u64 {
+            // SAFETY: the mapping is read-only and file-backed, so DontNeed only drops clean pages that
+            // the kernel re-reads from the file on the next access; no data can be lost. Failure only
+            // means the pages stay resident.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    first as usize,
+                    (last - first) as usize,
+                )
+            };
+        }
     }
 
     /// The whole mapping.

@@ -153,6 +153,12 @@ impl Metadata {
         }
     }
 
+    /// Removes `key` (if present), keeping the order of the others.
+    pub fn remove(&mut self, key: &str) -> Option<MetaValue> {
+        let i = self.entries.iter().position(|(k, _)| k == key)?;
+        Some(self.entries.remove(i).1)
+    }
+
     pub fn get(&self, key: &str) -> Option<&MetaValue> {
         self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
