@@ -327,7 +327,11 @@ fn convert_all(
                             };
                             convert_matrix(source_rows, source, job, importance.as_deref(), opts.verbose)
                                 .with_context(|| {
-                                    format!("converting tensor {} to {}", source_rows.describe(source), job.ty)
+                                    format!(
+                                        "converting tensor {} to {}",
+                                        source_rows.describe(source),
+                                        job.ty
+                                    )
                                 })?
                         }
                     };

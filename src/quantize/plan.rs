@@ -16,8 +16,8 @@
 //! free, holds it only with a ~600-token context; 4K there would take more than any sensible mix of
 //! our types gives up (every expert matrix Q2_K with Q2_K_S's attention is still 15.26 GiB). llama.cpp
 //! refuses to make Q2_K_S without an importance matrix (its Q2_K tensors in a Q2_K_S file "require"
-//! one); we have none, so ours is made as its plain Q2_K is, with our block search, and `quantize`
-//! says so.
+//! one); ours is made with one when `--imatrix` gives it, else by our plain block search, and
+//! `quantize` says so.
 //!
 //! `q4_k` is ours, not an alias of Q4_K_M: Q4_K_M's attention and head (Q8_0 attn_k/attn_v, Q5_K
 //! attn_output, Q6_K output) but every expert matrix Q4_K, ffn_down included, which keeps the file

@@ -35,6 +35,7 @@ pub fn get_scale_min_k4(j: usize, scales: &[u8; 12]) -> (u8, u8) {
 }
 
 /// Inverse of `get_scale_min_k4` for all 8 sub-blocks (values must be < 64).
+#[inline(always)]
 pub(super) fn pack_scales_mins(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
     let mut out = [0u8; 12];
     for j in 0..8 {
@@ -88,6 +89,7 @@ pub(super) enum SearchWeights {
 
 impl SearchWeights {
     /// The weights of the super-block `x` with error weights `ew`.
+    #[inline(always)]
     fn of(self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> [f32; QK_K] {
         match self {
             SearchWeights::RmsPlusAbs => {
@@ -133,6 +135,7 @@ struct Encoding<const S: usize> {
 /// Rounds sub-block `x` to levels for scale `d·sc` and min `dmin·m` (as the decoder forms them);
 /// returns the `w`-weighted squared error of the reconstruction.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn requantize<const L: usize>(
     x: &[f32; L],
     w: &[f32; L],
@@ -162,16 +165,19 @@ fn requantize<const L: usize>(
     })
 }
 
+#[inline(always)]
 fn sub_blocks<const L: usize>(x: &[f32; QK_K]) -> &[[f32; L]] {
     x.as_chunks::<L>().0
 }
 
+#[inline(always)]
 fn sub_levels<const L: usize>(q: &mut [u8; QK_K]) -> &mut [[u8; L]] {
     q.as_chunks_mut::<L>().0
 }
 
 impl<const S: usize> Encoding<S> {
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn new<const L: usize>(
         x: &[f32; QK_K],
         ew: &[f32; QK_K],
@@ -189,12 +195,14 @@ impl<const S: usize> Encoding<S> {
         e
     }
 
+    #[inline(always)]
     fn total_err(&self) -> f32 {
         self.err.iter().sum()
     }
 
     /// Weighted least-squares (d, dmin) for the current integer scales, mins and levels, rounded
     /// through f16.
+    #[inline(always)]
     fn refit_super_scales<const L: usize>(&self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> (f32, f32) {
         // Minimize Σ w·(d·a − dmin·b − x)² with a = sc·q, b = m.
         let (mut saa, mut sab, mut sbb, mut sax, mut sbx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
@@ -225,6 +233,7 @@ impl<const S: usize> Encoding<S> {
     }
 
     /// For each sub-block, the best of the (sc, m) pairs within ±1 of the current ones.
+    #[inline(always)]
     fn repick_sub_scales<const L: usize>(&mut self, x: &[f32; QK_K], ew: &[f32; QK_K], g: Geometry) {
         let mut trial = [0u8; L];
         let subs = sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(ew));
@@ -252,6 +261,7 @@ impl<const S: usize> Encoding<S> {
 /// by `ew` (error weights, all 1 without an importance matrix): each of `starts` (without an
 /// importance matrix the first is llama.cpp's reference) gives an encoding, the one with the
 /// smallest error is refined.
+#[inline(always)]
 pub(super) fn quantize_with_mins<const S: usize, const L: usize>(
     x: &[f32; QK_K],
     ew: &[f32; QK_K],
@@ -276,6 +286,7 @@ pub(super) fn quantize_with_mins<const S: usize, const L: usize>(
 /// llama.cpp's reference choice (`quantize_row_q4_K_ref`, `quantize_row_q2_K_ref`) when `start`
 /// holds the reference's search: per sub-block (scale, min) from `fit_affine`, integer scales and
 /// mins rounded against `d = max scale / smax`, `dmin = max min / smax`, levels re-rounded.
+#[inline(always)]
 fn start_encoding<const S: usize, const L: usize>(
     x: &[f32; QK_K],
     ew: &[f32; QK_K],
@@ -303,6 +314,7 @@ fn start_encoding<const S: usize, const L: usize>(
 
 /// Alternates the least-squares (d, dmin) and the per-sub-block (sc, m) re-pick while the squared
 /// error drops (three rounds at most: later rounds gain under 0.1%).
+#[inline(always)]
 fn refine<const S: usize, const L: usize>(
     x: &[f32; QK_K],
     ew: &[f32; QK_K],

@@ -34,6 +34,7 @@ pub(super) struct Encoding {
 }
 
 /// Rounds sub-block `x` to levels for scale `d·sc`; returns the `w`-weighted squared error.
+#[inline(always)]
 fn requantize(x: &[f32], w: &[f32], d: f32, sc: i8, nmax: i32, q: &mut [u8]) -> f32 {
     let ds = d * sc as f32;
     if ds == 0.0 {
@@ -53,6 +54,7 @@ fn requantize(x: &[f32], w: &[f32], d: f32, sc: i8, nmax: i32, q: &mut [u8]) -> 
 impl Encoding {
     /// The reference's rounding of the sub-block scales `scales` (from the type's search) to
     /// integers; `None` for an all-zero block.
+    #[inline(always)]
     pub fn start(x: &[f32; QK_K], ew: &[f32; QK_K], scales: &[f32; 16], g: Geometry) -> Option<Encoding> {
         let (mut max_scale, mut max_abs) = (0f32, 0f32);
         for &s in scales {
@@ -70,6 +72,7 @@ impl Encoding {
     }
 
     /// Alternates the least-squares `d` and the per-sub-block scale re-pick while the error drops.
+    #[inline(always)]
     pub fn refine(self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> Encoding {
         let mut best_err = self.total_err();
         let mut best = self;
@@ -89,6 +92,7 @@ impl Encoding {
         best
     }
 
+    #[inline(always)]
     fn new(x: &[f32; QK_K], ew: &[f32; QK_K], d: f32, sc: [i8; 16], g: Geometry) -> Encoding {
         let mut e = Encoding { d, sc, q: [g.nmax as u8; QK_K], err: [0.0; 16], g };
         let blocks = x.chunks_exact(16).zip(ew.chunks_exact(16)).zip(e.q.chunks_exact_mut(16));
@@ -98,6 +102,7 @@ impl Encoding {
         e
     }
 
+    #[inline(always)]
     pub fn total_err(&self) -> f32 {
         self.err.iter().sum()
     }
@@ -108,6 +113,7 @@ impl Encoding {
     }
 
     /// Weighted least-squares `d` for the current scales and levels, rounded through f16.
+    #[inline(always)]
     fn refit_d(&self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> Option<f32> {
         let (mut sxa, mut saa) = (0f64, 0f64);
         for (i, (&v, &w)) in x.iter().zip(ew).enumerate() {
@@ -120,6 +126,7 @@ impl Encoding {
     }
 
     /// For each sub-block, the best of the scales within ±1 of the current one.
+    #[inline(always)]
     fn repick_scales(&mut self, x: &[f32; QK_K], ew: &[f32; QK_K]) {
         let mut trial = [0u8; 16];
         let g = self.g;
@@ -140,6 +147,7 @@ impl Encoding {
 
 /// The refined encoding with the smallest `ew`-weighted squared error among `starts` (`None`:
 /// all-zero block).
+#[inline(always)]
 pub(super) fn best_of(
     x: &[f32; QK_K],
     ew: &[f32; QK_K],

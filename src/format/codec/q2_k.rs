@@ -38,6 +38,7 @@ impl Block<QK_K> for BlockQ2K {
 }
 
 impl Quantize<QK_K> for BlockQ2K {
+    #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
         // Without an importance matrix: llama.cpp's reference (weights |x|, absolute error) and a
         // start fitted to the squared error; with one: the error weights tempered again, and a start

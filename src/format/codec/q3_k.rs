@@ -56,6 +56,7 @@ impl Block<QK_K> for BlockQ3K {
 }
 
 impl Quantize<QK_K> for BlockQ3K {
+    #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
         let sub = |s: usize| 16 * s..16 * s + 16;
         let mut levels = [0u8; 16];
@@ -78,6 +79,7 @@ impl Quantize<QK_K> for BlockQ3K {
     }
 }
 
+#[inline(always)]
 fn pack(e: &Encoding) -> BlockQ3K {
     let mut b = BlockQ3K::zeroed();
     for s in 0..16 {

@@ -30,6 +30,7 @@ impl Block<32> for BlockQ4_0 {
 impl Quantize<32> for BlockQ4_0 {
     /// Starts from ggml's `quantize_row_q4_0_ref` (`d = max / −8`, `max` the value of largest
     /// magnitude) and keeps a better scale from `quantize_symmetric` where it finds one.
+    #[inline(always)]
     fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
         let mut q = [0u8; 32];
         let d = quantize_symmetric(x, ew.unwrap_or(unit()), 8, &mut q);

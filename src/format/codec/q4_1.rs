@@ -31,6 +31,7 @@ impl Block<32> for BlockQ4_1 {
 impl Quantize<32> for BlockQ4_1 {
     /// Starts from ggml's `quantize_row_q4_1_ref` (`d = (max − min) / 15`, `m = min`) and keeps a
     /// better (d, m) from `quantize_affine` where it finds one.
+    #[inline(always)]
     fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
         let mut q = [0u8; 32];
         let (d, m) = quantize_affine(x, ew.unwrap_or(unit()), 15, &mut q);

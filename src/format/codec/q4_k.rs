@@ -44,6 +44,7 @@ impl Block<QK_K> for BlockQ4K {
 }
 
 impl Quantize<QK_K> for BlockQ4K {
+    #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
         // Without an importance matrix: llama.cpp's reference and a start fitted to the squared error;
         // with one: the error weights tempered again, and a start fitted to the error weights.

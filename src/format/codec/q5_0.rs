@@ -35,6 +35,7 @@ impl Block<32> for BlockQ5_0 {
 impl Quantize<32> for BlockQ5_0 {
     /// Starts from ggml's `quantize_row_q5_0_ref` (`d = max / −16`) and keeps a better scale from
     /// `quantize_symmetric` where it finds one.
+    #[inline(always)]
     fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
         let mut q = [0u8; 32];
         let d = quantize_symmetric(x, ew.unwrap_or(unit()), 16, &mut q);
@@ -44,6 +45,7 @@ impl Quantize<32> for BlockQ5_0 {
 }
 
 /// Splits 32 five-bit levels into ggml's `qh` (bit 4 of each) and `qs` (low nibbles, j | j+16 << 4).
+#[inline(always)]
 pub(super) fn pack_5bit(q: &[u8; 32]) -> ([u8; 4], [u8; 16]) {
     let mut qh = 0u32;
     for (j, &l) in q.iter().enumerate() {

@@ -45,6 +45,10 @@ impl Block<32> for BlockQ8_1 {
 }
 
 impl Quantize<32> for BlockQ8_0 {
+    /// Measured 20% slower compiled for AVX2 (`encode_blocks`).
+    const AVX2_PAYS: bool = false;
+
+    #[inline(always)]
     fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
         let w = ew.unwrap_or(unit());
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -70,6 +74,7 @@ impl Quantize<32> for BlockQ8_0 {
 }
 
 /// The `w`-weighted squared error of `b` against `x`.
+#[inline(always)]
 fn error(x: &[f32; 32], w: &[f32; 32], b: &BlockQ8_0) -> f32 {
     let d = b.d.to_f32();
     x.iter().zip(&b.qs).zip(w).map(|((&v, &q), &wi)| wi * (q as f32 * d - v) * (q as f32 * d - v)).sum()

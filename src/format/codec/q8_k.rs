@@ -29,6 +29,7 @@ impl Block<QK_K> for BlockQ8K {
 impl Quantize<QK_K> for BlockQ8K {
     /// Exactly ggml's `quantize_row_q8_K_ref`: the value of largest magnitude maps to −127 (an activation
     /// format, which no importance matrix describes).
+    #[inline(always)]
     fn quantize(x: &[f32; QK_K], _ew: Option<&[f32; QK_K]>) -> Self {
         let (mut max, mut amax) = (0f32, 0f32);
         for &v in x {

@@ -11,12 +11,14 @@ use half::f16;
 /// ggml's `nearest_int`: round half to even, by adding 1.5·2²³ so the FPU rounds into the low
 /// mantissa bits (a libm `rint` call per value would dominate the searches). Inputs are clamped to
 /// the trick's range first, so any float (NaN included) gives some integer and never a panic.
+#[inline(always)]
 pub(super) fn nearest_int(x: f32) -> i32 {
     let v = x.clamp(-4_194_303.0, 4_194_303.0) + 12_582_912.0;
     (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 /// `x` as it reads back after being stored as f16.
+#[inline(always)]
 pub(super) fn through_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
@@ -61,6 +63,7 @@ pub(super) fn lane_sum<const N: usize>(mut f: impl FnMut(usize) -> f32) -> f32 {
 /// `w`-weighted error (`metric`) over a grid of inverse scales, each refined by weighted least squares
 /// (llama.cpp's `make_qkx2_quants`: the same steps, with sums accumulated in lanes). Writes the
 /// levels to `q` and returns `(scale, min)`.
+#[inline(always)]
 pub(super) fn fit_affine<const N: usize>(
     x: &[f32; N],
     w: &[f32; N],
@@ -131,6 +134,7 @@ pub(super) fn fit_affine<const N: usize>(
 /// error over 19 inverse scales around `−nmax / max` (llama.cpp's `make_qx_quants` with explicit
 /// weights). The scale is signed: the value of largest magnitude maps to level 0 (−nmax), which uses
 /// the extra negative level. Writes the levels to `q` and returns the scale.
+#[inline(always)]
 pub(super) fn fit_symmetric(x: &[f32], w: &[f32], nmax: i32, q: &mut [u8]) -> f32 {
     let mut max = 0.0f32;
     let mut amax = 0.0f32;
@@ -177,6 +181,7 @@ pub(super) fn fit_symmetric(x: &[f32], w: &[f32], nmax: i32, q: &mut [u8]) -> f3
 /// The scale of `x ≈ scale·l`, `l` in −nmax..nmax, by llama.cpp's `make_q3_quants` (with
 /// `do_rmse`): levels from `−nmax / max`, then up to 5 passes moving single levels to where the
 /// x²-weighted least-squares fit wants them, keeping each move that improves the fit.
+#[inline(always)]
 pub(super) fn fit_q3(x: &[f32], nmax: i32) -> f32 {
     let (mut max, mut amax) = (0.0f32, 0.0f32);
     for &v in x {
@@ -229,6 +234,7 @@ pub(super) fn fit_q3(x: &[f32], nmax: i32) -> f32 {
 
 /// Levels `q` (stored as `l + nmax`, `l` in −nmax..nmax) for `x ≈ d·l`; returns the `w`-weighted
 /// squared error.
+#[inline(always)]
 fn requantize_symmetric(x: &[f32], w: &[f32], d: f32, nmax: i32, q: &mut [u8]) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut err = 0.0;
@@ -245,6 +251,7 @@ fn requantize_symmetric(x: &[f32], w: &[f32], d: f32, nmax: i32, q: &mut [u8]) -
 /// (`d = max / −nmax`), and for each inverse scale `make_qx_quants` tries (weights `w`), the
 /// weighted least-squares scale of its levels; each is re-rounded at its f16 scale and the one with
 /// the smallest `w`-weighted squared error is kept. Writes the levels to `q` and returns `d`.
+#[inline(always)]
 pub(super) fn quantize_symmetric(x: &[f32; 32], w: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> f16 {
     let (mut max, mut amax) = (0.0f32, 0.0f32);
     for &v in x {
@@ -290,6 +297,7 @@ pub(super) fn quantize_symmetric(x: &[f32; 32], w: &[f32; 32], nmax: i32, q: &mu
 }
 
 /// Levels `q` in 0..=nmax for `x ≈ d·q + m`; returns the `w`-weighted squared error.
+#[inline(always)]
 fn requantize_affine(x: &[f32], w: &[f32], d: f32, m: f32, nmax: i32, q: &mut [u8]) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut err = 0.0;
@@ -307,6 +315,7 @@ fn requantize_affine(x: &[f32], w: &[f32], d: f32, m: f32, nmax: i32, q: &mut [u
 /// weighted least-squares (d, m) of the better one's levels; each is re-rounded at its f16 (d, m) and
 /// the one with the smallest `w`-weighted squared error is kept. Writes the levels to `q` and
 /// returns `(d, m)`.
+#[inline(always)]
 pub(super) fn quantize_affine(x: &[f32; 32], w: &[f32; 32], nmax: i32, q: &mut [u8; 32]) -> (f16, f16) {
     let min = x.iter().fold(f32::MAX, |a, &v| a.min(v));
     let max = x.iter().fold(-f32::MAX, |a, &v| a.max(v));
@@ -346,6 +355,7 @@ pub(super) fn quantize_affine(x: &[f32; 32], w: &[f32; 32], nmax: i32, q: &mut [
 }
 
 /// Weighted least-squares `(d, m)` for `x ≈ d·q + m`, or `None` when all levels are equal.
+#[inline(always)]
 fn lsq_affine(x: &[f32], w: &[f32], q: &[u8]) -> Option<(f32, f32)> {
     let (mut sw, mut sq, mut sq2, mut sx, mut sxq) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
     for ((&v, &l), &wi) in x.iter().zip(q).zip(w) {
@@ -362,6 +372,7 @@ fn lsq_affine(x: &[f32], w: &[f32], q: &[u8]) -> Option<(f32, f32)> {
 
 /// `w·sqrt(σ² + x²)` with σ² = 2·mean(x²) over the block: weights `w` tempered towards the values of
 /// large magnitude (llama.cpp's search weights with an importance matrix `w`).
+#[inline(always)]
 pub(super) fn tempered<const N: usize>(x: &[f32; N], w: &[f32; N]) -> [f32; N] {
     let sigma2 = 2.0 * lane_sum::<N>(|i| x[i] * x[i]) / N as f32;
     std::array::from_fn(|i| w[i] * (sigma2 + x[i] * x[i]).sqrt())
