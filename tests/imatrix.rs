@@ -209,6 +209,21 @@ fn an_imatrix_of_another_model_is_refused_before_any_output() {
     let err = stderr(&o);
     assert!(err.contains("another model") && err.lines().count() == 1, "{err}");
     assert!(!out.exists());
+    // A calibration text shorter than two windows: a one-line error, no file.
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "fn main() {}").unwrap();
+    let imatrix_out = dir.path().join("short.gguf");
+    let o = run(&[
+        "imatrix",
+        "-m",
+        path(&fixture("rustdoc-q4_k_m.gguf")),
+        "-f",
+        path(&short),
+        "-o",
+        path(&imatrix_out),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("needs at least 1024"), "{}", stderr(&o));
+    assert!(!imatrix_out.exists());
     let missing = dir.path().join("missing.dat");
     let o = run(&["quantize", path(&tiny), "-o", path(&out), "--imatrix", path(&missing)]);
     assert!(!o.status.success() && stderr(&o).contains("missing.dat"), "{}", stderr(&o));

@@ -45,6 +45,15 @@ pub fn run(args: &ImatrixArgs) -> Result<()> {
     }
     let tok = &loaded.tokenizer;
     let tokens = tok.encode(&text, true)?;
+    if tokens.len() < 2 * ctx {
+        bail!(
+            "{} has {} tokens; an importance matrix with --ctx {ctx} needs at least {} (as llama-imatrix): \
+             give a longer text or a smaller --ctx",
+            args.file.display(),
+            tokens.len(),
+            2 * ctx
+        );
+    }
     // Whole windows only, as llama-imatrix; every token of each is collected, the second half scored.
     let windows = windows(&tokens, tok.bos_id(), ctx, false, args.chunks)
         .with_context(|| format!("in {}", args.file.display()))?;
