@@ -182,6 +182,12 @@ fn quantize_with_an_imatrix_lowers_the_kl_divergence() {
     // Measured on all of valid.txt with 139 windows of calibration: 10% lower.
     assert!(weighted_kl < 0.95 * plain_kl, "KL {weighted_kl} with the imatrix, {plain_kl} without");
 
+    // From the f32 GGUF (requantizing) the same importance gives the same bytes: the merged expert
+    // tensors' slabs take the same experts' importance as the checkpoint's per-expert tensors.
+    let from_gguf = dir.path().join("q2_k-imatrix-from-gguf.gguf");
+    ok(&["quantize", path(&f32), "-o", path(&from_gguf), "--type", "Q2_K", "--imatrix", path(&imatrix)]);
+    assert_eq!(std::fs::read(&from_gguf).unwrap(), std::fs::read(&weighted).unwrap());
+
     // llama.cpp's file works the same way.
     let llamas = dir.path().join("q2_k-llama-imatrix.gguf");
     let llama_imatrix = fixture("llama-imatrix.gguf");
@@ -228,4 +234,49 @@ fn an_imatrix_of_another_model_is_refused_before_any_output() {
     let o = run(&["quantize", path(&tiny), "-o", path(&out), "--imatrix", path(&missing)]);
     assert!(!o.status.success() && stderr(&o).contains("missing.dat"), "{}", stderr(&o));
     assert!(!out.exists());
+}
+
+/// Each expert's slab of a merged tensor is quantized with that expert's importance: changing expert
+/// 3's entry of one tensor changes exactly that slab of the output.
+#[test]
+fn each_expert_is_weighted_by_its_own_importance() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut imatrix = ImportanceMatrix::read(&fixture("llama-imatrix.gguf")).unwrap();
+    let original = dir.path().join("original.gguf");
+    imatrix.write(&original).unwrap();
+    let name = "blk.1.ffn_down_exps.weight";
+    let e = imatrix.entries.get_mut(name).unwrap();
+    let cols = e.cols();
+    for (i, s) in e.sums[3 * cols..4 * cols].iter_mut().enumerate() {
+        *s *= if i % 2 == 0 { 50.0 } else { 0.02 };
+    }
+    let changed = dir.path().join("changed.gguf");
+    imatrix.write(&changed).unwrap();
+    let quantized = |imatrix: &Path, out: &str| {
+        let out = dir.path().join(out);
+        ok(&[
+            "quantize",
+            path(&demo_dir()),
+            "-o",
+            path(&out),
+            "--type",
+            "Q4_K_M",
+            "--imatrix",
+            path(imatrix),
+        ]);
+        GgufFile::open(&out).unwrap()
+    };
+    let (a, b) = (quantized(&original, "a.gguf"), quantized(&changed, "b.gguf"));
+    for t in &a.tensors {
+        let (x, y) = (a.tensor_data(t), b.tensor_data(b.tensor(&t.name).unwrap()));
+        if t.name != name {
+            assert_eq!(x, y, "{} changed", t.name);
+            continue;
+        }
+        let slab = x.len() / 8;
+        for expert in 0..8 {
+            let same = x[expert * slab..(expert + 1) * slab] == y[expert * slab..(expert + 1) * slab];
+            assert_eq!(same, expert != 3, "{name}, expert {expert}");
+        }
+    }
 }
