@@ -58,53 +58,69 @@ impl Collecting<'_> {
         self.names.get(&(m.data.as_ptr() as usize)).cloned()
     }
 
-    /// Adds `rows` (inputs of matrix `mat` of `n_mat` in tensor `name`) to its entry.
+    /// Adds `rows` (the inputs of matrix `mat` of `n_mat` in each tensor of `names`: q, k and v, or an
+    /// expert's gate and up, read the same rows) to their entries, squaring each row once.
     fn add<'r>(
         &mut self,
-        name: String,
+        names: &[String],
         mat: usize,
         n_mat: usize,
         cols: usize,
         rows: impl Iterator<Item = &'r [f32]>,
     ) {
-        let e = self.entries.entry(name).or_insert_with(|| Entry::new(n_mat, cols));
-        let sums = &mut e.sums[mat * cols..(mat + 1) * cols];
+        let (mut squares, mut n) = (vec![0f64; cols], 0);
         for row in rows {
-            for (s, &v) in sums.iter_mut().zip(row) {
+            for (s, &v) in squares.iter_mut().zip(row) {
                 *s += (v as f64) * (v as f64);
             }
-            e.counts[mat] += 1;
+            n += 1;
+        }
+        for name in names {
+            let e = self.entries.entry(name.clone()).or_insert_with(|| Entry::new(n_mat, cols));
+            for (s, q) in e.sums[mat * cols..(mat + 1) * cols].iter_mut().zip(&squares) {
+                *s += q;
+            }
+            e.counts[mat] += n;
         }
     }
 
-    fn record_dense(&mut self, w: &Matrix<'_>, x: &CpuTensor) {
-        if let Some(name) = self.name_of(w) {
-            self.add(name, 0, 1, x.width, x.data.chunks_exact(x.width));
+    /// Adds the rows of `x` to the entries of the layer matrices among `ws` (which all read `x`).
+    fn record_dense(&mut self, ws: &[&Matrix<'_>], x: &CpuTensor) {
+        let names: Vec<String> = ws.iter().filter_map(|w| self.name_of(w)).collect();
+        if !names.is_empty() {
+            self.add(&names, 0, 1, x.width, x.data.chunks_exact(x.width));
         }
     }
 
-    /// Adds each pair's input row to its expert's matrix `which`.
+    /// Adds each pair's input row to its expert's matrices `which` (which all read the same rows).
     fn record_experts(
         &mut self,
         experts: &[ExpertWeights<'_>],
-        which: ExpertMatrix,
+        which: &[ExpertMatrix],
         x: &CpuTensor,
         input: ExpertInput,
         routes: &Routes,
     ) {
         let Some(first) = experts.first() else { return };
-        let m = match which {
-            ExpertMatrix::Gate => first.gate,
-            ExpertMatrix::Up => first.up,
-            ExpertMatrix::Down => first.down,
-        };
-        let Some(name) = self.name_of(&m) else { return };
+        let names: Vec<String> = which
+            .iter()
+            .filter_map(|w| {
+                self.name_of(&match w {
+                    ExpertMatrix::Gate => first.gate,
+                    ExpertMatrix::Up => first.up,
+                    ExpertMatrix::Down => first.down,
+                })
+            })
+            .collect();
+        if names.is_empty() {
+            return;
+        }
         for (e, range) in routes.groups() {
             let rows = range.clone().map(|p| match input {
                 ExpertInput::Tokens => x.row(routes.pairs()[p].0),
                 ExpertInput::Pairs => x.row(p),
             });
-            self.add(name.clone(), *e, experts.len(), x.width, rows);
+            self.add(&names, *e, experts.len(), x.width, rows);
         }
     }
 }
@@ -162,14 +178,12 @@ impl<'a> Backend for Collecting<'a> {
     }
 
     fn matmul(&mut self, w: &Matrix<'a>, x: &CpuTensor) -> Result<CpuTensor> {
-        self.record_dense(w, x);
+        self.record_dense(&[w], x);
         self.cpu.matmul(w, x)
     }
 
     fn matmul_many<const N: usize>(&mut self, ws: [&Matrix<'a>; N], x: &CpuTensor) -> Result<[CpuTensor; N]> {
-        for w in ws {
-            self.record_dense(w, x);
-        }
+        self.record_dense(&ws, x);
         self.cpu.matmul_many(ws, x)
     }
 
@@ -222,9 +236,7 @@ impl<'a> Backend for Collecting<'a> {
         input: ExpertInput,
         routes: &Routes,
     ) -> Result<[CpuTensor; N]> {
-        for w in which {
-            self.record_experts(experts, w, x, input, routes);
-        }
+        self.record_experts(experts, &which, x, input, routes);
         self.cpu.expert_matmul(experts, which, x, input, routes)
     }
 
@@ -238,9 +250,7 @@ impl<'a> Backend for Collecting<'a> {
         x: &CpuTensor,
         routes: &Routes,
     ) -> Result<CpuTensor> {
-        for w in [ExpertMatrix::Gate, ExpertMatrix::Up] {
-            self.record_experts(experts, w, x, ExpertInput::Tokens, routes);
-        }
+        self.record_experts(experts, &[ExpertMatrix::Gate, ExpertMatrix::Up], x, ExpertInput::Tokens, routes);
         self.cpu.expert_swiglu(experts, x, routes)
     }
 
