@@ -22,7 +22,8 @@
 
 use half::f16;
 
-use super::search::{fit_affine, lane_sum, nearest_int, round_small, tempered, through_f16, Grid, Metric};
+use super::lanes::{fit_affine, row_sum, transpose, untranspose, Cols, Lanes, Mask};
+use super::search::{lane_sum, nearest_int, tempered, through_f16, Grid, Metric};
 use super::QK_K;
 
 /// Sub-block `j`'s (scale, min) from the 12 packed bytes of a Q4_K or Q5_K block.
@@ -121,104 +122,78 @@ pub(super) struct MinsQuant<const S: usize> {
     pub q: [u8; QK_K],
 }
 
-/// One candidate encoding; `d` and `dmin` are exactly representable in f16.
+/// One candidate encoding of the transposed super-block (see `lanes`); `d` and `dmin` are exactly
+/// representable in f16, the integer scales `sc`, mins `m` and levels `q` are held as floats.
 #[derive(Clone)]
-struct Encoding<const S: usize> {
+struct Encoding<const S: usize, const L: usize> {
     d: f32,
     dmin: f32,
-    sc: [u8; S],
-    m: [u8; S],
-    q: [u8; QK_K],
-    err: [f32; S],
+    sc: Lanes<S>,
+    m: Lanes<S>,
+    q: Cols<S, L>,
+    err: Lanes<S>,
 }
 
-/// Rounds sub-block `x` to levels for scale `d·sc` and min `dmin·m` (as the decoder forms them);
-/// returns the `w`-weighted squared error of the reconstruction.
+/// Rounds every sub-block to levels for scale `d·sc` and min `dmin·m` (as the decoder forms them),
+/// passing each row of levels to `keep`; returns each sub-block's `w`-weighted squared error of the
+/// reconstruction.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn requantize<const L: usize>(
-    x: &[f32; L],
-    w: &[f32; L],
+fn requantize<const S: usize, const L: usize>(
+    x: &Cols<S, L>,
+    w: &Cols<S, L>,
     d: f32,
     dmin: f32,
-    sc: u8,
-    m: u8,
+    sc: Lanes<S>,
+    m: Lanes<S>,
     nmax: i32,
-    q: &mut [u8; L],
-) -> f32 {
-    let ds = d * sc as f32;
-    let dm = dmin * m as f32;
-    if ds == 0.0 {
-        q.fill(0);
-        return lane_sum::<L>(|i| w[i] * (x[i] + dm) * (x[i] + dm));
+    mut keep: impl FnMut(usize, Lanes<S>),
+) -> Lanes<S> {
+    let ds = Lanes::splat(d) * sc;
+    let dm = Lanes::splat(dmin) * m;
+    let inv = ds.recip_or_zero();
+    let mut err = Lanes::splat(0.0);
+    for (i, (&xr, &wr)) in x.iter().zip(w).enumerate() {
+        let l = ((xr + dm) * inv).clamp(0.0, nmax as f32).round();
+        keep(i, l);
+        let diff = ds * l - dm - xr;
+        err = err + wr * diff * diff;
     }
-    let mut l = [0f32; L];
-    for (l, &v) in l.iter_mut().zip(x) {
-        *l = round_small(((v + dm) / ds).clamp(0.0, nmax as f32));
-    }
-    for (qi, &l) in q.iter_mut().zip(&l) {
-        *qi = l as u8;
-    }
-    lane_sum::<L>(|i| {
-        let diff = ds * l[i] - dm - x[i];
-        w[i] * diff * diff
-    })
+    err
 }
 
-#[inline(always)]
-fn sub_blocks<const L: usize>(x: &[f32; QK_K]) -> &[[f32; L]] {
-    x.as_chunks::<L>().0
-}
-
-#[inline(always)]
-fn sub_levels<const L: usize>(q: &mut [u8; QK_K]) -> &mut [[u8; L]] {
-    q.as_chunks_mut::<L>().0
-}
-
-impl<const S: usize> Encoding<S> {
-    #[allow(clippy::too_many_arguments)]
+impl<const S: usize, const L: usize> Encoding<S, L> {
     #[inline(always)]
-    fn new<const L: usize>(
-        x: &[f32; QK_K],
-        ew: &[f32; QK_K],
-        d: f32,
-        dmin: f32,
-        sc: [u8; S],
-        m: [u8; S],
-        nmax: i32,
-    ) -> Self {
-        let mut e = Encoding { d, dmin, sc, m, q: [0; QK_K], err: [0.0; S] };
-        let subs = sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(ew));
-        for (j, ((xs, ws), q)) in subs.zip(sub_levels::<L>(&mut e.q)).enumerate() {
-            e.err[j] = requantize(xs, ws, d, dmin, sc[j], m[j], nmax, q);
-        }
-        e
+    fn new(x: &Cols<S, L>, ew: &Cols<S, L>, d: f32, dmin: f32, sc: Lanes<S>, m: Lanes<S>, nmax: i32) -> Self {
+        let mut q = [Lanes::splat(0.0); L];
+        let err = requantize(x, ew, d, dmin, sc, m, nmax, |i, l| q[i] = l);
+        Encoding { d, dmin, sc, m, q, err }
     }
 
     #[inline(always)]
     fn total_err(&self) -> f32 {
-        self.err.iter().sum()
+        self.err.total()
     }
 
     /// Weighted least-squares (d, dmin) for the current integer scales, mins and levels, rounded
     /// through f16.
     #[inline(always)]
-    fn refit_super_scales<const L: usize>(&self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> (f32, f32) {
+    fn refit_super_scales(&self, x: &Cols<S, L>, w: &Cols<S, L>) -> (f32, f32) {
         // Minimize Σ w·(d·a − dmin·b − x)² with a = sc·q, b = m.
+        let q = &self.q;
+        let sw = row_sum::<S, L>(|i| w[i]).0;
+        let sq = row_sum::<S, L>(|i| w[i] * q[i]).0;
+        let sq2 = row_sum::<S, L>(|i| w[i] * q[i] * q[i]).0;
+        let sx = row_sum::<S, L>(|i| w[i] * x[i]).0;
+        let sxq = row_sum::<S, L>(|i| w[i] * x[i] * q[i]).0;
         let (mut saa, mut sab, mut sbb, mut sax, mut sbx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
-        for (j, (xs, w)) in sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(ew)).enumerate() {
-            let q = &self.q[L * j..L * j + L];
-            let (sc, b) = (self.sc[j] as f64, self.m[j] as f64);
-            let sw = lane_sum::<L>(|i| w[i]) as f64;
-            let sq = lane_sum::<L>(|i| w[i] * q[i] as f32) as f64;
-            let sq2 = lane_sum::<L>(|i| w[i] * q[i] as f32 * q[i] as f32) as f64;
-            let sx = lane_sum::<L>(|i| w[i] * xs[i]) as f64;
-            let sxq = lane_sum::<L>(|i| w[i] * xs[i] * q[i] as f32) as f64;
-            saa += sc * sc * sq2;
-            sab += sc * sq * b;
-            sbb += sw * b * b;
-            sax += sc * sxq;
-            sbx += sx * b;
+        for j in 0..S {
+            let (sc, b) = (self.sc.0[j] as f64, self.m.0[j] as f64);
+            saa += sc * sc * sq2[j] as f64;
+            sab += sc * sq[j] as f64 * b;
+            sbb += sw[j] as f64 * b * b;
+            sax += sc * sxq[j] as f64;
+            sbx += sx[j] as f64 * b;
         }
         let det = saa * sbb - sab * sab;
         let (d, dmin) = if det > 1e-12 * saa * sbb {
@@ -234,33 +209,36 @@ impl<const S: usize> Encoding<S> {
 
     /// For each sub-block, the best of the (sc, m) pairs within ±1 of the current ones.
     #[inline(always)]
-    fn repick_sub_scales<const L: usize>(&mut self, x: &[f32; QK_K], ew: &[f32; QK_K], g: Geometry) {
-        let mut trial = [0u8; L];
-        let subs = sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(ew));
-        for (j, ((xs, ws), q)) in subs.zip(sub_levels::<L>(&mut self.q)).enumerate() {
-            let (sc0, m0) = (self.sc[j] as i32, self.m[j] as i32);
-            for sc in (sc0 - 1).max(0)..=(sc0 + 1).min(g.smax) {
-                for m in (m0 - 1).max(0)..=(m0 + 1).min(g.smax) {
-                    if (sc, m) == (sc0, m0) {
-                        continue;
-                    }
-                    let err = requantize(xs, ws, self.d, self.dmin, sc as u8, m as u8, g.nmax, &mut trial);
-                    if err < self.err[j] {
-                        self.err[j] = err;
-                        self.sc[j] = sc as u8;
-                        self.m[j] = m as u8;
-                        *q = trial;
-                    }
+    fn repick_sub_scales(&mut self, x: &Cols<S, L>, ew: &Cols<S, L>, g: Geometry) {
+        let (sc0, m0) = (self.sc, self.m);
+        let smax = g.smax as f32;
+        let mut moved = Mask::none();
+        for dsc in -1..=1 {
+            for dm in -1..=1 {
+                if (dsc, dm) == (0, 0) {
+                    continue;
                 }
+                // A neighbour clamped onto another pair is tried twice, which changes nothing.
+                let sc = (sc0 + Lanes::splat(dsc as f32)).clamp(0.0, smax);
+                let m = (m0 + Lanes::splat(dm as f32)).clamp(0.0, smax);
+                let err = requantize(x, ew, self.d, self.dmin, sc, m, g.nmax, |_, _| ());
+                let better = err.lt(self.err);
+                self.err = self.err.select(better, err);
+                self.sc = self.sc.select(better, sc);
+                self.m = self.m.select(better, m);
+                moved = moved.or(better);
             }
         }
+        // The levels of the pairs kept, rounded once more (the same rounding as when each was tried).
+        let q = &mut self.q;
+        requantize(x, ew, self.d, self.dmin, self.sc, self.m, g.nmax, |i, l| q[i] = q[i].select(moved, l));
     }
 }
 
 /// Quantizes one super-block of `S` sub-blocks of `L` values, minimizing the squared error weighted
 /// by `ew` (error weights, all 1 without an importance matrix): each of `starts` (without an
 /// importance matrix the first is llama.cpp's reference) gives an encoding, the one with the
-/// smallest error is refined.
+/// smallest error is refined. Every step runs on all sub-blocks at once (`lanes`).
 #[inline(always)]
 pub(super) fn quantize_with_mins<const S: usize, const L: usize>(
     x: &[f32; QK_K],
@@ -268,69 +246,77 @@ pub(super) fn quantize_with_mins<const S: usize, const L: usize>(
     g: Geometry,
     starts: &[Start],
 ) -> MinsQuant<S> {
-    const { assert!(S * L == QK_K) };
+    let xt = transpose::<S, L>(x);
+    let ewt = transpose::<S, L>(ew);
     // Refining only the better start costs a fraction of refining each and loses under 0.1% of
     // error to it (measured on Q4_K).
-    let mut better: Option<Encoding<S>> = None;
+    let mut better: Option<Encoding<S, L>> = None;
     for start in starts {
-        let e = start_encoding::<S, L>(x, ew, g, start);
+        let weights = match start.weights {
+            SearchWeights::Error => ewt,
+            other => transpose(&other.of(x, ew)),
+        };
+        let e = start_encoding(&xt, &ewt, &weights, g, start);
         if better.as_ref().is_none_or(|b| e.total_err() < b.total_err()) {
             better = Some(e);
         }
     }
-    let start = better.unwrap_or_else(|| Encoding::new::<L>(x, ew, 0.0, 0.0, [0; S], [0; S], g.nmax));
-    let best = refine::<S, L>(x, ew, start, g);
-    MinsQuant { d: f16::from_f32(best.d), dmin: f16::from_f32(best.dmin), sc: best.sc, m: best.m, q: best.q }
+    let start = better
+        .unwrap_or_else(|| Encoding::new(&xt, &ewt, 0.0, 0.0, Lanes::splat(0.0), Lanes::splat(0.0), g.nmax));
+    let best = refine(&xt, &ewt, start, g);
+    MinsQuant {
+        d: f16::from_f32(best.d),
+        dmin: f16::from_f32(best.dmin),
+        sc: best.sc.0.map(|v| v as u8),
+        m: best.m.0.map(|v| v as u8),
+        q: untranspose(&best.q, 0.0),
+    }
 }
 
 /// llama.cpp's reference choice (`quantize_row_q4_K_ref`, `quantize_row_q2_K_ref`) when `start`
-/// holds the reference's search: per sub-block (scale, min) from `fit_affine`, integer scales and
-/// mins rounded against `d = max scale / smax`, `dmin = max min / smax`, levels re-rounded.
+/// holds the reference's search: per sub-block (scale, min) from `fit_affine` with search weights
+/// `w`, integer scales and mins rounded against `d = max scale / smax`, `dmin = max min / smax`,
+/// levels re-rounded.
 #[inline(always)]
 fn start_encoding<const S: usize, const L: usize>(
-    x: &[f32; QK_K],
-    ew: &[f32; QK_K],
+    x: &Cols<S, L>,
+    ew: &Cols<S, L>,
+    w: &Cols<S, L>,
     g: Geometry,
     start: &Start,
-) -> Encoding<S> {
-    let mut scales = [0f32; S];
-    let mut mins = [0f32; S];
-    let weights = start.weights.of(x, ew);
-    let mut levels = [0u8; L];
-    for (j, (xs, ws)) in sub_blocks::<L>(x).iter().zip(sub_blocks::<L>(&weights)).enumerate() {
-        (scales[j], mins[j]) = fit_affine(xs, ws, g.nmax, start.grid, start.metric, &mut levels);
-    }
+) -> Encoding<S, L> {
+    let (scales, mins) = fit_affine(x, w, g.nmax, start.grid, start.metric);
     let smax = g.smax as f32;
-    let max_scale = scales.iter().fold(0f32, |a, &s| a.max(s));
-    let max_min = mins.iter().fold(0f32, |a, &m| a.max(m));
+    let max_scale = scales.0.iter().fold(0f32, |a, &s| a.max(s));
+    let max_min = mins.0.iter().fold(0f32, |a, &m| a.max(m));
     let inv_scale = if max_scale > 0.0 { smax / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { smax / max_min } else { 0.0 };
-    let sc = scales.map(|s| nearest_int(inv_scale * s).clamp(0, g.smax) as u8);
-    let m = mins.map(|v| nearest_int(inv_min * v).clamp(0, g.smax) as u8);
+    let sc = scales.map(|s| nearest_int(inv_scale * s).clamp(0, g.smax) as f32);
+    let m = mins.map(|v| nearest_int(inv_min * v).clamp(0, g.smax) as f32);
     let d = through_f16(max_scale / smax);
     let dmin = through_f16(max_min / smax);
-    Encoding::new::<L>(x, ew, d, dmin, sc, m, g.nmax)
+    Encoding::new(x, ew, d, dmin, sc, m, g.nmax)
 }
 
 /// Alternates the least-squares (d, dmin) and the per-sub-block (sc, m) re-pick while the squared
 /// error drops (three rounds at most: later rounds gain under 0.1%).
 #[inline(always)]
 fn refine<const S: usize, const L: usize>(
-    x: &[f32; QK_K],
-    ew: &[f32; QK_K],
-    start: Encoding<S>,
+    x: &Cols<S, L>,
+    ew: &Cols<S, L>,
+    start: Encoding<S, L>,
     g: Geometry,
-) -> Encoding<S> {
+) -> Encoding<S, L> {
     let mut best = start;
     let mut best_err = best.total_err();
     let mut cur = best.clone();
     for _ in 0..3 {
-        let (d, dmin) = cur.refit_super_scales::<L>(x, ew);
+        let (d, dmin) = cur.refit_super_scales(x, ew);
         if !(d.is_finite() && dmin.is_finite()) {
             break;
         }
-        cur = Encoding::new::<L>(x, ew, d, dmin, cur.sc, cur.m, g.nmax);
-        cur.repick_sub_scales::<L>(x, ew, g);
+        cur = Encoding::new(x, ew, d, dmin, cur.sc, cur.m, g.nmax);
+        cur.repick_sub_scales(x, ew, g);
         let err = cur.total_err();
         if err < best_err {
             best_err = err;

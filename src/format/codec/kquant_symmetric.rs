@@ -13,6 +13,7 @@
 
 use half::f16;
 
+use super::lanes::{fit_symmetric, row_sum, transpose, untranspose, Cols, Lanes, Mask};
 use super::search::{nearest_int, through_f16};
 use super::QK_K;
 
@@ -23,39 +24,63 @@ pub(super) struct Geometry {
     pub smax: i32,
 }
 
-/// One candidate encoding: `d` exactly representable in f16, levels `q` in 0..2·nmax.
-#[derive(Clone)]
-pub(super) struct Encoding {
-    pub d: f32,
+/// A super-block before its levels and scales are bit-packed.
+pub(super) struct SymmetricQuant {
+    pub d: f16,
     pub sc: [i8; 16],
+    /// Level of each value, stored as `l + nmax` in 0..2·nmax.
     pub q: [u8; QK_K],
-    err: [f32; 16],
-    g: Geometry,
 }
 
-/// Rounds sub-block `x` to levels for scale `d·sc`; returns the `w`-weighted squared error.
+/// The 16 sub-blocks of 16, transposed (see `lanes`).
+type Sub = Cols<16, 16>;
+
+/// One candidate encoding: `d` exactly representable in f16; the integer scales `sc` and levels
+/// `l` held as floats.
+#[derive(Clone)]
+struct Encoding {
+    d: f32,
+    sc: Lanes<16>,
+    l: Sub,
+    err: Lanes<16>,
+}
+
+/// Rounds every sub-block to levels for scale `d·sc`, passing each row of levels to `keep`; returns
+/// each sub-block's `w`-weighted squared error.
 #[inline(always)]
-fn requantize(x: &[f32], w: &[f32], d: f32, sc: i8, nmax: i32, q: &mut [u8]) -> f32 {
-    let ds = d * sc as f32;
-    if ds == 0.0 {
-        q.fill(nmax as u8);
-        return x.iter().zip(w).map(|(v, wi)| wi * v * v).sum();
-    }
-    let mut err = 0.0;
-    for ((qi, &v), &wi) in q.iter_mut().zip(x).zip(w) {
-        let l = nearest_int(v / ds).clamp(-nmax, nmax - 1);
-        *qi = (l + nmax) as u8;
-        let diff = ds * l as f32 - v;
-        err += wi * diff * diff;
+fn requantize(
+    x: &Sub,
+    w: &Sub,
+    d: f32,
+    sc: Lanes<16>,
+    nmax: i32,
+    mut keep: impl FnMut(usize, Lanes<16>),
+) -> Lanes<16> {
+    let ds = Lanes::splat(d) * sc;
+    let inv = ds.recip_or_zero();
+    let nmaxf = nmax as f32;
+    let mut err = Lanes::splat(0.0);
+    for (i, (&xr, &wr)) in x.iter().zip(w).enumerate() {
+        let l = (xr * inv).round().clamp(-nmaxf, nmaxf - 1.0);
+        keep(i, l);
+        let diff = ds * l - xr;
+        err = err + wr * diff * diff;
     }
     err
+}
+
+/// The sub-block scales of `x` by `search::fit_symmetric` with search weights `w` (llama.cpp's
+/// `make_qx_quants`), all 16 sub-blocks at once.
+#[inline(always)]
+pub(super) fn symmetric_scales(x: &[f32; QK_K], w: &[f32; QK_K], nmax: i32) -> [f32; 16] {
+    fit_symmetric(&transpose::<16, 16>(x), &transpose::<16, 16>(w), nmax).0
 }
 
 impl Encoding {
     /// The reference's rounding of the sub-block scales `scales` (from the type's search) to
     /// integers; `None` for an all-zero block.
     #[inline(always)]
-    pub fn start(x: &[f32; QK_K], ew: &[f32; QK_K], scales: &[f32; 16], g: Geometry) -> Option<Encoding> {
+    fn start(x: &Sub, ew: &Sub, scales: &[f32; 16], g: Geometry) -> Option<Encoding> {
         let (mut max_scale, mut max_abs) = (0f32, 0f32);
         for &s in scales {
             if s.abs() > max_abs {
@@ -67,20 +92,20 @@ impl Encoding {
             return None;
         }
         let iscale = -(g.smax as f32) / max_scale;
-        let sc = scales.map(|s| nearest_int(iscale * s).clamp(-g.smax, g.smax - 1) as i8);
+        let sc = Lanes(scales.map(|s| nearest_int(iscale * s).clamp(-g.smax, g.smax - 1) as f32));
         Some(Encoding::new(x, ew, through_f16(1.0 / iscale), sc, g))
     }
 
     /// Alternates the least-squares `d` and the per-sub-block scale re-pick while the error drops.
     #[inline(always)]
-    pub fn refine(self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> Encoding {
+    fn refine(self, x: &Sub, ew: &Sub, g: Geometry) -> Encoding {
         let mut best_err = self.total_err();
         let mut best = self;
         let mut cur = best.clone();
         for _ in 0..3 {
             let Some(d) = cur.refit_d(x, ew) else { break };
-            cur = Encoding::new(x, ew, d, cur.sc, cur.g);
-            cur.repick_scales(x, ew);
+            cur = Encoding::new(x, ew, d, cur.sc, g);
+            cur.repick_scales(x, ew, g);
             let err = cur.total_err();
             if err < best_err {
                 best_err = err;
@@ -93,33 +118,26 @@ impl Encoding {
     }
 
     #[inline(always)]
-    fn new(x: &[f32; QK_K], ew: &[f32; QK_K], d: f32, sc: [i8; 16], g: Geometry) -> Encoding {
-        let mut e = Encoding { d, sc, q: [g.nmax as u8; QK_K], err: [0.0; 16], g };
-        let blocks = x.chunks_exact(16).zip(ew.chunks_exact(16)).zip(e.q.chunks_exact_mut(16));
-        for ((((xs, ws), q), err), &sc) in blocks.zip(&mut e.err).zip(&sc) {
-            *err = requantize(xs, ws, d, sc, g.nmax, q);
-        }
-        e
+    fn new(x: &Sub, ew: &Sub, d: f32, sc: Lanes<16>, g: Geometry) -> Encoding {
+        let mut l = [Lanes::splat(0.0); 16];
+        let err = requantize(x, ew, d, sc, g.nmax, |i, row| l[i] = row);
+        Encoding { d, sc, l, err }
     }
 
     #[inline(always)]
-    pub fn total_err(&self) -> f32 {
-        self.err.iter().sum()
-    }
-
-    /// `d` as stored.
-    pub fn d16(&self) -> f16 {
-        f16::from_f32(self.d)
+    fn total_err(&self) -> f32 {
+        self.err.total()
     }
 
     /// Weighted least-squares `d` for the current scales and levels, rounded through f16.
     #[inline(always)]
-    fn refit_d(&self, x: &[f32; QK_K], ew: &[f32; QK_K]) -> Option<f32> {
+    fn refit_d(&self, x: &Sub, ew: &Sub) -> Option<f32> {
+        let sxl = row_sum::<16, 16>(|i| ew[i] * x[i] * self.l[i]).0;
+        let sll = row_sum::<16, 16>(|i| ew[i] * self.l[i] * self.l[i]).0;
         let (mut sxa, mut saa) = (0f64, 0f64);
-        for (i, (&v, &w)) in x.iter().zip(ew).enumerate() {
-            let a = (self.sc[i / 16] as i32 * (self.q[i] as i32 - self.g.nmax)) as f64;
-            sxa += w as f64 * v as f64 * a;
-            saa += w as f64 * a * a;
+        for (s, &sc) in self.sc.0.iter().enumerate() {
+            sxa += sc as f64 * sxl[s] as f64;
+            saa += (sc * sc) as f64 * sll[s] as f64;
         }
         let d = through_f16((sxa / saa) as f32);
         (saa > 0.0 && d.is_finite()).then_some(d)
@@ -127,38 +145,45 @@ impl Encoding {
 
     /// For each sub-block, the best of the scales within ±1 of the current one.
     #[inline(always)]
-    fn repick_scales(&mut self, x: &[f32; QK_K], ew: &[f32; QK_K]) {
-        let mut trial = [0u8; 16];
-        let g = self.g;
-        for s in 0..16 {
-            let r = 16 * s..16 * s + 16;
-            let sc0 = self.sc[s] as i32;
-            for sc in [(sc0 - 1).max(-g.smax), (sc0 + 1).min(g.smax - 1)] {
-                let err = requantize(&x[r.clone()], &ew[r.clone()], self.d, sc as i8, g.nmax, &mut trial);
-                if err < self.err[s] {
-                    self.err[s] = err;
-                    self.sc[s] = sc as i8;
-                    self.q[r.clone()].copy_from_slice(&trial);
-                }
-            }
+    fn repick_scales(&mut self, x: &Sub, ew: &Sub, g: Geometry) {
+        let sc0 = self.sc;
+        let mut moved = Mask::none();
+        for step in [-1.0, 1.0] {
+            let sc = (sc0 + Lanes::splat(step)).clamp(-g.smax as f32, (g.smax - 1) as f32);
+            let err = requantize(x, ew, self.d, sc, g.nmax, |_, _| ());
+            let better = err.lt(self.err);
+            self.err = self.err.select(better, err);
+            self.sc = self.sc.select(better, sc);
+            moved = moved.or(better);
         }
+        // The levels of the scales kept, rounded once more (the same rounding as when each was tried).
+        let l = &mut self.l;
+        requantize(x, ew, self.d, self.sc, g.nmax, |i, row| l[i] = l[i].select(moved, row));
     }
 }
 
-/// The refined encoding with the smallest `ew`-weighted squared error among `starts` (`None`:
-/// all-zero block).
+/// The refined encoding with the smallest `ew`-weighted squared error among those starting from
+/// each of `starts`, sub-block scales from the type's searches (`None`: all-zero block). Every step
+/// runs on all 16 sub-blocks at once (`lanes`).
 #[inline(always)]
 pub(super) fn best_of(
     x: &[f32; QK_K],
     ew: &[f32; QK_K],
-    starts: impl IntoIterator<Item = Option<Encoding>>,
-) -> Option<Encoding> {
+    starts: &[[f32; 16]],
+    g: Geometry,
+) -> Option<SymmetricQuant> {
+    let (xt, ewt) = (transpose::<16, 16>(x), transpose::<16, 16>(ew));
     let mut best: Option<Encoding> = None;
-    for e in starts.into_iter().flatten() {
-        let e = e.refine(x, ew);
+    for scales in starts {
+        let Some(e) = Encoding::start(&xt, &ewt, scales, g) else { continue };
+        let e = e.refine(&xt, &ewt, g);
         if best.as_ref().is_none_or(|b| e.total_err() < b.total_err()) {
             best = Some(e);
         }
     }
-    best
+    best.map(|e| SymmetricQuant {
+        d: f16::from_f32(e.d),
+        sc: e.sc.0.map(|v| v as i8),
+        q: untranspose(&e.l, g.nmax as f32),
+    })
 }

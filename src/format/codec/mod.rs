@@ -13,6 +13,7 @@
 mod float;
 mod kquant_mins;
 mod kquant_symmetric;
+mod lanes;
 mod q2_k;
 mod q3_k;
 mod q4_0;

@@ -8,8 +8,8 @@
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
-use super::kquant_symmetric::{best_of, Encoding, Geometry};
-use super::search::{fit_q3, fit_symmetric, tempered};
+use super::kquant_symmetric::{best_of, symmetric_scales, Geometry, SymmetricQuant};
+use super::search::{fit_q3, tempered};
 use super::{unit, Block, Quantize, QK_K};
 
 /// Levels −4..4, 6-bit scales.
@@ -59,10 +59,7 @@ impl Quantize<QK_K> for BlockQ3K {
     #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
         let sub = |s: usize| 16 * s..16 * s + 16;
-        let mut levels = [0u8; 16];
-        let mut fit = |w: &[f32; QK_K]| -> [f32; 16] {
-            std::array::from_fn(|s| fit_symmetric(&x[sub(s)], &w[sub(s)], 4, &mut levels))
-        };
+        let fit = |w: &[f32; QK_K]| symmetric_scales(x, w, GEOMETRY.nmax);
         // Without an importance matrix: the reference (`make_q3_quants`), and unit weights, which
         // fit the squared error we measure. With one: the error weights tempered again, and the
         // error weights themselves.
@@ -71,8 +68,7 @@ impl Quantize<QK_K> for BlockQ3K {
             Some(ew) => (fit(&tempered(x, ew)), fit(ew)),
         };
         let ew = ew.unwrap_or(unit());
-        let starts = [&first, &second].map(|scales| Encoding::start(x, ew, scales, GEOMETRY));
-        match best_of(x, ew, starts) {
+        match best_of(x, ew, &[first, second], GEOMETRY) {
             Some(e) => pack(&e),
             None => Self::zeroed(),
         }
@@ -80,7 +76,7 @@ impl Quantize<QK_K> for BlockQ3K {
 }
 
 #[inline(always)]
-fn pack(e: &Encoding) -> BlockQ3K {
+fn pack(e: &SymmetricQuant) -> BlockQ3K {
     let mut b = BlockQ3K::zeroed();
     for s in 0..16 {
         // Stored as sc + 32: low nibble in scales[s % 8] (high half for s ≥ 8), top 2 bits in
@@ -95,6 +91,6 @@ fn pack(e: &Encoding) -> BlockQ3K {
         b.qs[32 * h + l] |= (q & 3) << (2 * k);
         b.hmask[i % 32] |= (q >> 2) << (i / 32);
     }
-    b.d = e.d16();
+    b.d = e.d;
     b
 }

@@ -8,8 +8,8 @@
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
-use super::kquant_symmetric::{best_of, Encoding, Geometry};
-use super::search::{fit_symmetric, tempered};
+use super::kquant_symmetric::{best_of, symmetric_scales, Geometry, SymmetricQuant};
+use super::search::tempered;
 use super::{unit, Block, Quantize, QK_K};
 
 /// Layout (ggml `block_q6_K`): bytes 0..128 `ql`, bytes 128..192 `qh`, bytes 192..208 `scales`
@@ -56,8 +56,8 @@ impl Quantize<QK_K> for BlockQ6K {
             Some(ew) => (tempered(x, ew), *ew),
         };
         let ew = ew.unwrap_or(unit());
-        let starts = [&first, &second].map(|w| Encoding::start(x, ew, &sub_scales(x, w), GEOMETRY));
-        match best_of(x, ew, starts) {
+        let starts = [&first, &second].map(|w| symmetric_scales(x, w, GEOMETRY.nmax));
+        match best_of(x, ew, &starts, GEOMETRY) {
             Some(e) => pack(&e),
             None => Self::zeroed(),
         }
@@ -70,16 +70,7 @@ const GEOMETRY: Geometry = Geometry { nmax: 32, smax: 128 };
 /// Each sub-block's scale from `fit_symmetric` with search weights `w` (llama.cpp's
 /// `quantize_row_q6_K_ref` uses x²).
 #[inline(always)]
-fn sub_scales(x: &[f32; QK_K], w: &[f32; QK_K]) -> [f32; 16] {
-    let mut levels = [0u8; 16];
-    std::array::from_fn(|s| {
-        let r = 16 * s..16 * s + 16;
-        fit_symmetric(&x[r.clone()], &w[r], 32, &mut levels)
-    })
-}
-
-#[inline(always)]
-fn pack(e: &Encoding) -> BlockQ6K {
+fn pack(e: &SymmetricQuant) -> BlockQ6K {
     let mut b = BlockQ6K::zeroed();
     for h in 0..2 {
         for k in 0..4 {
@@ -91,6 +82,6 @@ fn pack(e: &Encoding) -> BlockQ6K {
         }
     }
     b.scales = e.sc;
-    b.d = e.d16();
+    b.d = e.d;
     b
 }

@@ -133,8 +133,10 @@ pub(super) fn fit_affine<const N: usize>(
 /// Fits `x ≈ scale·(q − nmax)` with integer `q` in 0..2·nmax, minimizing the `w`-weighted squared
 /// error over 19 inverse scales around `−nmax / max` (llama.cpp's `make_qx_quants` with explicit
 /// weights). The scale is signed: the value of largest magnitude maps to level 0 (−nmax), which uses
-/// the extra negative level. Writes the levels to `q` and returns the scale.
-#[inline(always)]
+/// the extra negative level. Writes the levels to `q` and returns the scale. The encoders run it on
+/// all sub-blocks at once (`lanes::fit_symmetric`); this one-sub-block form is what tests check
+/// that against.
+#[cfg(test)]
 pub(super) fn fit_symmetric(x: &[f32], w: &[f32], nmax: i32, q: &mut [u8]) -> f32 {
     let mut max = 0.0f32;
     let mut amax = 0.0f32;
