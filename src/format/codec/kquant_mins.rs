@@ -22,9 +22,9 @@
 
 use half::f16;
 
-use super::lanes::{fit_affine, row_sum, transpose, untranspose, Cols, Lanes, Mask};
+use super::lanes::{dot, dot3, fit_affine, sum, transpose, untranspose, Cols, Lanes, Mask};
 use super::search::{lane_sum, nearest_int, tempered, through_f16, Grid, Metric};
-use super::QK_K;
+use super::{array_of, QK_K};
 
 /// Sub-block `j`'s (scale, min) from the 12 packed bytes of a Q4_K or Q5_K block.
 pub fn get_scale_min_k4(j: usize, scales: &[u8; 12]) -> (u8, u8) {
@@ -105,7 +105,7 @@ impl SearchWeights {
                 }
                 w
             }
-            SearchWeights::Abs => x.map(f32::abs),
+            SearchWeights::Abs => array_of(|i| x[i].abs()),
             SearchWeights::Error => *ew,
             SearchWeights::Tempered => tempered(x, ew),
         }
@@ -135,7 +135,7 @@ struct Encoding<const S: usize, const L: usize> {
 }
 
 /// Rounds every sub-block to levels for scale `d·sc` and min `dmin·m` (as the decoder forms them),
-/// passing each row of levels to `keep`; returns each sub-block's `w`-weighted squared error of the
+/// writing them to `out`'s lanes where its mask is set; returns each sub-block's `w`-weighted squared error of the
 /// reconstruction.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -147,7 +147,7 @@ fn requantize<const S: usize, const L: usize>(
     sc: Lanes<S>,
     m: Lanes<S>,
     nmax: i32,
-    mut keep: impl FnMut(usize, Lanes<S>),
+    mut out: Option<(&mut Cols<S, L>, Mask<S>)>,
 ) -> Lanes<S> {
     let ds = Lanes::splat(d) * sc;
     let dm = Lanes::splat(dmin) * m;
@@ -155,7 +155,9 @@ fn requantize<const S: usize, const L: usize>(
     let mut err = Lanes::splat(0.0);
     for (i, (&xr, &wr)) in x.iter().zip(w).enumerate() {
         let l = ((xr + dm) * inv).clamp(0.0, nmax as f32).round();
-        keep(i, l);
+        if let Some((q, keep)) = &mut out {
+            q[i] = q[i].select(*keep, l);
+        }
         let diff = ds * l - dm - xr;
         err = err + wr * diff * diff;
     }
@@ -166,7 +168,7 @@ impl<const S: usize, const L: usize> Encoding<S, L> {
     #[inline(always)]
     fn new(x: &Cols<S, L>, ew: &Cols<S, L>, d: f32, dmin: f32, sc: Lanes<S>, m: Lanes<S>, nmax: i32) -> Self {
         let mut q = [Lanes::splat(0.0); L];
-        let err = requantize(x, ew, d, dmin, sc, m, nmax, |i, l| q[i] = l);
+        let err = requantize(x, ew, d, dmin, sc, m, nmax, Some((&mut q, Mask::all())));
         Encoding { d, dmin, sc, m, q, err }
     }
 
@@ -181,11 +183,8 @@ impl<const S: usize, const L: usize> Encoding<S, L> {
     fn refit_super_scales(&self, x: &Cols<S, L>, w: &Cols<S, L>) -> (f32, f32) {
         // Minimize Σ w·(d·a − dmin·b − x)² with a = sc·q, b = m.
         let q = &self.q;
-        let sw = row_sum::<S, L>(|i| w[i]).0;
-        let sq = row_sum::<S, L>(|i| w[i] * q[i]).0;
-        let sq2 = row_sum::<S, L>(|i| w[i] * q[i] * q[i]).0;
-        let sx = row_sum::<S, L>(|i| w[i] * x[i]).0;
-        let sxq = row_sum::<S, L>(|i| w[i] * x[i] * q[i]).0;
+        let (sw, sq, sq2) = (sum(w).0, dot(w, q).0, dot3(w, q, q).0);
+        let (sx, sxq) = (dot(w, x).0, dot3(w, x, q).0);
         let (mut saa, mut sab, mut sbb, mut sax, mut sbx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
         for j in 0..S {
             let (sc, b) = (self.sc.0[j] as f64, self.m.0[j] as f64);
@@ -221,7 +220,7 @@ impl<const S: usize, const L: usize> Encoding<S, L> {
                 // A neighbour clamped onto another pair is tried twice, which changes nothing.
                 let sc = (sc0 + Lanes::splat(dsc as f32)).clamp(0.0, smax);
                 let m = (m0 + Lanes::splat(dm as f32)).clamp(0.0, smax);
-                let err = requantize(x, ew, self.d, self.dmin, sc, m, g.nmax, |_, _| ());
+                let err = requantize(x, ew, self.d, self.dmin, sc, m, g.nmax, None);
                 let better = err.lt(self.err);
                 self.err = self.err.select(better, err);
                 self.sc = self.sc.select(better, sc);
@@ -230,8 +229,7 @@ impl<const S: usize, const L: usize> Encoding<S, L> {
             }
         }
         // The levels of the pairs kept, rounded once more (the same rounding as when each was tried).
-        let q = &mut self.q;
-        requantize(x, ew, self.d, self.dmin, self.sc, self.m, g.nmax, |i, l| q[i] = q[i].select(moved, l));
+        requantize(x, ew, self.d, self.dmin, self.sc, self.m, g.nmax, Some((&mut self.q, moved)));
     }
 }
 

@@ -13,7 +13,7 @@
 
 use half::f16;
 
-use super::lanes::{fit_symmetric, row_sum, transpose, untranspose, Cols, Lanes, Mask};
+use super::lanes::{dot3, fit_symmetric, transpose, untranspose, Cols, Lanes, Mask};
 use super::search::{nearest_int, through_f16};
 use super::QK_K;
 
@@ -45,7 +45,8 @@ struct Encoding {
     err: Lanes<16>,
 }
 
-/// Rounds every sub-block to levels for scale `d·sc`, passing each row of levels to `keep`; returns
+/// Rounds every sub-block to levels for scale `d·sc`, writing them to `out`'s lanes where its mask
+/// is set; returns
 /// each sub-block's `w`-weighted squared error.
 #[inline(always)]
 fn requantize(
@@ -54,7 +55,7 @@ fn requantize(
     d: f32,
     sc: Lanes<16>,
     nmax: i32,
-    mut keep: impl FnMut(usize, Lanes<16>),
+    mut out: Option<(&mut Sub, Mask<16>)>,
 ) -> Lanes<16> {
     let ds = Lanes::splat(d) * sc;
     let inv = ds.recip_or_zero();
@@ -62,7 +63,9 @@ fn requantize(
     let mut err = Lanes::splat(0.0);
     for (i, (&xr, &wr)) in x.iter().zip(w).enumerate() {
         let l = (xr * inv).round().clamp(-nmaxf, nmaxf - 1.0);
-        keep(i, l);
+        if let Some((q, keep)) = &mut out {
+            q[i] = q[i].select(*keep, l);
+        }
         let diff = ds * l - xr;
         err = err + wr * diff * diff;
     }
@@ -120,7 +123,7 @@ impl Encoding {
     #[inline(always)]
     fn new(x: &Sub, ew: &Sub, d: f32, sc: Lanes<16>, g: Geometry) -> Encoding {
         let mut l = [Lanes::splat(0.0); 16];
-        let err = requantize(x, ew, d, sc, g.nmax, |i, row| l[i] = row);
+        let err = requantize(x, ew, d, sc, g.nmax, Some((&mut l, Mask::all())));
         Encoding { d, sc, l, err }
     }
 
@@ -132,8 +135,7 @@ impl Encoding {
     /// Weighted least-squares `d` for the current scales and levels, rounded through f16.
     #[inline(always)]
     fn refit_d(&self, x: &Sub, ew: &Sub) -> Option<f32> {
-        let sxl = row_sum::<16, 16>(|i| ew[i] * x[i] * self.l[i]).0;
-        let sll = row_sum::<16, 16>(|i| ew[i] * self.l[i] * self.l[i]).0;
+        let (sxl, sll) = (dot3(ew, x, &self.l).0, dot3(ew, &self.l, &self.l).0);
         let (mut sxa, mut saa) = (0f64, 0f64);
         for (s, &sc) in self.sc.0.iter().enumerate() {
             sxa += sc as f64 * sxl[s] as f64;
@@ -150,15 +152,14 @@ impl Encoding {
         let mut moved = Mask::none();
         for step in [-1.0, 1.0] {
             let sc = (sc0 + Lanes::splat(step)).clamp(-g.smax as f32, (g.smax - 1) as f32);
-            let err = requantize(x, ew, self.d, sc, g.nmax, |_, _| ());
+            let err = requantize(x, ew, self.d, sc, g.nmax, None);
             let better = err.lt(self.err);
             self.err = self.err.select(better, err);
             self.sc = self.sc.select(better, sc);
             moved = moved.or(better);
         }
         // The levels of the scales kept, rounded once more (the same rounding as when each was tried).
-        let l = &mut self.l;
-        requantize(x, ew, self.d, self.sc, g.nmax, |i, row| l[i] = l[i].select(moved, row));
+        requantize(x, ew, self.d, self.sc, g.nmax, Some((&mut self.l, moved)));
     }
 }
 

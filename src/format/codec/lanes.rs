@@ -9,7 +9,7 @@
 //! multiplying by reciprocals instead of dividing differ, so results can differ in the last bits.
 
 use super::search::{round_small, Grid, Metric};
-use super::QK_K;
+use super::{array_of, QK_K};
 
 /// One value of each of `S` sub-blocks: the vector every step of a search works on. Each operation
 /// is one elementwise loop, which the compiler turns into vector instructions (one 8-wide AVX2
@@ -27,33 +27,38 @@ impl<const S: usize> Lanes<S> {
         Lanes([v; S])
     }
 
-    /// `f(j)` for every lane `j`.
+    /// `f(j)` for every lane `j`. A plain loop: `std::array::from_fn` and `map` are calls that the
+    /// compiler does not always inline into the large encoders, and called they run without AVX2.
     #[inline(always)]
-    pub fn from_fn(f: impl FnMut(usize) -> f32) -> Self {
-        Lanes(std::array::from_fn(f))
+    pub fn from_fn(mut f: impl FnMut(usize) -> f32) -> Self {
+        let mut r = [0f32; S];
+        for (j, v) in r.iter_mut().enumerate() {
+            *v = f(j);
+        }
+        Lanes(r)
     }
 
     #[inline(always)]
     pub fn map(self, f: impl Fn(f32) -> f32) -> Self {
-        Lanes(self.0.map(f))
+        Lanes::from_fn(|j| f(self.0[j]))
     }
 
     #[inline(always)]
     pub fn zip(self, o: Self, f: impl Fn(f32, f32) -> f32) -> Self {
-        Lanes(std::array::from_fn(|j| f(self.0[j], o.0[j])))
+        Lanes::from_fn(|j| f(self.0[j], o.0[j]))
     }
 
     /// Per lane, `a` where `take` is set, else `self`.
     #[inline(always)]
     pub fn select(self, take: Mask<S>, a: Self) -> Self {
-        Lanes(std::array::from_fn(|j| {
+        Lanes::from_fn(|j| {
             f32::from_bits((a.0[j].to_bits() & take.0[j]) | (self.0[j].to_bits() & !take.0[j]))
-        }))
+        })
     }
 
     #[inline(always)]
     fn compare(self, o: Self, f: impl Fn(f32, f32) -> bool) -> Mask<S> {
-        Mask(std::array::from_fn(|j| if f(self.0[j], o.0[j]) { u32::MAX } else { 0 }))
+        Mask::from_fn(|j| if f(self.0[j], o.0[j]) { u32::MAX } else { 0 })
     }
 
     /// Per lane, whether `self < o`.
@@ -109,14 +114,30 @@ impl<const S: usize> Lanes<S> {
 pub(super) struct Mask<const S: usize>([u32; S]);
 
 impl<const S: usize> Mask<S> {
+    /// `f(j)` for every lane `j` (a loop, not `std::array::from_fn`: see `Lanes::from_fn`).
+    #[inline(always)]
+    fn from_fn(mut f: impl FnMut(usize) -> u32) -> Self {
+        let mut r = [0u32; S];
+        for (j, v) in r.iter_mut().enumerate() {
+            *v = f(j);
+        }
+        Mask(r)
+    }
+
     #[inline(always)]
     pub fn and(self, o: Self) -> Self {
-        Mask(std::array::from_fn(|j| self.0[j] & o.0[j]))
+        Mask::from_fn(|j| self.0[j] & o.0[j])
     }
 
     #[inline(always)]
     pub fn or(self, o: Self) -> Self {
-        Mask(std::array::from_fn(|j| self.0[j] | o.0[j]))
+        Mask::from_fn(|j| self.0[j] | o.0[j])
+    }
+
+    /// Every lane set.
+    #[inline(always)]
+    pub fn all() -> Self {
+        Mask([u32::MAX; S])
     }
 
     /// No lane set.
@@ -146,19 +167,59 @@ lanes_op!(Div, div, /);
 #[inline(always)]
 pub(super) fn transpose<const S: usize, const L: usize>(x: &[f32; QK_K]) -> Cols<S, L> {
     const { assert!(S * L == QK_K) };
-    std::array::from_fn(|i| Lanes::from_fn(|j| x[L * j + i]))
+    let mut c = [Lanes::splat(0.0); L];
+    for (i, row) in c.iter_mut().enumerate() {
+        *row = Lanes::from_fn(|j| x[L * j + i]);
+    }
+    c
 }
 
 /// The levels of columns `q` in the natural order of the super-block, as stored bytes (`q + offset`).
 #[inline(always)]
 pub(super) fn untranspose<const S: usize, const L: usize>(q: &Cols<S, L>, offset: f32) -> [u8; QK_K] {
-    std::array::from_fn(|v| (q[v % L].0[v / L] + offset) as u8)
+    array_of(|v| (q[v % L].0[v / L] + offset) as u8)
 }
 
-/// Per lane, the sum over the rows of `f(i)`.
+/// Per lane, the sum over the rows of `a`.
 #[inline(always)]
-pub(super) fn row_sum<const S: usize, const L: usize>(f: impl Fn(usize) -> Lanes<S>) -> Lanes<S> {
-    (0..L).fold(Lanes::splat(0.0), |acc, i| acc + f(i))
+pub(super) fn sum<const S: usize, const L: usize>(a: &Cols<S, L>) -> Lanes<S> {
+    a.iter().fold(Lanes::splat(0.0), |acc, &r| acc + r)
+}
+
+/// Per lane, the sum over the rows of `a·b`.
+#[inline(always)]
+pub(super) fn dot<const S: usize, const L: usize>(a: &Cols<S, L>, b: &Cols<S, L>) -> Lanes<S> {
+    a.iter().zip(b).fold(Lanes::splat(0.0), |acc, (&r, &s)| acc + r * s)
+}
+
+/// Per lane, the sum over the rows of `a·b·c`.
+#[inline(always)]
+pub(super) fn dot3<const S: usize, const L: usize>(
+    a: &Cols<S, L>,
+    b: &Cols<S, L>,
+    c: &Cols<S, L>,
+) -> Lanes<S> {
+    let mut acc = Lanes::splat(0.0);
+    for ((&r, &s), &t) in a.iter().zip(b).zip(c) {
+        acc = acc + r * s * t;
+    }
+    acc
+}
+
+/// Per lane, `Σ w·|s·l + m − x|` over the rows.
+#[inline(always)]
+fn absolute_error<const S: usize, const L: usize>(
+    x: &Cols<S, L>,
+    w: &Cols<S, L>,
+    l: &Cols<S, L>,
+    s: Lanes<S>,
+    m: Lanes<S>,
+) -> Lanes<S> {
+    let mut acc = Lanes::splat(0.0);
+    for ((&xr, &wr), &lr) in x.iter().zip(w).zip(l) {
+        acc = acc + wr * (s * lr + m - xr).map(f32::abs);
+    }
+    acc
 }
 
 /// `search::fit_affine` on every sub-block at once: per lane, the `(scale, min)` of
@@ -175,38 +236,66 @@ pub(super) fn fit_affine<const S: usize, const L: usize>(
     let mut min = lo.min(Lanes::splat(0.0));
     let flat = hi.eq(min);
     let first_min = min;
-    // The range from the current min (which the search moves, as llama.cpp's does); a flat lane's
-    // is set to 1 so its search stays finite, and its result is replaced below.
-    let range = |min: Lanes<S>| (hi - min).select(flat, Lanes::splat(1.0));
-    let sum_w = row_sum::<S, L>(|i| w[i]);
-    let sum_x = row_sum::<S, L>(|i| w[i] * x[i]);
+    let one = Lanes::splat(1.0);
+    let sum_w = sum(w);
+    let sum_x = dot(w, x);
     let nmaxf = nmax as f32;
-    let round_levels = |iscale: Lanes<S>, min: Lanes<S>, q: &mut Cols<S, L>| {
-        for (qr, &xr) in q.iter_mut().zip(x) {
-            *qr = (iscale * (xr - min)).clamp(0.0, nmaxf).round();
-        }
-    };
-    let error = |scale: Lanes<S>, min: Lanes<S>, l: &Cols<S, L>| {
-        row_sum::<S, L>(|i| {
-            let diff = scale * l[i] + min - x[i];
-            w[i] * if metric == Metric::Squared { diff * diff } else { diff.map(f32::abs) }
-        })
-    };
+    let sum_x2 = dot3(w, x, x);
+    let two = Lanes::splat(2.0);
+    // One pass per trial scale: round to levels and sum what the least-squares fit needs. The
+    // squared error of a fit follows from the same sums (expanding Σw·(s·l + m − x)²), so only the
+    // absolute error needs the levels kept for a second pass.
     let mut trial = [Lanes::splat(0.0); L];
-    let iscale = Lanes::splat(nmaxf) / range(min);
-    let mut scale = iscale.recip_or_zero();
-    round_levels(iscale, min, &mut trial);
-    let mut best_error = error(scale, min, &trial);
-    for step in 0..=grid.nstep {
-        let iscale = Lanes::splat(grid.rmin + grid.rdelta * step as f32 + nmaxf) / range(min);
-        round_levels(iscale, min, &mut trial);
+    /// Per lane, Σw·l, Σw·l² and Σw·x·l of the levels at inverse scale `iscale` from `min`, written
+    /// to `trial` where `keep` (a function so that it inlines; see `sums` in `fit_symmetric`).
+    #[inline(always)]
+    fn level_sums<const S: usize, const L: usize>(
+        x: &Cols<S, L>,
+        w: &Cols<S, L>,
+        nmaxf: f32,
+        iscale: Lanes<S>,
+        min: Lanes<S>,
+        trial: &mut Cols<S, L>,
+        keep: bool,
+    ) -> (Lanes<S>, Lanes<S>, Lanes<S>) {
         let (mut sum_l, mut sum_l2, mut sum_xl) = (Lanes::splat(0.0), Lanes::splat(0.0), Lanes::splat(0.0));
-        for ((&t, &wr), &xr) in trial.iter().zip(w).zip(x) {
-            let wt = wr * t;
-            sum_l = sum_l + wt;
-            sum_l2 = sum_l2 + wt * t;
-            sum_xl = sum_xl + wt * xr;
+        for ((t, &xr), &wr) in trial.iter_mut().zip(x).zip(w) {
+            let l = (iscale * (xr - min)).clamp(0.0, nmaxf).round();
+            if keep {
+                *t = l;
+            }
+            let wl = wr * l;
+            sum_l = sum_l + wl;
+            sum_l2 = sum_l2 + wl * l;
+            sum_xl = sum_xl + wl * xr;
         }
+        (sum_l, sum_l2, sum_xl)
+    }
+    let keep = metric == Metric::Absolute;
+    let error = |s: Lanes<S>,
+                 m: Lanes<S>,
+                 (sum_l, sum_l2, sum_xl): (Lanes<S>, Lanes<S>, Lanes<S>),
+                 l: &Cols<S, L>| {
+        match metric {
+            Metric::Squared => {
+                s * s * sum_l2 + m * m * sum_w + sum_x2 + two * s * m * sum_l
+                    - two * s * sum_xl
+                    - two * m * sum_x
+            }
+            Metric::Absolute => absolute_error(x, w, l, s, m),
+        }
+    };
+    let iscale = Lanes::splat(nmaxf) / (hi - min).select(flat, one);
+    // The range is from the current min (which the search moves, as llama.cpp's does); a flat
+    // lane's is set to 1 so its search stays finite, and its result is replaced below.
+    let mut scale = iscale.recip_or_zero();
+    let sums = level_sums(x, w, nmaxf, iscale, min, &mut trial, keep);
+    let mut best_error = error(scale, min, sums, &trial);
+    for step in 0..=grid.nstep {
+        let iscale =
+            Lanes::splat(grid.rmin + grid.rdelta * step as f32 + nmaxf) / (hi - min).select(flat, one);
+        let sums = level_sums(x, w, nmaxf, iscale, min, &mut trial, keep);
+        let (sum_l, sum_l2, sum_xl) = sums;
         let det = sum_w * sum_l2 - sum_l * sum_l;
         let this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
         let this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
@@ -214,7 +303,7 @@ pub(super) fn fit_affine<const S: usize, const L: usize>(
         let clamp_min = Lanes::splat(0.0).lt(this_min);
         let this_scale = this_scale.select(clamp_min, sum_xl / sum_l2);
         let this_min = this_min.select(clamp_min, Lanes::splat(0.0));
-        let err = error(this_scale, this_min, &trial);
+        let err = error(this_scale, this_min, sums, &trial);
         let take = Lanes::splat(0.0).lt(det).and(err.lt(best_error));
         best_error = best_error.select(take, err);
         scale = scale.select(take, this_scale);
@@ -245,7 +334,15 @@ pub(super) fn fit_symmetric<const S: usize, const L: usize>(
     // An all-zero lane's scale is 0; 1 keeps its search finite.
     let zero = amax.lt(Lanes::splat(1e-15));
     let inv_max = max.recip_or_zero().select(zero, Lanes::splat(1.0));
-    let sums = |iscale: Lanes<S>| {
+    /// Per lane, Σw·x·l and Σw·l² of the levels `l` at inverse scale `iscale`. (A function, not a
+    /// closure, so that it can be marked for inlining: called, it runs without AVX2.)
+    #[inline(always)]
+    fn sums<const S: usize, const L: usize>(
+        x: &Cols<S, L>,
+        w: &Cols<S, L>,
+        nmaxf: f32,
+        iscale: Lanes<S>,
+    ) -> (Lanes<S>, Lanes<S>) {
         let (mut sumlx, mut suml2) = (Lanes::splat(0.0), Lanes::splat(0.0));
         for (&xr, &wr) in x.iter().zip(w) {
             let l = (iscale * xr).round().clamp(-nmaxf, nmaxf - 1.0);
@@ -254,12 +351,12 @@ pub(super) fn fit_symmetric<const S: usize, const L: usize>(
             suml2 = suml2 + wl * l;
         }
         (sumlx, suml2)
-    };
-    let (sumlx, suml2) = sums(Lanes::splat(-nmaxf) * inv_max);
+    }
+    let (sumlx, suml2) = sums(x, w, nmaxf, Lanes::splat(-nmaxf) * inv_max);
     let mut scale = (sumlx / suml2).select(suml2.eq(Lanes::splat(0.0)), Lanes::splat(0.0));
     let mut best = scale * sumlx;
     for k in (-9..=9).filter(|&k| k != 0) {
-        let (sumlx, suml2) = sums(Lanes::splat(-(nmaxf + 0.1 * k as f32)) * inv_max);
+        let (sumlx, suml2) = sums(x, w, nmaxf, Lanes::splat(-(nmaxf + 0.1 * k as f32)) * inv_max);
         let take = Lanes::splat(0.0).lt(suml2).and((best * suml2).lt(sumlx * sumlx));
         scale = scale.select(take, sumlx / suml2);
         best = best.select(take, scale * sumlx);

@@ -65,6 +65,18 @@ trait Quantize<const N: usize>: Block<N> {
     const AVX2_PAYS: bool = true;
 }
 
+/// `[f(0), f(1), …]`, by a plain loop. The encoders use it instead of `std::array::from_fn` and
+/// `map`, which are calls the compiler does not always inline into them (the encoders are large),
+/// and then run without AVX2, a call per element.
+#[inline(always)]
+fn array_of<T: Copy + Default, const N: usize>(mut f: impl FnMut(usize) -> T) -> [T; N] {
+    let mut out = [T::default(); N];
+    for (i, v) in out.iter_mut().enumerate() {
+        *v = f(i);
+    }
+    out
+}
+
 /// Unit error weights: what the encoders weight errors by without an importance matrix.
 const UNIT: [f32; QK_K] = [1.0; QK_K];
 

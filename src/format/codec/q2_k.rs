@@ -5,7 +5,7 @@ use half::f16;
 
 use super::kquant_mins::{quantize_with_mins, Geometry, SearchWeights, Start};
 use super::search::{Grid, Metric};
-use super::{unit, Block, Quantize, QK_K};
+use super::{array_of, unit, Block, Quantize, QK_K};
 
 /// llama.cpp's sub-block search grid for Q2_K.
 const GRID: Grid = Grid { rmin: -0.5, rdelta: 0.1, nstep: 15 };
@@ -53,7 +53,7 @@ impl Quantize<QK_K> for BlockQ2K {
             quantize_with_mins::<16, 16>(x, ew.unwrap_or(unit()), Geometry { nmax: 3, smax: 15 }, &starts);
         let scales = std::array::from_fn(|s| r.sc[s] | r.m[s] << 4);
         // Value 128h + 32k + l (l < 32) goes to bits 2k..2k+2 of qs[32h + l].
-        let qs = std::array::from_fn(|b| {
+        let qs = array_of(|b| {
             let (h, l) = (b / 32, b % 32);
             (0..4).fold(0u8, |acc, k| acc | r.q[128 * h + 32 * k + l] << (2 * k))
         });

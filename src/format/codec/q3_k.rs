@@ -10,7 +10,7 @@ use half::f16;
 
 use super::kquant_symmetric::{best_of, symmetric_scales, Geometry, SymmetricQuant};
 use super::search::{fit_q3, tempered};
-use super::{unit, Block, Quantize, QK_K};
+use super::{array_of, unit, Block, Quantize, QK_K};
 
 /// Levels −4..4, 6-bit scales.
 const GEOMETRY: Geometry = Geometry { nmax: 4, smax: 32 };
@@ -58,14 +58,13 @@ impl Block<QK_K> for BlockQ3K {
 impl Quantize<QK_K> for BlockQ3K {
     #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
-        let sub = |s: usize| 16 * s..16 * s + 16;
-        let fit = |w: &[f32; QK_K]| symmetric_scales(x, w, GEOMETRY.nmax);
         // Without an importance matrix: the reference (`make_q3_quants`), and unit weights, which
         // fit the squared error we measure. With one: the error weights tempered again, and the
-        // error weights themselves.
+        // error weights themselves. (Direct calls, not closures: see `array_of`.)
+        let nmax = GEOMETRY.nmax;
         let (first, second) = match ew {
-            None => (std::array::from_fn(|s| fit_q3(&x[sub(s)], 4)), fit(unit())),
-            Some(ew) => (fit(&tempered(x, ew)), fit(ew)),
+            None => (array_of(|s| fit_q3(&x[16 * s..16 * s + 16], nmax)), symmetric_scales(x, unit(), nmax)),
+            Some(ew) => (symmetric_scales(x, &tempered(x, ew), nmax), symmetric_scales(x, ew, nmax)),
         };
         let ew = ew.unwrap_or(unit());
         match best_of(x, ew, &[first, second], GEOMETRY) {

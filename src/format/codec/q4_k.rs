@@ -7,7 +7,7 @@ use super::kquant_mins::{
     pack_scales_mins, quantize_with_mins, unpack_scales_mins, Geometry, SearchWeights, Start,
 };
 use super::search::{Grid, Metric};
-use super::{unit, Block, Quantize, QK_K};
+use super::{array_of, unit, Block, Quantize, QK_K};
 
 /// Layout (ggml `block_q4_K`): bytes 0..2 `d`, bytes 2..4 `dmin` (f16); bytes 4..16 `scales`, the 8
 /// 6-bit (sc, m) pairs packed as `get_scale_min_k4` reads them; bytes 16..144 `qs`: value
@@ -56,7 +56,7 @@ impl Quantize<QK_K> for BlockQ4K {
         let r =
             quantize_with_mins::<8, 32>(x, ew.unwrap_or(unit()), Geometry { nmax: 15, smax: 63 }, &starts);
         let scales = pack_scales_mins(&r.sc, &r.m);
-        let qs = std::array::from_fn(|k| {
+        let qs = array_of(|k| {
             let (c, l) = (k / 32, k % 32);
             r.q[64 * c + l] | (r.q[64 * c + 32 + l] << 4)
         });

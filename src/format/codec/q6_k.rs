@@ -10,7 +10,7 @@ use half::f16;
 
 use super::kquant_symmetric::{best_of, symmetric_scales, Geometry, SymmetricQuant};
 use super::search::tempered;
-use super::{unit, Block, Quantize, QK_K};
+use super::{array_of, unit, Block, Quantize, QK_K};
 
 /// Layout (ggml `block_q6_K`): bytes 0..128 `ql`, bytes 128..192 `qh`, bytes 192..208 `scales`
 /// (i8), bytes 208..210 `d` (f16). Value `i = 128h + 32k + l` (h < 2, k < 4, l < 32) has its low 4
@@ -52,11 +52,13 @@ impl Quantize<QK_K> for BlockQ6K {
         // error we measure (they win on most blocks: 1.5% lower error on Gaussian data). With one:
         // the error weights tempered again, and the error weights themselves.
         let (first, second) = match ew {
-            None => (x.map(|v| v * v), *unit()),
+            None => (array_of(|i| x[i] * x[i]), *unit()),
             Some(ew) => (tempered(x, ew), *ew),
         };
         let ew = ew.unwrap_or(unit());
-        let starts = [&first, &second].map(|w| symmetric_scales(x, w, GEOMETRY.nmax));
+        // Called directly, not through an array's `map`: see `array_of`.
+        let starts =
+            [symmetric_scales(x, &first, GEOMETRY.nmax), symmetric_scales(x, &second, GEOMETRY.nmax)];
         match best_of(x, ew, &starts, GEOMETRY) {
             Some(e) => pack(&e),
             None => Self::zeroed(),

@@ -377,7 +377,7 @@ fn lsq_affine(x: &[f32], w: &[f32], q: &[u8]) -> Option<(f32, f32)> {
 #[inline(always)]
 pub(super) fn tempered<const N: usize>(x: &[f32; N], w: &[f32; N]) -> [f32; N] {
     let sigma2 = 2.0 * lane_sum::<N>(|i| x[i] * x[i]) / N as f32;
-    std::array::from_fn(|i| w[i] * (sigma2 + x[i] * x[i]).sqrt())
+    super::array_of(|i| w[i] * (sigma2 + x[i] * x[i]).sqrt())
 }
 
 #[cfg(test)]
