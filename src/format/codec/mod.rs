@@ -208,11 +208,12 @@ fn decode_blocks<B: Block<N>, const N: usize>(src: &[u8], dst: &mut [f32]) {
 /// are `imp.len()` long, a whole number of blocks: checked by `quantize_weighted`), tempered by the
 /// values' magnitudes into the block's error weights.
 ///
-/// The searches are written as plain loops over 8 lanes; compiled for AVX2 (where the CPU has it)
-/// they run on 8-wide registers instead of SSE's 4: measured on one core (`benches/codec.rs`, AVX-512
-/// EPYC), Q4_K and Q5_K encode 24% faster, Q2_K, Q3_K, Q6_K and Q4_0 within ±4%, Q8_0 20% slower (so
-/// it stays on SSE). Every encoder is inlined into both versions, and Rust neither reassociates nor
-/// fuses float operations, so both give the same bits.
+/// The K-quant searches run on all sub-blocks of a super-block at once, as plain loops over
+/// [`lanes::Lanes`]; compiled for AVX2 (where the CPU has it) they run on 8-wide registers instead
+/// of SSE's 4: measured on one core (`benches/codec.rs`, AVX-512 EPYC), Q2_K 97 vs 67 MiB/s, Q4_K 99
+/// vs 68, Q6_K 127 vs 93; Q8_0 has no search and stays on SSE (it measured 20% slower on AVX2).
+/// Every encoder is inlined into both versions, and Rust neither reassociates nor fuses float
+/// operations, so both give the same bits.
 fn encode_blocks<B: Quantize<N>, const N: usize>(src: &[f32], imp: Option<&[f32]>, dst: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if B::AVX2_PAYS && std::arch::is_x86_feature_detected!("avx2") {
