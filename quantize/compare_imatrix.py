@@ -12,7 +12,9 @@ come from the calibration text tests/fixtures/rustdoc-mixtral/calibration.txt (t
 the validation text), windows of 256 tokens (the model's training length), one from `mixtral-q
 imatrix` and one from `llama-imatrix`. For each type: llama.cpp's file without and with its imatrix,
 ours without and with ours, and each quantizer with the other's imatrix (the files are
-interchangeable). Every file is scored by our engine on valid.txt (`perplexity --ctx 256
+interchangeable), and llama.cpp's file with our mix's token_embd and output types
+(`--token-embedding-type`, `--output-tensor-type`: where our mixes differ from llama.cpp's, this
+row tells the type choice from the block search). Every file is scored by our engine on valid.txt (`perplexity --ctx 256
 --all-tokens`), with the KL divergence from the f32 model.
 """
 import argparse
@@ -32,6 +34,16 @@ def run(*cmd):
     if p.returncode != 0:
         sys.exit(f"{' '.join(map(str, cmd))} failed:\n{p.stderr[-2000:]}")
     return p.stdout
+
+
+def head_types(verbose_report):
+    """The types `quantize -v` printed for token_embd.weight and output.weight."""
+    types = {}
+    for line in verbose_report.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("token_embd.weight", "output.weight"):
+            types[parts[0]] = parts[1]
+    return types
 
 
 def main():
@@ -59,12 +71,16 @@ def main():
 
     rows = []
     for ty in args.types.split(","):
+        head = head_types(run(ours, "quantize", MODEL, "-o", w(f"ours-{ty}.gguf"), "--type", ty, "-v"))
         files = {
             "llama.cpp": [llama_quantize, w("f32.gguf"), w(f"llama-{ty}.gguf"), ty],
             "llama.cpp + its imatrix": [llama_quantize, "--imatrix", w("llama.imatrix.gguf"), w("f32.gguf"),
                                         w(f"llama-im-{ty}.gguf"), ty],
             "llama.cpp + our imatrix": [llama_quantize, "--imatrix", w("ours.imatrix.gguf"), w("f32.gguf"),
                                         w(f"llama-oim-{ty}.gguf"), ty],
+            "llama.cpp, our token_embd/output types": [
+                llama_quantize, "--token-embedding-type", head["token_embd.weight"], "--output-tensor-type",
+                head["output.weight"], w("f32.gguf"), w(f"llama-head-{ty}.gguf"), ty],
             "ours": [ours, "quantize", MODEL, "-o", w(f"ours-{ty}.gguf"), "--type", ty],
             "ours + our imatrix": [ours, "quantize", MODEL, "-o", w(f"ours-im-{ty}.gguf"), "--type", ty,
                                    "--imatrix", w("ours.imatrix.gguf")],

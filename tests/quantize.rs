@@ -470,3 +470,50 @@ fn mix_names_are_case_insensitive_and_info_names_the_mix() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("q3_k_xl"), "{}", stderr(&o));
 }
+
+/// llama-quantize's per-tensor flags: `--token-embedding-type`, `--output-tensor-type` and
+/// `--tensor-type PATTERN=TYPE` (regular expressions, the last match wins) set those tensors' types
+/// and nothing else; a type that does not exist is refused before any output exists.
+#[test]
+fn tensor_type_flags_override_the_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.gguf");
+    let (model, path) = (tiny_model_dir(), out.to_str().unwrap().to_string());
+    let model = model.to_str().unwrap();
+    let o = run(&[
+        "quantize",
+        model,
+        "-o",
+        &path,
+        "--type",
+        "Q8_0",
+        "--token-embedding-type",
+        "F16",
+        "--output-tensor-type",
+        "q4_0",
+        "--tensor-type",
+        r"blk\.1\.ffn_(up|down)=q5_0",
+        "--tensor-type",
+        r"ffn_down=Q4_1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = GgufFile::open(&out).unwrap();
+    let ty = |name: &str| file.tensor(name).unwrap().ty;
+    assert_eq!(ty("token_embd.weight"), GgmlType::F16);
+    assert_eq!(ty("output.weight"), GgmlType::Q4_0);
+    assert_eq!(ty("blk.1.ffn_up_exps.weight"), GgmlType::Q5_0);
+    assert_eq!(ty("blk.1.ffn_down_exps.weight"), GgmlType::Q4_1);
+    assert_eq!(ty("blk.0.ffn_down_exps.weight"), GgmlType::Q4_1);
+    assert_eq!(ty("blk.0.ffn_up_exps.weight"), GgmlType::Q8_0);
+    assert_eq!(ty("blk.0.ffn_norm.weight"), GgmlType::F32);
+
+    let bad = dir.path().join("bad.gguf");
+    for flags in
+        [["--tensor-type", "ffn_down=q9_k"], ["--output-tensor-type", "q8_k"], ["--tensor-type", "ffn_("]]
+    {
+        let o = run(&["quantize", model, "-o", bad.to_str().unwrap(), flags[0], flags[1]]);
+        assert!(!o.status.success() && !bad.exists(), "{flags:?}");
+        let err = stderr(&o);
+        assert!(err.contains(flags[1]) && !err.contains("panicked"), "{err}");
+    }
+}

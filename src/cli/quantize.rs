@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use mixtral_q::format::imatrix::ImportanceMatrix;
-use mixtral_q::quantize::{quantize_input, QuantizeOptions, QuantizeReport, Target};
+use mixtral_q::format::GgmlType;
+use mixtral_q::quantize::{
+    parse_tensor_override, parse_type, quantize_input, QuantizeOptions, QuantizeReport, Target, TypeOverrides,
+};
 
 use super::human_bytes;
 
@@ -41,6 +44,16 @@ pub struct QuantizeArgs {
     /// F32, F16 or BF16 file. Tensors already in their target type are copied either way.
     #[arg(long)]
     pub allow_requantize: bool,
+    /// Type of token_embd.weight over the mix's (q8_0, q6_k, f16, ...), as llama-quantize's flag.
+    #[arg(long, value_name = "TYPE", value_parser = parse_type)]
+    pub token_embedding_type: Option<GgmlType>,
+    /// Type of output.weight over the mix's, as llama-quantize's flag.
+    #[arg(long, value_name = "TYPE", value_parser = parse_type)]
+    pub output_tensor_type: Option<GgmlType>,
+    /// PATTERN=TYPE: every tensor whose GGUF name the regular expression PATTERN matches gets TYPE
+    /// (`ffn_down=q6_k`, `blk\.[0-3]\.ffn_up=q5_k`); repeatable, the last match wins, as in llama-quantize.
+    #[arg(long, value_name = "PATTERN=TYPE", value_parser = parse_tensor_override)]
+    pub tensor_type: Vec<(regex::Regex, GgmlType)>,
 }
 
 pub fn run(args: &QuantizeArgs) -> Result<()> {
@@ -50,6 +63,11 @@ pub fn run(args: &QuantizeArgs) -> Result<()> {
     opts.progress = std::io::stderr().is_terminal();
     opts.cancel = Some(cancel_on_ctrl_c());
     opts.allow_requantize = args.allow_requantize;
+    opts.overrides = TypeOverrides {
+        token_embd: args.token_embedding_type,
+        output: args.output_tensor_type,
+        tensors: args.tensor_type.clone(),
+    };
     if let Some(path) = &args.imatrix {
         opts.imatrix = Some(Arc::new((path.clone(), ImportanceMatrix::read(path)?)));
     }

@@ -17,5 +17,8 @@ pub use pipeline::{
     new_model_metadata, quantize_checkpoint, set_file_type, write_gguf, QuantizeOptions, QuantizeReport,
     TensorReport,
 };
-pub use plan::{fit_row, tensor_type, tensor_types, ModelShape, Target, TensorRole};
+pub use plan::{
+    fit_row, parse_tensor_override, parse_type, tensor_type, tensor_types, ModelShape, Target, TensorRole,
+    TypeOverrides,
+};
 pub use source::{RowSource, SourceLayout};

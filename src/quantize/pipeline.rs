@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::permute;
-use super::plan::{tensor_types, Target};
+use super::plan::{tensor_types, Target, TypeOverrides};
 use super::source::{RowSource, SourceLayout};
 use crate::format::codec;
 use crate::format::gguf::{GgufFileWriter, GgufLayout, MetaValue, Metadata};
@@ -40,6 +40,8 @@ pub struct QuantizeOptions {
     /// Convert tensors the source already stores quantized to another type (llama-quantize's
     /// `--allow-requantize`). Off, such a source is refused: its weights would be rounded twice.
     pub allow_requantize: bool,
+    /// Types chosen per tensor over the mix's rules.
+    pub overrides: TypeOverrides,
 }
 
 impl QuantizeOptions {
@@ -52,6 +54,7 @@ impl QuantizeOptions {
             cancel: None,
             imatrix: None,
             allow_requantize: false,
+            overrides: TypeOverrides::default(),
         }
     }
 }
@@ -145,7 +148,7 @@ pub fn write_gguf(
     opts: &QuantizeOptions,
 ) -> Result<QuantizeReport> {
     let start = Instant::now();
-    let jobs = plan_jobs(cfg, opts.target, source.layout());
+    let jobs = plan_jobs(cfg, opts, source.layout());
     check_sources(source, cfg, &jobs, opts).with_context(|| format!("in {}", source.origin()))?;
     let input_bytes = jobs.iter().flat_map(|j| &j.sources).map(|s| source.source_bytes(s)).sum();
     set_file_type(&mut meta, opts.target);
@@ -181,10 +184,11 @@ pub fn write_gguf(
 }
 
 /// Every GGUF tensor in llama.cpp's order, its type and its sources in `layout`.
-fn plan_jobs(cfg: &ModelConfig, target: Target, layout: SourceLayout) -> Vec<TensorJob> {
-    tensor_types(cfg, target)
+fn plan_jobs(cfg: &ModelConfig, opts: &QuantizeOptions, layout: SourceLayout) -> Vec<TensorJob> {
+    tensor_types(cfg, opts.target)
         .into_iter()
         .map(|(name, dims, ty)| {
+            let ty = opts.overrides.apply(&name, dims[0] as usize, ty);
             let (sources, permute_head_dim) = match layout {
                 SourceLayout::HuggingFace => hf_sources(cfg, &name),
                 SourceLayout::Gguf => (gguf_sources(cfg, &name), None),
