@@ -335,11 +335,11 @@ mod tests {
         assert_eq!(s.experts[0][0], expert as u64);
         assert_eq!(s.experts.iter().flatten().count(), 256);
         // Dense: per layer q and o in Q4_K / Q5_K, k and v in Q8_0, the router f32, two f32 norms;
-        // embeddings Q4_K, the head Q6_K, the final norm.
+        // embeddings and head Q5_K (ours: `head_step`), the final norm.
         let (h, kv) = (4096u64, 1024u64);
         let per_layer = h * h / 256 * 144 + 2 * kv * h / 32 * 34 + h * h / 256 * 176 + 8 * h * 4 + 2 * h * 4;
-        let embd = 32000 * h / 256 * 144;
-        let dense = 32 * per_layer + embd + 32000 * h / 256 * 210 + h * 4;
+        let embd = 32000 * h / 256 * 176;
+        let dense = 32 * per_layer + embd + 32000 * h / 256 * 176 + h * 4;
         assert_eq!((s.dense, s.token_embd), (dense, embd));
         assert_eq!(s.kv_cache, 4096 * 32 * 2 * kv * 2);
         // 12.9 B active parameters as Mistral counts them, less the 0.13 B embedding table a token only
