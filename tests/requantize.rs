@@ -137,7 +137,7 @@ fn quantized_input_needs_allow_requantize() {
     quantize_fails(
         &[input, "-o", output, "--type", "Q8_0"],
         &out,
-        &[input, "--allow-requantize", "token_embd.weight from q4_K to q8_0"],
+        &[input, "--allow-requantize", "token_embd.weight from q5_K to q8_0"],
     );
 
     quantize_ok(&[input, "-o", output, "--type", "Q8_0", "--allow-requantize"]);
@@ -168,7 +168,7 @@ fn quantized_input_needs_allow_requantize() {
 }
 
 /// A tensor already in its target type is copied, not decoded and rounded again: Q4_K_M → Q3_K_M
-/// keeps Q4_K_M's Q8_0, Q5_K, Q6_K and f32 tensors byte for byte, and Q4_K_M → Q4_K_M changes
+/// keeps Q4_K_M's Q8_0, Q5_K, Q4_K and f32 tensors byte for byte, and Q4_K_M → Q4_K_M changes
 /// nothing (and needs no --allow-requantize, since nothing is requantized).
 #[test]
 fn tensors_already_in_their_target_type_are_copied() {
