@@ -458,7 +458,8 @@ fn mix_names_are_case_insensitive_and_info_names_the_mix() {
     assert_eq!(ty("blk.0.attn_v.weight"), GgmlType::Q8_0);
     assert_eq!(ty("blk.1.ffn_gate_exps.weight"), GgmlType::Q3_K);
     assert_eq!(ty("blk.0.attn_output.weight"), GgmlType::Q5_K);
-    assert_eq!(ty("output.weight"), GgmlType::Q6_K);
+    assert_eq!(ty("output.weight"), GgmlType::Q5_K);
+    assert_eq!(ty("token_embd.weight"), GgmlType::Q4_K);
     // 2 layers: 2 / 16 = 0 layers of Q5_K, so every ffn_down is Q4_K.
     assert_eq!(ty("blk.0.ffn_down_exps.weight"), GgmlType::Q4_K);
     let o = run(&[&["synth", "-o", out, "--type", "Q2_k"][..], &shape].concat());
