@@ -10,20 +10,20 @@
 //! The user overrides any tensor's type as with llama-quantize (`TypeOverrides`).
 //!
 //! Q2_K_S is the mix for a 16 GB card: by `plan`'s memory model Mixtral-8x7B in it fits a 16 GiB
-//! budget entirely on the GPU with a 4K context (15.68 GiB with the f16 KV cache and the engine's
+//! budget entirely on the GPU with a 4K context (15.67 GiB with the f16 KV cache and the engine's
 //! buffers), where plain Q2_K leaves 17 of the 256 experts in host memory. It is llama.cpp's own mix,
 //! so we take it rather than define one: its rules are every matrix Q2_K (attn_output too, where Q2_K
 //! gets Q5_K for 8 experts) but ffn_down of the first eighth of the layers (Q4_K), attn_k/attn_v (Q8_0
-//! for 8 experts) and the head (Q6_K; ours: Q5_K, with Q3_K embeddings). The default budget, which keeps 768 MiB of the card
-//! free, holds it only with a ~600-token context; 4K there would take more than any sensible mix of
-//! our types gives up (every expert matrix Q2_K with Q2_K_S's attention is still 15.26 GiB). llama.cpp
+//! for 8 experts) and the head (Q6_K; ours: Q5_K, with Q3_K embeddings). The default budget, which
+//! keeps 768 MiB of the card free, holds it only with a ~600-token context; 4K there would take more
+//! than any sensible mix of our types gives up (every expert matrix Q2_K with Q2_K_S's attention is still 15.26 GiB). llama.cpp
 //! refuses to make Q2_K_S without an importance matrix (its Q2_K tensors in a Q2_K_S file "require"
 //! one); ours is made with one when `--imatrix` gives it, else by our plain block search, and
 //! `quantize` says so.
 //!
 //! `q4_k` is ours, not an alias of Q4_K_M: Q4_K_M's attention, embeddings and head (Q8_0
-//! attn_k/attn_v, Q5_K attn_output, token_embd and output) but every expert matrix Q4_K, ffn_down included, which keeps the file
-//! ~5% smaller than Q4_K_M (the trade measured in the README).
+//! attn_k/attn_v, Q5_K attn_output, token_embd and output) but every expert matrix Q4_K, ffn_down
+//! included, which keeps the file ~5% smaller than Q4_K_M (the trade measured in the README).
 //!
 //! A row length that a K-quant's 256-value blocks do not divide falls back to a 32-value type
 //! (`fit_row`).
@@ -178,7 +178,7 @@ fn use_more_bits(layer: usize, n_layers: usize) -> bool {
 /// Both tensors are `[vocab, hidden]`, so the file does not grow: the embeddings gain 0.81-1.06 bits
 /// per weight, the head gives 1.06 back. No importance matrix can help the embeddings (a row lookup
 /// has no input to weight), and on the trained demo model they were half of every mix's KL
-/// divergence; the trade lowered the KL by 17-35% in every mix it applies to, with an importance
+/// divergence; the trade lowered the KL by 15-36% in every mix it applies to, with an importance
 /// matrix and without (README, "Quantizer"). `--token-embedding-type` and `--output-tensor-type`
 /// give llama.cpp's head back.
 fn head_step(base: GgmlType) -> Option<GgmlType> {
