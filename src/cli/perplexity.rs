@@ -276,7 +276,8 @@ impl KlStats {
             "mean": self.kld.mean(), "error": self.kld.error(), "max": self.quantile(1.0),
             "p99_9": self.quantile(0.999), "p99": self.quantile(0.99), "median": self.quantile(0.5),
             "base_perplexity": base_ppl, "base_perplexity_error": base_ppl_error,
-            "mean_ln_ppl_ratio": -self.log_ratio.mean(), "mean_delta_p": self.delta_p.mean(),
+            "mean_ln_ppl_ratio": -self.log_ratio.mean(), "mean_ln_ppl_ratio_error": self.log_ratio.error(),
+            "mean_delta_p": self.delta_p.mean(),
             "rms_delta_p": (self.delta_p.sum2 / self.delta_p.n.max(1) as f64).sqrt(),
             "same_top_p": self.same_top.mean(), "same_top_p_error": self.same_top_error(),
         })
