@@ -71,9 +71,9 @@ trait Quantize<const N: usize>: Block<N> {
 /// What a quantizer weights each value's error by when no importance matrix is given.
 ///
 /// Chosen per type by the KL divergence of the trained demo model's files from its f32 model
-/// (valid.txt, ctx 256, 2026-12-05; one file per setting, scored as `compare_imatrix.py` does): weighting by
-/// magnitude lowered it at Q4_0 (0.01138 → 0.01102) and Q8_0 (0.000644 →
-/// 0.000555), and raised it at Q4_K (+6%), Q5_K (+5%) and Q6_K (+3%); at Q3_K it lowered the KL 2%
+/// (valid.txt, ctx 256, 2026-12-05; one file per setting, scored as `compare_imatrix.py` does):
+/// weighting by magnitude lowered it at Q4_0 (0.01138 → 0.01102) and Q8_0 (0.000644 → 0.000555),
+/// and raised it at Q4_K (+6%), Q5_K (+5%) and Q6_K (+3%); at Q3_K it lowered the KL 2%
 /// (0.01400 → 0.01374) but raised the perplexity increase from +0.27 to +0.37. Types not measured
 /// keep unit weights. At Q2_K it lowered the KL 13% (0.0522 → 0.0452), below that of our imatrix
 /// file (0.0462), so Q2_K keeps unit weights until the imatrix weights are retuned to match.

@@ -5,7 +5,7 @@ use half::f16;
 
 use super::kquant_mins::{quantize_with_mins, Geometry, SearchWeights, Start};
 use super::search::{Grid, Metric};
-use super::{array_of, Block, Quantize, QK_K};
+use super::{array_of, unit, Block, Quantize, QK_K};
 
 /// llama.cpp's sub-block search grid for Q2_K.
 const GRID: Grid = Grid { rmin: -0.5, rdelta: 0.1, nstep: 15 };
@@ -41,16 +41,16 @@ impl Quantize<QK_K> for BlockQ2K {
     #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
         // Without an importance matrix: llama.cpp's reference (weights |x|, absolute error) and a
-        // start fitted to the squared error; with one: the error weights tempered again,
-        // and a start fitted to the error weights. The error weights pick among the candidates.
+        // start fitted to the squared error; with one: the error weights tempered again, and a start
+        // fitted to the error weights.
         let first = if ew.is_some() { SearchWeights::Tempered } else { SearchWeights::Abs };
         let metric = if ew.is_some() { Metric::Squared } else { Metric::Absolute };
         let starts = [
             Start { grid: GRID, weights: first, metric },
             Start { grid: GRID, weights: SearchWeights::Error, metric: Metric::Squared },
         ];
-        let w = Self::PLAIN_WEIGHTS.or_given(ew, x);
-        let r = quantize_with_mins::<16, 16>(x, &w, Geometry { nmax: 3, smax: 15 }, &starts);
+        let r =
+            quantize_with_mins::<16, 16>(x, ew.unwrap_or(unit()), Geometry { nmax: 3, smax: 15 }, &starts);
         let scales = std::array::from_fn(|s| r.sc[s] | r.m[s] << 4);
         // Value 128h + 32k + l (l < 32) goes to bits 2k..2k+2 of qs[32h + l].
         let qs = array_of(|b| {
