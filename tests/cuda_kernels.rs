@@ -603,8 +603,10 @@ const UNPLANNED_BYTES: u64 = 64 << 10;
 /// leave near-ties between the second and third expert so often that the engines' last-bit differences
 /// send some token to a different expert in about one of three random 12-token sequences (seen on the
 /// emulator, even for the F32 file), and from there on the logits differ by up to 2 with both correct.
+/// Any change to an encoder moves the quantized files' weights and can land a fixed sequence on such a
+/// tie (the Q8_0 encoder's |x| weights did, at token 10 of the previous sequence): pick a new one then.
 fn whole_model_matches_the_cpu_engine(devices: Devices) {
-    let tokens: Vec<u32> = vec![3, 507, 67, 458, 308, 419, 95, 341, 441, 505, 339, 306];
+    let tokens: Vec<u32> = vec![3, 71, 294, 436, 413, 394, 35, 133, 63, 256, 392, 233];
     let keep = tokens.len() - 4;
     let dir = tempfile::tempdir().unwrap();
     // Ours in F32 and Q8_0, and llama.cpp's own Q4_K_M file (mixed block types).
