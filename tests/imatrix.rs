@@ -179,8 +179,10 @@ fn quantize_with_an_imatrix_lowers_the_kl_divergence() {
     assert_eq!(meta.get_u64("quantize.imatrix.entries_count"), Some(32));
     assert_eq!(meta.get_u64("quantize.imatrix.chunks_count"), Some(20));
     let (plain_kl, weighted_kl) = (kl(&plain), kl(&weighted));
-    // Measured on all of valid.txt with 139 windows of calibration: 10% lower.
-    assert!(weighted_kl < 0.95 * plain_kl, "KL {weighted_kl} with the imatrix, {plain_kl} without");
+    // Measured on all of valid.txt with 139 windows of calibration: 4% lower (0.0447 → 0.0429; here,
+    // 40 windows scored with 20 of calibration, 0.0463 → 0.0445). Q2_K weights its errors by |x| with
+    // or without an imatrix, which took most of what the imatrix gained over unit weights (10%).
+    assert!(weighted_kl < 0.975 * plain_kl, "KL {weighted_kl} with the imatrix, {plain_kl} without");
 
     // From the f32 GGUF (requantizing) the same importance gives the same bytes: the merged expert
     // tensors' slabs take the same experts' importance as the checkpoint's per-expert tensors.
@@ -201,7 +203,8 @@ fn quantize_with_an_imatrix_lowers_the_kl_divergence() {
         "--imatrix",
         path(&llama_imatrix),
     ]);
-    assert!(kl(&llamas) < 0.95 * plain_kl);
+    let llamas_kl = kl(&llamas);
+    assert!(llamas_kl < 0.975 * plain_kl, "KL {llamas_kl} with llama.cpp's imatrix, {plain_kl} without");
 }
 
 #[test]

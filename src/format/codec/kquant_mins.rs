@@ -23,8 +23,8 @@
 use half::f16;
 
 use super::lanes::{dot, dot3, fit_affine, sum, transpose, untranspose, Cols, Lanes, Mask};
-use super::search::{lane_sum, nearest_int, tempered, through_f16, Grid, Metric};
-use super::{array_of, QK_K};
+use super::search::{lane_sum, nearest_int, tempered, through_f16, Grid};
+use super::QK_K;
 
 /// Sub-block `j`'s (scale, min) from the 12 packed bytes of a Q4_K or Q5_K block.
 pub fn get_scale_min_k4(j: usize, scales: &[u8; 12]) -> (u8, u8) {
@@ -66,13 +66,11 @@ pub(super) struct Geometry {
     pub smax: i32,
 }
 
-/// How a start fits each sub-block before the scales are rounded: the search weights and the error
-/// the search minimizes.
+/// How a start fits each sub-block before the scales are rounded: the search grid and weights.
 #[derive(Clone, Copy)]
 pub(super) struct Start {
     pub grid: Grid,
     pub weights: SearchWeights,
-    pub metric: Metric,
 }
 
 /// The weights of a start's sub-block searches.
@@ -80,8 +78,6 @@ pub(super) struct Start {
 pub(super) enum SearchWeights {
     /// `rms + |x|`, the rms over the sub-block (llama.cpp's Q4_K/Q5_K reference).
     RmsPlusAbs,
-    /// `|x|` (llama.cpp's Q2_K reference).
-    Abs,
     /// The error weights themselves: 1 without an importance matrix (the squared error we measure).
     Error,
     /// The error weights tempered once more towards large values (`tempered`).
@@ -105,7 +101,6 @@ impl SearchWeights {
                 }
                 w
             }
-            SearchWeights::Abs => array_of(|i| x[i].abs()),
             SearchWeights::Error => *ew,
             SearchWeights::Tempered => tempered(x, ew),
         }
@@ -283,7 +278,7 @@ fn start_encoding<const S: usize, const L: usize>(
     g: Geometry,
     start: &Start,
 ) -> Encoding<S, L> {
-    let (scales, mins) = fit_affine(x, w, g.nmax, start.grid, start.metric);
+    let (scales, mins) = fit_affine(x, w, g.nmax, start.grid);
     let smax = g.smax as f32;
     let max_scale = scales.0.iter().fold(0f32, |a, &s| a.max(s));
     let max_min = mins.0.iter().fold(0f32, |a, &m| a.max(m));

@@ -8,7 +8,7 @@
 //! `search` (llama.cpp's `make_qkx2_quants` and `make_qx_quants`); only the summation order and
 //! multiplying by reciprocals instead of dividing differ, so results can differ in the last bits.
 
-use super::search::{round_small, Grid, Metric};
+use super::search::{round_small, Grid};
 use super::{array_of, QK_K};
 
 /// One value of each of `S` sub-blocks: the vector every step of a search works on. Each operation
@@ -206,31 +206,14 @@ pub(super) fn dot3<const S: usize, const L: usize>(
     acc
 }
 
-/// Per lane, `Σ w·|s·l + m − x|` over the rows.
-#[inline(always)]
-fn absolute_error<const S: usize, const L: usize>(
-    x: &Cols<S, L>,
-    w: &Cols<S, L>,
-    l: &Cols<S, L>,
-    s: Lanes<S>,
-    m: Lanes<S>,
-) -> Lanes<S> {
-    let mut acc = Lanes::splat(0.0);
-    for ((&xr, &wr), &lr) in x.iter().zip(w).zip(l) {
-        acc = acc + wr * (s * lr + m - xr).map(f32::abs);
-    }
-    acc
-}
-
 /// `search::fit_affine` on every sub-block at once: per lane, the `(scale, min)` of
-/// `x ≈ scale·q − min`, `q` in 0..=nmax, `min ≥ 0`, minimizing the `w`-weighted error.
+/// `x ≈ scale·q − min`, `q` in 0..=nmax, `min ≥ 0`, minimizing the `w`-weighted squared error.
 #[inline(always)]
 pub(super) fn fit_affine<const S: usize, const L: usize>(
     x: &Cols<S, L>,
     w: &Cols<S, L>,
     nmax: i32,
     grid: Grid,
-    metric: Metric,
 ) -> (Lanes<S>, Lanes<S>) {
     let (lo, hi) = x.iter().fold((x[0], x[0]), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     let mut min = lo.min(Lanes::splat(0.0));
@@ -243,11 +226,10 @@ pub(super) fn fit_affine<const S: usize, const L: usize>(
     let sum_x2 = dot3(w, x, x);
     let two = Lanes::splat(2.0);
     // One pass per trial scale: round to levels and sum what the least-squares fit needs. The
-    // squared error of a fit follows from the same sums (expanding Σw·(s·l + m − x)²), so only the
-    // absolute error needs the levels kept for a second pass.
-    let mut trial = [Lanes::splat(0.0); L];
-    /// Per lane, Σw·l, Σw·l² and Σw·x·l of the levels at inverse scale `iscale` from `min`, written
-    /// to `trial` where `keep` (a function so that it inlines; see `sums` in `fit_symmetric`).
+    // squared error of a fit follows from the same sums (expanding Σw·(s·l + m − x)²), so the
+    // levels need not be kept.
+    /// Per lane, Σw·l, Σw·l² and Σw·x·l of the levels at inverse scale `iscale` from `min` (a
+    /// function so that it inlines; see `sums` in `fit_symmetric`).
     #[inline(always)]
     fn level_sums<const S: usize, const L: usize>(
         x: &Cols<S, L>,
@@ -255,15 +237,10 @@ pub(super) fn fit_affine<const S: usize, const L: usize>(
         nmaxf: f32,
         iscale: Lanes<S>,
         min: Lanes<S>,
-        trial: &mut Cols<S, L>,
-        keep: bool,
     ) -> (Lanes<S>, Lanes<S>, Lanes<S>) {
         let (mut sum_l, mut sum_l2, mut sum_xl) = (Lanes::splat(0.0), Lanes::splat(0.0), Lanes::splat(0.0));
-        for ((t, &xr), &wr) in trial.iter_mut().zip(x).zip(w) {
+        for (&xr, &wr) in x.iter().zip(w) {
             let l = (iscale * (xr - min)).clamp(0.0, nmaxf).round();
-            if keep {
-                *t = l;
-            }
             let wl = wr * l;
             sum_l = sum_l + wl;
             sum_l2 = sum_l2 + wl * l;
@@ -271,30 +248,19 @@ pub(super) fn fit_affine<const S: usize, const L: usize>(
         }
         (sum_l, sum_l2, sum_xl)
     }
-    let keep = metric == Metric::Absolute;
-    let error = |s: Lanes<S>,
-                 m: Lanes<S>,
-                 (sum_l, sum_l2, sum_xl): (Lanes<S>, Lanes<S>, Lanes<S>),
-                 l: &Cols<S, L>| {
-        match metric {
-            Metric::Squared => {
-                s * s * sum_l2 + m * m * sum_w + sum_x2 + two * s * m * sum_l
-                    - two * s * sum_xl
-                    - two * m * sum_x
-            }
-            Metric::Absolute => absolute_error(x, w, l, s, m),
-        }
+    let error = |s: Lanes<S>, m: Lanes<S>, (sum_l, sum_l2, sum_xl): (Lanes<S>, Lanes<S>, Lanes<S>)| {
+        s * s * sum_l2 + m * m * sum_w + sum_x2 + two * s * m * sum_l - two * s * sum_xl - two * m * sum_x
     };
     let iscale = Lanes::splat(nmaxf) / (hi - min).select(flat, one);
     // The range is from the current min (which the search moves, as llama.cpp's does); a flat
     // lane's is set to 1 so its search stays finite, and its result is replaced below.
     let mut scale = iscale.recip_or_zero();
-    let sums = level_sums(x, w, nmaxf, iscale, min, &mut trial, keep);
-    let mut best_error = error(scale, min, sums, &trial);
+    let sums = level_sums(x, w, nmaxf, iscale, min);
+    let mut best_error = error(scale, min, sums);
     for step in 0..=grid.nstep {
         let iscale =
             Lanes::splat(grid.rmin + grid.rdelta * step as f32 + nmaxf) / (hi - min).select(flat, one);
-        let sums = level_sums(x, w, nmaxf, iscale, min, &mut trial, keep);
+        let sums = level_sums(x, w, nmaxf, iscale, min);
         let (sum_l, sum_l2, sum_xl) = sums;
         let det = sum_w * sum_l2 - sum_l * sum_l;
         let this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
@@ -303,7 +269,7 @@ pub(super) fn fit_affine<const S: usize, const L: usize>(
         let clamp_min = Lanes::splat(0.0).lt(this_min);
         let this_scale = this_scale.select(clamp_min, sum_xl / sum_l2);
         let this_min = this_min.select(clamp_min, Lanes::splat(0.0));
-        let err = error(this_scale, this_min, sums, &trial);
+        let err = error(this_scale, this_min, sums);
         let take = Lanes::splat(0.0).lt(det).and(err.lt(best_error));
         best_error = best_error.select(take, err);
         scale = scale.select(take, this_scale);
@@ -388,7 +354,7 @@ mod tests {
             let x = block(&mut rng);
             let w: [f32; QK_K] = std::array::from_fn(|_| rng.random::<f32>() + 0.1);
             let (scale, min) =
-                fit_affine(&transpose::<8, 32>(&x), &transpose::<8, 32>(&w), 15, grid, Metric::Squared);
+                fit_affine(&transpose::<8, 32>(&x), &transpose::<8, 32>(&w), 15, grid);
             for j in 0..8 {
                 let r = 32 * j..32 * j + 32;
                 let mut q = [0u8; 32];
@@ -397,7 +363,7 @@ mod tests {
                     w[r].try_into().unwrap(),
                     15,
                     grid,
-                    Metric::Squared,
+                    search::Metric::Squared,
                     &mut q,
                 );
                 // The steps are the same, but sums in another order can flip a near tie between two

@@ -58,43 +58,59 @@ trait Block<const N: usize>: Pod {
 /// A block type this crate can also encode.
 trait Quantize<const N: usize>: Block<N> {
     /// Encodes `x` minimizing `Σ w[i]·(x̂[i] − x[i])²`, `w` the error weights (from an importance
-    /// matrix, see `quantize_weighted`); with `None`, the type's [`Quantize::PLAIN_WEIGHTS`].
+    /// matrix, see `quantize_weighted`); with `None`, the type's [`Quantize::VALUE_WEIGHTS`] alone.
     fn quantize(x: &[f32; N], w: Option<&[f32; N]>) -> Self;
 
     /// Whether the encoder runs faster compiled for AVX2 (see `encode_blocks`).
     const AVX2_PAYS: bool = true;
 
-    /// The error weights without an importance matrix.
-    const PLAIN_WEIGHTS: PlainWeights = PlainWeights::Unit;
+    /// How each value's error counts, with and without an importance matrix.
+    const VALUE_WEIGHTS: ValueWeights = ValueWeights::Unit;
 }
 
-/// What a quantizer weights each value's error by when no importance matrix is given.
+/// How a quantizer weights each value's error against the others' of its block: alone, and as it
+/// combines with a column's importance from an importance matrix.
 ///
 /// Chosen per type by the KL divergence of the trained demo model's files from its f32 model
-/// (valid.txt, ctx 256, 2026-12-05; one file per setting, scored as `compare_imatrix.py` does):
-/// weighting by magnitude lowered it at Q4_0 (0.01138 → 0.01102) and Q8_0 (0.000644 → 0.000555),
-/// and raised it at Q4_K (+6%), Q5_K (+5%) and Q6_K (+3%); at Q3_K it lowered the KL 2%
-/// (0.01400 → 0.01374) but raised the perplexity increase from +0.27 to +0.37. Types not measured
-/// keep unit weights. At Q2_K it lowered the KL 13% (0.0522 → 0.0452), below that of our imatrix
-/// file (0.0462), so Q2_K keeps unit weights until the imatrix weights are retuned to match.
+/// (valid.txt, ctx 256, 2026-12-05/06; one file per setting, scored as `compare_imatrix.py` does).
+/// Without an imatrix, weighting by magnitude lowered it at Q2_K (0.0522 → 0.0447), Q4_0
+/// (0.01138 → 0.01110) and Q8_0 (0.000644 → 0.000555), and raised it at Q4_K (+6%), Q5_K (+5%)
+/// and Q6_K (+3%); at Q3_K it lowered the KL 2% (0.01400 → 0.01374) but raised the perplexity
+/// increase from +0.27 to +0.37. With our imatrix, `imp·|x|` against the tempered `imp·sqrt(σ² + x²)`:
+/// Q2_K 0.0462 → 0.0429, Q4_0 0.01139 → 0.01120, Q8_0 0.000649 → 0.000592, and Q3_K_M 0.01367 →
+/// 0.01391 (worse). Types not measured keep unit weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PlainWeights {
-    /// Every value counts the same: the plain squared error.
+enum ValueWeights {
+    /// Alone, every value counts the same: the plain squared error. With an importance matrix,
+    /// the importance tempered by the value's magnitude (`search::tempered`, llama.cpp's weights;
+    /// measured better than the importance alone, which gained 3% on Q2_K and lost 1% on Q3_K_M
+    /// and Q4_K_M).
     Unit,
-    /// Each value counts by its magnitude `|x|`: the large weights, which move a dot product most,
-    /// are kept most exact (llama.cpp's Q2_K reference fits its scales with these weights too).
+    /// Each value counts by its magnitude `|x|`, times its column's importance where one is given:
+    /// the large weights, which move a dot product most, are kept most exact (llama.cpp's Q2_K
+    /// reference fits its scales with `|x|` too).
     Magnitude,
 }
 
-impl PlainWeights {
-    /// The error weights of block `x`: `given` where an importance matrix gave them, else these.
+impl ValueWeights {
+    /// The error weights of block `x`: `given` where an importance matrix gave them (see
+    /// [`ValueWeights::with_importance`]), else these weights alone.
     #[inline(always)]
     fn or_given<const N: usize>(self, given: Option<&[f32; N]>, x: &[f32; N]) -> [f32; N] {
         match (given, self) {
             (Some(w), _) => *w,
-            (None, PlainWeights::Unit) => *unit(),
+            (None, ValueWeights::Unit) => *unit(),
             // The floor keeps an all-zero block's weights from summing to zero (searches divide by it).
-            (None, PlainWeights::Magnitude) => array_of(|i| x[i].abs() + 1e-9),
+            (None, ValueWeights::Magnitude) => array_of(|i| x[i].abs() + 1e-9),
+        }
+    }
+
+    /// The error weights of block `x` whose columns have importance `imp`.
+    #[inline(always)]
+    fn with_importance<const N: usize>(self, x: &[f32; N], imp: &[f32; N]) -> [f32; N] {
+        match self {
+            ValueWeights::Unit => tempered(x, imp),
+            ValueWeights::Magnitude => array_of(|i| imp[i] * (x[i].abs() + 1e-9)),
         }
     }
 }
@@ -155,11 +171,9 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
 /// over a calibration text, so that errors count as much as they move the product. Float types
 /// ignore it.
 ///
-/// The error weights are the importance tempered by each value's magnitude, `imp·sqrt(σ² + x²)`
-/// with σ² = 2·mean(x²) over the block (llama.cpp's search weights; see [`search::tempered`]):
-/// measured on the trained demo model, they lower the KL divergence of Q2_K / Q3_K_M / Q4_K_M files
-/// by 10% / 2% / 1% against no importance matrix, where the importance alone gains 3% on Q2_K and
-/// loses 1% on the others.
+/// The error weights are the importance combined with each value's magnitude as the type's
+/// [`ValueWeights`] say: `imp·sqrt(σ² + x²)` with σ² = 2·mean(x²) over the block (llama.cpp's
+/// search weights; see [`search::tempered`]), or `imp·|x|` for the types that weight by magnitude.
 pub fn quantize_weighted(ty: GgmlType, src: &[f32], importance: &[f32], dst: &mut [u8]) -> Result<()> {
     let cols = importance.len();
     if cols == 0 || !src.len().is_multiple_of(cols) || !cols.is_multiple_of(ty.block_len()) {
@@ -239,8 +253,8 @@ fn decode_blocks<B: Block<N>, const N: usize>(src: &[u8], dst: &mut [f32]) {
 }
 
 /// Encodes every block of `src`; block `i` of a row takes importance `imp[N·i .. N·(i + 1)]` (rows
-/// are `imp.len()` long, a whole number of blocks: checked by `quantize_weighted`), tempered by the
-/// values' magnitudes into the block's error weights.
+/// are `imp.len()` long, a whole number of blocks: checked by `quantize_weighted`), combined with the
+/// values' magnitudes into the block's error weights (`ValueWeights::with_importance`).
 ///
 /// The K-quant searches run on all sub-blocks of a super-block at once, as plain loops over
 /// [`lanes::Lanes`]; compiled for AVX2 (where the CPU has it) they run on 8-wide registers instead
@@ -268,7 +282,7 @@ fn encode_blocks_inline<B: Quantize<N>, const N: usize>(src: &[f32], imp: Option
     let (values, _) = src.as_chunks::<N>();
     let imp_blocks = imp.map(|w| w.as_chunks::<N>().0);
     for (i, (x, bytes)) in values.iter().zip(dst.chunks_exact_mut(size_of::<B>())).enumerate() {
-        let w = imp_blocks.map(|blocks| tempered(x, &blocks[i % blocks.len()]));
+        let w = imp_blocks.map(|blocks| B::VALUE_WEIGHTS.with_importance(x, &blocks[i % blocks.len()]));
         bytes.copy_from_slice(bytemuck::bytes_of(&B::quantize(x, w.as_ref())));
     }
 }

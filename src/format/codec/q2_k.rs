@@ -4,8 +4,8 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::kquant_mins::{quantize_with_mins, Geometry, SearchWeights, Start};
-use super::search::{Grid, Metric};
-use super::{array_of, unit, Block, Quantize, QK_K};
+use super::search::Grid;
+use super::{array_of, Block, Quantize, ValueWeights, QK_K};
 
 /// llama.cpp's sub-block search grid for Q2_K.
 const GRID: Grid = Grid { rmin: -0.5, rdelta: 0.1, nstep: 15 };
@@ -38,19 +38,19 @@ impl Block<QK_K> for BlockQ2K {
 }
 
 impl Quantize<QK_K> for BlockQ2K {
+    const VALUE_WEIGHTS: ValueWeights = ValueWeights::Magnitude;
+
     #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
-        // Without an importance matrix: llama.cpp's reference (weights |x|, absolute error) and a
-        // start fitted to the squared error; with one: the error weights tempered again, and a start
-        // fitted to the error weights.
-        let first = if ew.is_some() { SearchWeights::Tempered } else { SearchWeights::Abs };
-        let metric = if ew.is_some() { Metric::Squared } else { Metric::Absolute };
+        // Two starts: the error weights tempered again towards large values, and the error weights
+        // themselves. (llama.cpp's reference, `|x|` weights minimizing the absolute error, measured
+        // worse as a start under `|x|` error weights: KL 0.0452 against 0.0447.)
+        let ew = Self::VALUE_WEIGHTS.or_given(ew, x);
         let starts = [
-            Start { grid: GRID, weights: first, metric },
-            Start { grid: GRID, weights: SearchWeights::Error, metric: Metric::Squared },
+            Start { grid: GRID, weights: SearchWeights::Tempered },
+            Start { grid: GRID, weights: SearchWeights::Error },
         ];
-        let r =
-            quantize_with_mins::<16, 16>(x, ew.unwrap_or(unit()), Geometry { nmax: 3, smax: 15 }, &starts);
+        let r = quantize_with_mins::<16, 16>(x, &ew, Geometry { nmax: 3, smax: 15 }, &starts);
         let scales = std::array::from_fn(|s| r.sc[s] | r.m[s] << 4);
         // Value 128h + 32k + l (l < 32) goes to bits 2k..2k+2 of qs[32h + l].
         let qs = array_of(|b| {

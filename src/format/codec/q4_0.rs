@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::search::quantize_symmetric;
-use super::{Block, PlainWeights, Quantize};
+use super::{Block, ValueWeights, Quantize};
 
 /// Layout (ggml `block_q4_0`): bytes 0..2 `d` (f16); bytes 2..18 `qs`: byte `j` holds value `j` in
 /// its low nibble and value `j + 16` in its high nibble.
@@ -28,14 +28,14 @@ impl Block<32> for BlockQ4_0 {
 }
 
 impl Quantize<32> for BlockQ4_0 {
-    const PLAIN_WEIGHTS: PlainWeights = PlainWeights::Magnitude;
+    const VALUE_WEIGHTS: ValueWeights = ValueWeights::Magnitude;
 
     /// Starts from ggml's `quantize_row_q4_0_ref` (`d = max / −8`, `max` the value of largest
     /// magnitude) and keeps a better scale from `quantize_symmetric` where it finds one.
     #[inline(always)]
     fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
         let mut q = [0u8; 32];
-        let d = quantize_symmetric(x, &Self::PLAIN_WEIGHTS.or_given(ew, x), 8, &mut q);
+        let d = quantize_symmetric(x, &Self::VALUE_WEIGHTS.or_given(ew, x), 8, &mut q);
         Self { d, qs: std::array::from_fn(|j| q[j] | (q[j + 16] << 4)) }
     }
 }

@@ -6,7 +6,7 @@ use half::f16;
 use super::kquant_mins::{
     pack_scales_mins, quantize_with_mins, unpack_scales_mins, Geometry, SearchWeights, Start,
 };
-use super::search::{Grid, Metric};
+use super::search::Grid;
 use super::{unit, Block, Quantize, QK_K};
 
 /// Layout (ggml `block_q5_K`): bytes 0..2 `d`, bytes 2..4 `dmin` (f16); bytes 4..16 `scales` as in
@@ -52,8 +52,8 @@ impl Quantize<QK_K> for BlockQ5K {
         // with one: the error weights tempered again, and a start fitted to the error weights.
         let first = if ew.is_some() { SearchWeights::Tempered } else { SearchWeights::RmsPlusAbs };
         let starts = [
-            Start { grid: GRID, weights: first, metric: Metric::Squared },
-            Start { grid: GRID, weights: SearchWeights::Error, metric: Metric::Squared },
+            Start { grid: GRID, weights: first },
+            Start { grid: GRID, weights: SearchWeights::Error },
         ];
         let r =
             quantize_with_mins::<8, 32>(x, ew.unwrap_or(unit()), Geometry { nmax: 31, smax: 63 }, &starts);

@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::search::{nearest_int, through_f16};
-use super::{Block, PlainWeights, Quantize};
+use super::{Block, ValueWeights, Quantize};
 
 /// Layout (ggml `block_q8_0`): bytes 0..2 `d` (f16); bytes 2..34 `qs`, value `j` as i8.
 #[repr(C)]
@@ -47,11 +47,11 @@ impl Block<32> for BlockQ8_1 {
 impl Quantize<32> for BlockQ8_0 {
     /// Measured 20% slower compiled for AVX2 (`encode_blocks`).
     const AVX2_PAYS: bool = false;
-    const PLAIN_WEIGHTS: PlainWeights = PlainWeights::Magnitude;
+    const VALUE_WEIGHTS: ValueWeights = ValueWeights::Magnitude;
 
     #[inline(always)]
     fn quantize(x: &[f32; 32], ew: Option<&[f32; 32]>) -> Self {
-        let w = &Self::PLAIN_WEIGHTS.or_given(ew, x);
+        let w = &Self::VALUE_WEIGHTS.or_given(ew, x);
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };

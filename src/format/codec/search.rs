@@ -39,10 +39,12 @@ pub(super) fn round_small(v: f32) -> f32 {
 }
 
 /// What a `fit_affine` search minimizes: the weighted squared error, or the weighted absolute
-/// error (llama.cpp's `use_mad`, which its Q2_K reference uses).
+/// error (llama.cpp's `use_mad`, which its Q2_K reference uses: only the tests' re-derivation of
+/// that reference does).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Metric {
     Squared,
+    #[cfg(test)]
     Absolute,
 }
 
