@@ -94,7 +94,9 @@ def main():
                                "--kl-divergence", "--kl-divergence-base", w("base.kld"), "--json"))
             kl = j["kl_divergence"]
             rows.append({"type": ty, "file": who, "bytes": os.path.getsize(out), "ppl": j["perplexity"],
-                         "delta_ppl": j["perplexity"] - kl["base_perplexity"], "kl": kl["mean"],
+                         "delta_ppl": j["perplexity"] - kl["base_perplexity"],
+                         # The paired error of ΔPPL: both files scored on the same tokens.
+                         "delta_ppl_error": j["perplexity"] * kl["mean_ln_ppl_ratio_error"], "kl": kl["mean"],
                          "same_top": kl["same_top_p"]})
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -102,7 +104,7 @@ def main():
     print("| type | file | bytes | PPL | ΔPPL | mean KL | same top token |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['type']} | {r['file']} | {r['bytes']:,} | {r['ppl']:.4f} | {r['delta_ppl']:+.3f} | "
+        print(f"| {r['type']} | {r['file']} | {r['bytes']:,} | {r['ppl']:.4f} | {r['delta_ppl']:+.3f} ± {r['delta_ppl_error']:.3f} | "
               f"{r['kl']:.6f} | {100 * r['same_top']:.2f}% |")
 
 

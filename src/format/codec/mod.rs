@@ -65,27 +65,29 @@ trait Quantize<const N: usize>: Block<N> {
     const AVX2_PAYS: bool = true;
 
     /// How each value's error counts, with and without an importance matrix.
-    const VALUE_WEIGHTS: ValueWeights = ValueWeights::Unit;
+    const VALUE_WEIGHTS: ValueWeights = ValueWeights::Tempered;
 }
 
 /// How a quantizer weights each value's error against the others' of its block: alone, and as it
 /// combines with a column's importance from an importance matrix.
 ///
 /// Chosen per type by the KL divergence of the trained demo model's files from its f32 model
-/// (valid.txt, ctx 256, 2026-12-05/06; one file per setting, scored as `compare_imatrix.py` does).
-/// Without an imatrix, weighting by magnitude lowered it at Q2_K (0.0522 → 0.0447), Q4_0
-/// (0.01138 → 0.01110) and Q8_0 (0.000644 → 0.000555), and raised it at Q4_K (+6%), Q5_K (+5%)
-/// and Q6_K (+3%); at Q3_K it lowered the KL 2% (0.01400 → 0.01374) but raised the perplexity
-/// increase from +0.27 to +0.37. With our imatrix, `imp·|x|` against the tempered `imp·sqrt(σ² + x²)`:
-/// Q2_K 0.0462 → 0.0429, Q4_0 0.01139 → 0.01120, Q8_0 0.000649 → 0.000592, and Q3_K_M 0.01367 →
-/// 0.01391 (worse). Types not measured keep unit weights.
+/// (valid.txt, ctx 256, 2026-12-05/06; one file per setting, scored as `compare_imatrix.py` does;
+/// differences of 2-3% come and go with any change to a few tensors of this 4-layer model, so only
+/// larger ones decided). Without an imatrix, weighting by magnitude lowered it at Q2_K (0.0522 →
+/// 0.0447), Q4_0 (0.01138 → 0.01110) and Q8_0 (0.000644 → 0.000555), and raised it at Q4_K (+6%),
+/// Q5_K (+5%) and Q6_K (+3%); at Q3_K it lowered the KL 2% but raised the perplexity increase from
+/// +0.27 to +0.37. With our imatrix, against llama.cpp's tempered `imp·sqrt(σ² + x²)`: `imp·|x|`
+/// lowered it at Q2_K (0.0462 → 0.0429), Q4_0 and Q8_0 (2%, 9%), and raised it at Q3_K_M (+2%); the
+/// importance alone lowered it at Q5_K_S (−9%), Q5_K_M (−6%) and Q6_K (−3%), and raised it at
+/// Q3_K_S/M (+6-7%; Q4_K_M +1%). Types not measured take llama.cpp's weights (`Tempered`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ValueWeights {
-    /// Alone, every value counts the same: the plain squared error. With an importance matrix,
-    /// the importance tempered by the value's magnitude (`search::tempered`, llama.cpp's weights;
-    /// measured better than the importance alone, which gained 3% on Q2_K and lost 1% on Q3_K_M
-    /// and Q4_K_M).
+    /// Every value counts the same: the plain squared error, times the importance where given.
     Unit,
+    /// Alone, the plain squared error; with an importance matrix, the importance tempered by the
+    /// value's magnitude (`search::tempered`, llama.cpp's weights).
+    Tempered,
     /// Each value counts by its magnitude `|x|`, times its column's importance where one is given:
     /// the large weights, which move a dot product most, are kept most exact (llama.cpp's Q2_K
     /// reference fits its scales with `|x|` too).
@@ -99,7 +101,7 @@ impl ValueWeights {
     fn or_given<const N: usize>(self, given: Option<&[f32; N]>, x: &[f32; N]) -> [f32; N] {
         match (given, self) {
             (Some(w), _) => *w,
-            (None, ValueWeights::Unit) => *unit(),
+            (None, ValueWeights::Unit | ValueWeights::Tempered) => *unit(),
             // The floor keeps an all-zero block's weights from summing to zero (searches divide by it).
             (None, ValueWeights::Magnitude) => array_of(|i| x[i].abs() + 1e-9),
         }
@@ -109,7 +111,8 @@ impl ValueWeights {
     #[inline(always)]
     fn with_importance<const N: usize>(self, x: &[f32; N], imp: &[f32; N]) -> [f32; N] {
         match self {
-            ValueWeights::Unit => tempered(x, imp),
+            ValueWeights::Unit => *imp,
+            ValueWeights::Tempered => tempered(x, imp),
             ValueWeights::Magnitude => array_of(|i| imp[i] * (x[i].abs() + 1e-9)),
         }
     }
@@ -173,7 +176,7 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
 ///
 /// The error weights are the importance combined with each value's magnitude as the type's
 /// [`ValueWeights`] say: `imp·sqrt(σ² + x²)` with σ² = 2·mean(x²) over the block (llama.cpp's
-/// search weights; see [`search::tempered`]), or `imp·|x|` for the types that weight by magnitude.
+/// search weights; see [`search::tempered`]), `imp·|x|`, or the importance alone.
 pub fn quantize_weighted(ty: GgmlType, src: &[f32], importance: &[f32], dst: &mut [u8]) -> Result<()> {
     let cols = importance.len();
     if cols == 0 || !src.len().is_multiple_of(cols) || !cols.is_multiple_of(ty.block_len()) {

@@ -7,7 +7,7 @@ use super::kquant_mins::{
     pack_scales_mins, quantize_with_mins, unpack_scales_mins, Geometry, SearchWeights, Start,
 };
 use super::search::Grid;
-use super::{unit, Block, Quantize, QK_K};
+use super::{unit, Block, Quantize, ValueWeights, QK_K};
 
 /// Layout (ggml `block_q5_K`): bytes 0..2 `d`, bytes 2..4 `dmin` (f16); bytes 4..16 `scales` as in
 /// Q4_K; bytes 16..48 `qh`; bytes 48..176 `qs`. Value `64c + l` (c < 4, l < 32) has its low 4 bits
@@ -46,6 +46,8 @@ impl Block<QK_K> for BlockQ5K {
 }
 
 impl Quantize<QK_K> for BlockQ5K {
+    const VALUE_WEIGHTS: ValueWeights = ValueWeights::Unit;
+
     #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
         // Without an importance matrix: llama.cpp's reference and a start fitted to the squared error;

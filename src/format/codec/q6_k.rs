@@ -10,7 +10,7 @@ use half::f16;
 
 use super::kquant_symmetric::{best_of, symmetric_scales, Geometry, SymmetricQuant};
 use super::search::tempered;
-use super::{array_of, unit, Block, Quantize, QK_K};
+use super::{array_of, unit, Block, Quantize, ValueWeights, QK_K};
 
 /// Layout (ggml `block_q6_K`): bytes 0..128 `ql`, bytes 128..192 `qh`, bytes 192..208 `scales`
 /// (i8), bytes 208..210 `d` (f16). Value `i = 128h + 32k + l` (h < 2, k < 4, l < 32) has its low 4
@@ -46,6 +46,8 @@ impl Block<QK_K> for BlockQ6K {
 }
 
 impl Quantize<QK_K> for BlockQ6K {
+    const VALUE_WEIGHTS: ValueWeights = ValueWeights::Unit;
+
     #[inline(always)]
     fn quantize(x: &[f32; QK_K], ew: Option<&[f32; QK_K]>) -> Self {
         // Without an importance matrix: the reference's x², and unit weights, which fit the squared
