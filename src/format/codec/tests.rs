@@ -366,11 +366,13 @@ fn importance_weights_lower_the_weighted_error() {
         let mut bytes = vec![0u8; ty.bytes_for(x.len()).unwrap()];
         quantize_weighted(ty, &x, &imp, &mut bytes).unwrap();
         let weighted = dequantize_to_vec(ty, &bytes, x.len()).unwrap();
+        if ty == GgmlType::Q8_0 {
+            assert_eq!(weighted, plain, "Q8_0 ignores the importance");
+            continue;
+        }
         let ratio = weighted_error(&x, &weighted, &imp) / weighted_error(&x, &plain, &imp);
         println!("{ty}: importance-weighted error {ratio:.3} of the plain encoding's");
-        // Q8_0 tries only two scales per block; the searching types gain more.
-        let bound = if ty == GgmlType::Q8_0 { 0.97 } else { 0.9 };
-        assert!(ratio < bound, "{ty}: weighted error ratio {ratio}");
+        assert!(ratio < 0.9, "{ty}: weighted error ratio {ratio}");
     }
 }
 
