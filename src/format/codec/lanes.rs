@@ -353,8 +353,7 @@ mod tests {
         for _ in 0..50 {
             let x = block(&mut rng);
             let w: [f32; QK_K] = std::array::from_fn(|_| rng.random::<f32>() + 0.1);
-            let (scale, min) =
-                fit_affine(&transpose::<8, 32>(&x), &transpose::<8, 32>(&w), 15, grid);
+            let (scale, min) = fit_affine(&transpose::<8, 32>(&x), &transpose::<8, 32>(&w), 15, grid);
             for j in 0..8 {
                 let r = 32 * j..32 * j + 32;
                 let mut q = [0u8; 32];

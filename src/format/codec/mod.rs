@@ -203,8 +203,8 @@ fn encode(ty: GgmlType, src: &[f32], imp: Option<&[f32]>, dst: &mut [u8]) -> Res
         Q4_1 => encode_blocks::<BlockQ4_1, 32>(src, imp, dst),
         Q5_0 => encode_blocks::<BlockQ5_0, 32>(src, imp, dst),
         Q5_1 => encode_blocks::<BlockQ5_1, 32>(src, imp, dst),
-        // As llama.cpp does, Q8_0 ignores the importance: on the demo model (as `ValueWeights`) our
-        // imatrix raised its KL from 0.000555 to 0.000592.
+        // As llama.cpp does, Q8_0 ignores the importance: on the demo model (measured as for
+        // `ValueWeights`) our imatrix raised its KL from 0.000555 to 0.000592.
         Q8_0 => encode_blocks::<BlockQ8_0, 32>(src, None, dst),
         Q2_K => encode_blocks::<BlockQ2K, QK_K>(src, imp, dst),
         Q3_K => encode_blocks::<BlockQ3K, QK_K>(src, imp, dst),

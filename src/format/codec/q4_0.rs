@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::search::quantize_symmetric;
-use super::{Block, ValueWeights, Quantize};
+use super::{Block, Quantize, ValueWeights};
 
 /// Layout (ggml `block_q4_0`): bytes 0..2 `d` (f16); bytes 2..18 `qs`: byte `j` holds value `j` in
 /// its low nibble and value `j + 16` in its high nibble.

@@ -53,10 +53,8 @@ impl Quantize<QK_K> for BlockQ5K {
         // Without an importance matrix: llama.cpp's reference and a start fitted to the squared error;
         // with one: the error weights tempered again, and a start fitted to the error weights.
         let first = if ew.is_some() { SearchWeights::Tempered } else { SearchWeights::RmsPlusAbs };
-        let starts = [
-            Start { grid: GRID, weights: first },
-            Start { grid: GRID, weights: SearchWeights::Error },
-        ];
+        let starts =
+            [Start { grid: GRID, weights: first }, Start { grid: GRID, weights: SearchWeights::Error }];
         let r =
             quantize_with_mins::<8, 32>(x, ew.unwrap_or(unit()), Geometry { nmax: 31, smax: 63 }, &starts);
         let scales = pack_scales_mins(&r.sc, &r.m);

@@ -4,7 +4,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use super::search::{nearest_int, through_f16};
-use super::{Block, ValueWeights, Quantize};
+use super::{Block, Quantize, ValueWeights};
 
 /// Layout (ggml `block_q8_0`): bytes 0..2 `d` (f16); bytes 2..34 `qs`, value `j` as i8.
 #[repr(C)]
