@@ -66,6 +66,9 @@ trait Quantize<const N: usize>: Block<N> {
 
     /// How each value's error counts, with and without an importance matrix.
     const VALUE_WEIGHTS: ValueWeights = ValueWeights::Tempered;
+
+    /// Whether an importance matrix is used at all (when not, the encoding is the plain one).
+    const TAKES_IMPORTANCE: bool = true;
 }
 
 /// How a quantizer weights each value's error against the others' of its block: alone, and as it
@@ -203,9 +206,7 @@ fn encode(ty: GgmlType, src: &[f32], imp: Option<&[f32]>, dst: &mut [u8]) -> Res
         Q4_1 => encode_blocks::<BlockQ4_1, 32>(src, imp, dst),
         Q5_0 => encode_blocks::<BlockQ5_0, 32>(src, imp, dst),
         Q5_1 => encode_blocks::<BlockQ5_1, 32>(src, imp, dst),
-        // As llama.cpp does, Q8_0 ignores the importance: on the demo model (measured as for
-        // `ValueWeights`) our imatrix raised its KL from 0.000555 to 0.000592.
-        Q8_0 => encode_blocks::<BlockQ8_0, 32>(src, None, dst),
+        Q8_0 => encode_blocks::<BlockQ8_0, 32>(src, imp, dst),
         Q2_K => encode_blocks::<BlockQ2K, QK_K>(src, imp, dst),
         Q3_K => encode_blocks::<BlockQ3K, QK_K>(src, imp, dst),
         Q4_K => encode_blocks::<BlockQ4K, QK_K>(src, imp, dst),
@@ -285,7 +286,7 @@ fn encode_blocks_avx2<B: Quantize<N>, const N: usize>(src: &[f32], imp: Option<&
 #[inline(always)]
 fn encode_blocks_inline<B: Quantize<N>, const N: usize>(src: &[f32], imp: Option<&[f32]>, dst: &mut [u8]) {
     let (values, _) = src.as_chunks::<N>();
-    let imp_blocks = imp.map(|w| w.as_chunks::<N>().0);
+    let imp_blocks = imp.filter(|_| B::TAKES_IMPORTANCE).map(|w| w.as_chunks::<N>().0);
     for (i, (x, bytes)) in values.iter().zip(dst.chunks_exact_mut(size_of::<B>())).enumerate() {
         let w = imp_blocks.map(|blocks| B::VALUE_WEIGHTS.with_importance(x, &blocks[i % blocks.len()]));
         bytes.copy_from_slice(bytemuck::bytes_of(&B::quantize(x, w.as_ref())));
